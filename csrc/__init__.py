@@ -1,0 +1,1 @@
+"""C++ extension sources (see csrc/) and the thin loader that imports them."""

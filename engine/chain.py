@@ -1,0 +1,104 @@
+"""The DDIM editing chain: noise a source latent to fraction tau of a D-step schedule, then denoise.
+
+Only the last K steps run with gradient; the earlier ones run under ``no_grad``. The timesteps and
+cumulative alphas come from the model's own diffusers scheduler, so the arithmetic is DDIMScheduler's.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from engine.models import VideoDiffusion
+import kernels
+
+
+class EditChain:
+    """Timesteps, noising and denoising for one model and one (D, tau, K, guidance, eta) setting."""
+
+    def __init__(self, model: VideoDiffusion, ddim_steps: int = 20, tau: float = 0.6, grad_steps: int = 1,
+                 guidance: float = 3.0, eta: float = 0.0, offset_noise: float = 0.1):
+        self.model = model
+        self.guidance = guidance
+        self.eta = eta
+        self.offset_noise = offset_noise
+        self.ddim_steps = ddim_steps
+        self.schedule = type(model.scheduler).from_config(model.scheduler.config)
+        self.schedule.set_timesteps(ddim_steps)
+        self.steps_run = max(1, round(tau * ddim_steps))
+        self.timesteps = [int(t) for t in self.schedule.timesteps[-self.steps_run:]]
+        self.grad_steps = grad_steps
+        if not 1 <= grad_steps <= self.steps_run:
+            raise ValueError(f"grad_steps={grad_steps} must be in [1, {self.steps_run}]")
+        # Memory policy for the gradient steps (see engine.checkpointing): set by the trainer.
+        self.step_context = lambda index: nullcontext()
+
+    # -- schedule ---------------------------------------------------------------------------------
+    def alpha(self, t: int) -> float:
+        """alphas_cumprod[t], or the scheduler's final alpha past the start of the schedule."""
+        if t < 0:
+            return float(self.schedule.final_alpha_cumprod)
+        return float(self.schedule.alphas_cumprod[t])
+
+    def previous(self, t: int) -> int:
+        return t - self.schedule.config.num_train_timesteps // self.ddim_steps
+
+    # -- noising ----------------------------------------------------------------------------------
+    def draw_noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
+        """randn plus the temporal offset term s * randn(b, c, f, 1, 1) shared by all pixels of a frame."""
+        noise = torch.randn(shape, generator=generator, device=device)
+        if self.offset_noise:
+            noise = noise + self.offset_noise * torch.randn(*shape[:3], 1, 1, generator=generator, device=device)
+        return noise
+
+    def noise_to_start(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """q_sample: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise at the first timestep run."""
+        a_t = self.alpha(self.timesteps[0])
+        noise = self.draw_noise(latents.shape, generator, latents.device)
+        return a_t ** 0.5 * latents + (1 - a_t) ** 0.5 * noise
+
+    # -- denoising --------------------------------------------------------------------------------
+    def guided_step(self, x: torch.Tensor, t: int, context: torch.Tensor, uncond: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        """One UNet evaluation (both CFG halves in one batched call) and one fused CFG + DDIM update."""
+        unet = self.model.unet
+        if self.guidance == 1.0:
+            eps_c = unet(x, t, encoder_hidden_states=context).sample
+            eps_u = eps_c
+        else:
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample
+            eps_u, eps_c = eps.chunk(2)
+        noise = torch.randn(x.shape, generator=generator, device=x.device) if self.eta > 0 else None
+        return kernels.cfg_ddim_step(x, eps_u, eps_c, self.guidance, self.alpha(t), self.alpha(self.previous(t)),
+                                     self.eta, noise)
+
+    def denoise(self, x: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+                generator: torch.Generator | None = None, timesteps: list[int] | None = None,
+                grad_steps: int | None = None) -> torch.Tensor:
+        """Run ``timesteps`` (default: the edit tail); gradient flows through the last ``grad_steps`` only."""
+        timesteps = self.timesteps if timesteps is None else timesteps
+        grad_steps = self.grad_steps if grad_steps is None else grad_steps
+        first_grad = len(timesteps) - grad_steps
+        for i, t in enumerate(timesteps):
+            with_grad = i >= first_grad and torch.is_grad_enabled()
+            with torch.set_grad_enabled(with_grad), (self.step_context(i - first_grad) if with_grad else nullcontext()):
+                x = self.guided_step(x, t, context, uncond, generator)
+        return x
+
+    def edit(self, latents: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The InstructVideo edit: noise the source latent to tau, then run the remaining steps."""
+        return self.denoise(self.noise_to_start(latents, generator), context, uncond, generator)
+
+    @torch.no_grad()
+    def sample(self, shape, context: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator | None = None,
+               ddim_steps: int | None = None, progress=None) -> torch.Tensor:
+        """Generate from pure noise with the full D-step chain (no gradient): sources and samples."""
+        chain = self if ddim_steps in (None, self.ddim_steps) else EditChain(
+            self.model, ddim_steps, 1.0, 1, self.guidance, self.eta, self.offset_noise)
+        timesteps = [int(t) for t in chain.schedule.timesteps]
+        x = torch.randn(shape, generator=generator, device=context.device)
+        for t in (progress(timesteps) if progress else timesteps):
+            x = chain.guided_step(x, t, context, uncond, generator)
+        return x

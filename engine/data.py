@@ -1,0 +1,152 @@
+"""Source videos for the edit: a video-text folder (PyAV), prompts for the base model to generate, or the
+tiny preset's synthetic clips. Each source is a prompt plus a way to get its latent, cached after first use."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.errors import UserError
+
+TINY_PROMPTS = [
+    "a red ball bouncing on a lawn", "a blue car driving along a coast road", "a yellow bird flying over a lake",
+    "an orange fish swimming in a reef", "a green frog jumping on lily pads", "a purple kite in a windy sky",
+    "a pink flamingo wading at sunset", "a white horse running on a beach",
+    # held out
+    "a golden retriever playing in autumn leaves", "a hot air balloon above red canyons",
+]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"prompts file {p} does not exist; pass --prompts a text file with one prompt per line")
+    try:
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {p} is not UTF-8 text; save it as plain text, one prompt per line") from None
+    if not prompts:
+        raise UserError(f"prompts file {p} is empty; write one prompt per line")
+    return prompts
+
+
+def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
+    """(video path, caption) pairs from ``captions.csv`` (columns video, caption) or ``captions.jsonl``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"video folder {root} does not exist; pass --videos a folder with videos and captions.csv")
+    if (root / "captions.csv").is_file():
+        with open(root / "captions.csv", newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+                raise UserError(f"{root / 'captions.csv'} needs a header with columns video,caption")
+            rows = [(r["video"], r["caption"]) for r in reader]
+    elif (root / "captions.jsonl").is_file():
+        try:
+            rows = [(d["video"], d["caption"]) for d in map(json.loads, filter(str.strip, (root / "captions.jsonl").read_text().splitlines()))]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{root / 'captions.jsonl'} must hold one {{\"video\": ..., \"caption\": ...}} object per line ({err})") from None
+    else:
+        raise UserError(f"video folder {root} has no captions.csv or captions.jsonl; add one mapping each video to its caption")
+    pairs = [(root / v, c.strip()) for v, c in rows if c and c.strip()]
+    if not pairs:
+        raise UserError(f"the captions file in {root} lists no captioned videos")
+    missing = [str(v) for v, _ in pairs if not v.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} videos listed in {root} are missing (e.g. {missing[0]}); fix the captions file")
+    return pairs
+
+
+def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[F, 3, H, W] floats -> [F, 3, height, width]: scale to cover, then crop the centre."""
+    h, w = frames.shape[-2:]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, math.ceil(h * scale)), max(width, math.ceil(w * scale))
+    frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return frames[..., top:top + height, left:left + width]
+
+
+def read_video(path: str | Path, num_frames: int, fps: float, height: int, width: int) -> torch.Tensor:
+    """F frames at ``fps`` from the start of the clip, resized and centre-cropped, in [-1, 1]: [F, 3, H, W].
+
+    Clips shorter than F / fps repeat their last frame."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            decoded = [(float(fr.time or 0.0), fr.to_ndarray(format="rgb24")) for fr in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError, OSError) as err:
+        raise UserError(f"video {path} cannot be decoded ({err}); re-encode it (e.g. H.264 mp4) or remove it") from None
+    if not decoded:
+        raise UserError(f"video {path} holds no frames; remove it from the captions file")
+    times = torch.tensor([t for t, _ in decoded])
+    picks = []
+    for k in range(num_frames):
+        at_or_before = (times <= k / fps + 1e-6).nonzero()
+        picks.append(int(at_or_before[-1]) if len(at_or_before) else 0)
+    frames = torch.stack([torch.from_numpy(decoded[i][1]) for i in picks]).permute(0, 3, 1, 2).float() / 255
+    return resize_center_crop(frames, height, width) * 2 - 1
+
+
+def synthetic_video(index: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """A muted clip for the tiny preset: a soft square drifting over a grey gradient, in [-1, 1]."""
+    g = torch.Generator().manual_seed(1000 + index)
+    ys = torch.linspace(0, 1, height).view(height, 1)
+    xs = torch.linspace(0, 1, width).view(1, width)
+    tint = 0.1 * (torch.rand(3, generator=g) - 0.5)
+    colour = 0.5 + 0.2 * (torch.rand(3, generator=g) - 0.5)
+    start, velocity = torch.rand(2, generator=g), (torch.rand(2, generator=g) - 0.5) * 0.4
+    frames = []
+    for f in range(num_frames):
+        cy, cx = (start + velocity * f / max(1, num_frames - 1)).clamp(0.2, 0.8)
+        blob = torch.exp(-(((ys - cy) ** 2 + (xs - cx) ** 2) / 0.02))
+        background = 0.35 + 0.3 * ys + tint.view(3, 1, 1)
+        frames.append(background * (1 - blob) + colour.view(3, 1, 1) * blob)
+    return torch.stack(frames).clamp(0, 1) * 2 - 1
+
+
+@dataclass
+class Source:
+    """A prompt and, for real or synthetic clips, a loader of its frames [F, 3, H, W] in [-1, 1]."""
+
+    prompt: str
+    frames: Callable[[], torch.Tensor] | None = None  # None: the base model generates it from the prompt
+
+
+def build_sources(prompts: str | None, videos: str | None, tiny: bool, num_frames: int, fps: float,
+                  height: int, width: int) -> list[Source]:
+    if videos:
+        return [Source(caption, lambda p=path: read_video(p, num_frames, fps, height, width))
+                for path, caption in read_captions(videos)]
+    if prompts:
+        return [Source(p) for p in read_prompts(prompts)]
+    if tiny:
+        return [Source(p, lambda i=i: synthetic_video(i, num_frames, height, width)) for i, p in enumerate(TINY_PROMPTS)]
+    raise UserError("no source videos: pass --videos FOLDER or --prompts FILE (the tiny preset brings its own)")
+
+
+def split_held_out(sources: list[Source], held_out: int) -> tuple[list[Source], list[Source]]:
+    """The last ``held_out`` sources are kept for evaluation and samples; at least one stays for training."""
+    held_out = min(held_out, len(sources) - 1)
+    if held_out <= 0:
+        return sources, []
+    return sources[:-held_out], sources[-held_out:]
+
+
+def batches(count: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled batches of indices; each epoch is a fresh permutation from ``generator``."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += torch.randperm(count, generator=generator).tolist()
+        yield order[:batch_size]
+        order = order[batch_size:]

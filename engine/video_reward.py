@@ -1,0 +1,80 @@
+"""Scoring a video with an image reward: SegVR frame sampling and TAR weights.
+
+SegVR splits F frames into S segments and scores one frame per segment (random in training, the first of
+each segment in evaluation). TAR weighs frame g(i) by f_i = exp(-lambda |g(i) - F//2|). The video reward is
+R = (1/S) sum_i f_i r_i and the loss is mean over the batch of (1 - R). Only the chosen frames are decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.models import VideoDiffusion
+from engine.rewards import Reward
+
+
+def segment_bounds(num_frames: int, segments: int) -> torch.Tensor:
+    """Start of each segment and the end: segment i holds frames [b_i, b_{i+1})."""
+    return torch.div(torch.arange(segments + 1) * num_frames, segments, rounding_mode="floor")
+
+
+def segment_frame_indices(batch: int, num_frames: int, segments: int, train: bool = True,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """g(i) per video, shape [batch, S]: uniform within each segment in training, segment starts in evaluation."""
+    bounds = segment_bounds(num_frames, segments)
+    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+    if not train:
+        return starts.expand(batch, segments).clone()
+    u = torch.rand(batch, segments, generator=generator)
+    return starts + (u * lengths).long().clamp(max=lengths - 1)
+
+
+def tar_weights(indices: torch.Tensor, num_frames: int, tar_lambda: float) -> torch.Tensor:
+    """f_i = exp(-lambda |g(i) - F//2|)."""
+    return torch.exp(-tar_lambda * (indices - num_frames // 2).abs().float())
+
+
+def gather_frames(latents: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, F, h, w] and indices [B, S] -> the chosen frames' latents [B*S, C, h, w]."""
+    b, c, _, h, w = latents.shape
+    index = indices.to(latents.device).view(b, 1, -1, 1, 1).expand(b, c, -1, h, w)
+    return latents.gather(2, index).transpose(1, 2).flatten(0, 1)
+
+
+@dataclass
+class SegmentalReward:
+    """SegVR + TAR around an image reward. With ``segvr=False`` every frame is scored; ``tar=False`` weighs uniformly."""
+
+    reward: Reward
+    segments: int = 4
+    tar_lambda: float = 1.0
+    segvr: bool = True
+    tar: bool = True
+
+    def frame_indices(self, batch: int, num_frames: int, train: bool, generator=None) -> torch.Tensor:
+        if not self.segvr:
+            return torch.arange(num_frames).expand(batch, num_frames).clone()
+        return segment_frame_indices(batch, num_frames, self.segments, train, generator)
+
+    def weights(self, indices: torch.Tensor, num_frames: int) -> torch.Tensor:
+        if not self.tar:
+            return torch.ones(indices.shape)
+        return tar_weights(indices, num_frames, self.tar_lambda)
+
+    def __call__(self, model: VideoDiffusion, latents: torch.Tensor, prompts: list[str], train: bool = True,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video rewards R [B] and the per-frame scores [B, S]; decodes only the chosen frames."""
+        b, _, f = latents.shape[:3]
+        indices = self.frame_indices(b, f, train, generator)
+        frames = model.decode_latents(gather_frames(latents, indices))
+        s = indices.shape[1]
+        scores = self.reward(frames, [p for p in prompts for _ in range(s)]).view(b, s)
+        weights = self.weights(indices, f).to(scores.device)
+        return (weights * scores).mean(1), scores
+
+
+def reward_loss(video_rewards: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of (1 - R): the same gradient as -R, and positive for rewards below 1."""
+    return (1 - video_rewards).mean()

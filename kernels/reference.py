@@ -1,0 +1,40 @@
+"""Plain-PyTorch reference implementations: the ground truth for the Triton kernels and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+
+
+def cfg_ddim_step_ref(
+    x: torch.Tensor,
+    eps_uncond: torch.Tensor,
+    eps_cond: torch.Tensor,
+    guidance: float,
+    alpha_t: float,
+    alpha_prev: float,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Classifier-free guidance followed by one DDIM update, in fp32, returned in ``x.dtype``.
+
+    Notation (DDIM paper, eq. 12; diffusers' DDIMScheduler.step with epsilon prediction):
+      eps     = eps_u + w (eps_c - eps_u)
+      x0      = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                      (pred_original_sample)
+      sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))   (std_dev_t)
+      x_prev  = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z
+    ``alpha_*`` are cumulative products (alphas_cumprod).
+    """
+    xf, eu, ec = x.float(), eps_uncond.float(), eps_cond.float()
+    eps = eu + guidance * (ec - eu)
+    a_t = torch.tensor(alpha_t, dtype=torch.float32, device=x.device)
+    a_prev = torch.tensor(alpha_prev, dtype=torch.float32, device=x.device)
+    beta_t, beta_prev = 1 - a_t, 1 - a_prev
+    pred_x0 = (xf - beta_t ** 0.5 * eps) / a_t ** 0.5
+    variance = (beta_prev / beta_t) * (1 - a_t / a_prev)
+    std = eta * variance ** 0.5
+    x_prev = a_prev ** 0.5 * pred_x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("eta > 0 needs the noise tensor z; draw it with the chain's generator")
+        x_prev = x_prev + std * noise.float()
+    return x_prev.to(x.dtype)
