@@ -1,0 +1,106 @@
+"""The command line end to end on the tiny preset, configuration handling and repeatability."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from engine.config import TINY_PRESET, resolve_config
+from engine.errors import UserError
+from engine.train import main
+
+
+def test_default_cli_run_trains_and_writes_every_output(tmp_path):
+    """`python -m engine.train` with no options but the output folder: the tiny preset, end to end."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "engine.train", "--output", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fine-tuning" in result.stderr and "s_step" in result.stderr  # the progress bar
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == "tiny" and config["derived"]["start_timestep"] == 551
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(train) == config["steps"] and {"loss", "reward", "s_per_step", "lr"} <= set(train[0])
+    # The demonstration reward must rise: held-out evaluation with fixed noise, and the training reward.
+    assert evals[-1]["eval_reward"] > evals[0]["eval_reward"] * 1.05, evals
+    quarter = len(train) // 4
+    first = sum(r["reward"] for r in train[:quarter]) / quarter
+    last = sum(r["reward"] for r in train[-quarter:]) / quarter
+    assert last > first, (first, last)
+    lora = load_file(str(out / "lora" / "adapter_model.safetensors"))
+    assert lora and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora)
+    assert any("temp_attentions" in k for k in lora) and any("attn2.to_k" in k for k in lora)
+    assert json.loads((out / "lora" / "adapter_config.json").read_text())["r"] == 4
+    assert (out / "reward_curve.png").stat().st_size > 1000
+    for i in range(2):
+        for label in ("before", "after"):
+            assert (out / "samples" / f"{i:02d}_{label}.mp4").stat().st_size > 0
+            assert (out / "samples" / f"{i:02d}_{label}.gif").stat().st_size > 0
+        assert (out / "samples" / f"{i:02d}_before_after.png").exists()
+
+
+def quick(out, *extra):
+    return ["--output", str(out), "--steps", "2", "--ddim-steps", "4", "--sample-steps", "2", *extra]
+
+
+def test_cpu_run_is_repeatable_with_one_seed(tmp_path):
+    main(quick(tmp_path / "a", "--seed", "3"))
+    main(quick(tmp_path / "b", "--seed", "3"))
+    a = load_file(str(tmp_path / "a" / "lora" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "lora" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "the run must have changed the weights"
+
+
+def test_video_folder_and_prompts_sources(tmp_path):
+    from tests.test_data import ramp_video
+
+    videos = tmp_path / "clips"
+    videos.mkdir()
+    for name in "abc":
+        ramp_video(videos / f"{name}.mp4", count=12)
+    (videos / "captions.csv").write_text("video,caption\na.mp4,one\nb.mp4,two\nc.mp4,three\n")
+    main(quick(tmp_path / "v", "--videos", str(videos), "--num-held-out", "1", "--grad-steps", "all"))
+    (tmp_path / "p.txt").write_text("a cat\na dog\na bird\n")
+    main(quick(tmp_path / "p", "--prompts", str(tmp_path / "p.txt"), "--num-held-out", "1", "--eta", "0.5",
+               "--checkpoint", "none", "--no-segvr", "--no-tar"))
+    for run in ("v", "p"):
+        assert (tmp_path / run / "lora" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "p" / "samples" / "prompts.txt").read_text().strip() == "00: a bird"
+
+
+def test_yaml_config_and_flag_precedence(tmp_path):
+    (tmp_path / "c.yaml").write_text("tau: 0.5\nddim_steps: 10\nlr: 0.01\nsegvr: false\n")
+    config = resolve_config(["--config", str(tmp_path / "c.yaml"), "--lr", "0.02"])
+    assert (config.tau, config.ddim_steps, config.lr, config.segvr) == (0.5, 10, 0.02, False)
+    assert config.num_frames == TINY_PRESET["num_frames"]
+    assert resolve_config(["--grad-steps", "all"]).grad_steps_resolved == 12
+    real = resolve_config(["--model", "/some/folder"])
+    assert (real.num_frames, real.lr, real.batch_size) == (16, 1e-5, 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tau", "1.5"], "--tau"),
+    (["--grad-steps", "13"], "--grad-steps"),
+    (["--grad-steps", "x"], "not a number"),
+    (["--segments", "9"], "--segments"),
+    (["--config", "/nonexistent.yaml"], "does not exist"),
+])
+def test_bad_options_are_user_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        resolve_config(argv)
+
+
+def test_output_holding_another_run_is_refused_and_untouched(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("precious\n")
+    result = subprocess.run([sys.executable, "-m", "engine.train", *quick(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == "precious\n"
