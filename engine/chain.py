@@ -10,8 +10,9 @@ from contextlib import nullcontext
 
 import torch
 
-from engine.models import VideoDiffusion
 import kernels
+from engine.distributed import randn
+from engine.models import VideoDiffusion
 
 
 class EditChain:
@@ -47,9 +48,9 @@ class EditChain:
     # -- noising ----------------------------------------------------------------------------------
     def draw_noise(self, shape, generator: torch.Generator | None, device) -> torch.Tensor:
         """randn plus the temporal offset term s * randn(b, c, f, 1, 1) shared by all pixels of a frame."""
-        noise = torch.randn(shape, generator=generator, device=device)
+        noise = randn(shape, generator, device)
         if self.offset_noise:
-            noise = noise + self.offset_noise * torch.randn(*shape[:3], 1, 1, generator=generator, device=device)
+            noise = noise + self.offset_noise * randn((*shape[:3], 1, 1), generator, device)
         return noise
 
     def noise_to_start(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -69,7 +70,7 @@ class EditChain:
         else:
             eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample
             eps_u, eps_c = eps.chunk(2)
-        noise = torch.randn(x.shape, generator=generator, device=x.device) if self.eta > 0 else None
+        noise = randn(x.shape, generator, x.device) if self.eta > 0 else None
         return kernels.cfg_ddim_step(x, eps_u, eps_c, self.guidance, self.alpha(t), self.alpha(self.previous(t)),
                                      self.eta, noise)
 
@@ -98,7 +99,7 @@ class EditChain:
         chain = self if ddim_steps in (None, self.ddim_steps) else EditChain(
             self.model, ddim_steps, 1.0, 1, self.guidance, self.eta, self.offset_noise)
         timesteps = [int(t) for t in chain.schedule.timesteps]
-        x = torch.randn(shape, generator=generator, device=context.device)
+        x = randn(shape, generator, context.device)
         for t in (progress(timesteps) if progress else timesteps):
             x = chain.guided_step(x, t, context, uncond, generator)
         return x

@@ -63,6 +63,10 @@ class TrainConfig:
     seed: int = _opt(0, "one seed for LoRA init, data order and noise: a CPU run repeats exactly")
     output: str | None = _opt(None, "output folder (default runs/<model>-<time>)")
     overwrite: bool = _opt(False, "allow writing into an output folder that holds another run")
+    init_lora: str | None = _opt(None, "start from a saved LoRA folder (adapter_model.safetensors + adapter_config.json)")
+    save_every: int = _opt(0, "steps between crash-safe checkpoints (0 = only at the end and on SIGINT/SIGTERM)")
+    resume: str | None = _opt(None, "continue the run in this output folder from its last checkpoint")
+    max_bad_steps: int = _opt(5, "stop after this many non-finite losses or gradients in a row")
     log_every: int = _opt(1, "steps between metric lines")
     eval_every: int = _opt(0, "steps between held-out evaluations (0 = at start and end only)")
     sample_steps: int = _opt(20, "DDIM steps for the before/after sample videos")
@@ -82,6 +86,8 @@ class TrainConfig:
             (self.guidance >= 1.0, f"--guidance {self.guidance} must be at least 1 (1 = no guidance)"),
             (self.height % 8 == 0 and self.width % 8 == 0, f"--height/--width {self.height}x{self.width} must be multiples of 8"),
             (self.num_held_out >= 0, f"--num-held-out {self.num_held_out} must be non-negative"),
+            (self.save_every >= 0, f"--save-every {self.save_every} must be non-negative"),
+            (self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be at least 1"),
             (self.prompts is None or self.videos is None, "give either --prompts or --videos, not both"),
         ]
         for ok, message in checks:
@@ -157,19 +163,31 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")
     known = {f.name for f in fields(TrainConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {k.replace("-", "_"): v for k, v in data.items() if k != "derived"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"config file {path} has unknown options {unknown}; see --help for the names")
     return data
 
 
+def saved_run_config(folder: str) -> dict[str, Any]:
+    """The options a run was started with (its config.yaml), for --resume."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume {folder} holds no run (no config.yaml); pass the output folder of an earlier run")
+    saved = load_yaml(str(path))
+    return saved | {"output": folder, "overwrite": True, "resume": folder}
+
+
 def resolve_config(argv: list[str] | None, description: str = "InstructVideo reward fine-tuning") -> TrainConfig:
-    """Defaults < tiny preset < YAML < flags, validated."""
+    """Defaults < tiny preset < the resumed run's options < YAML < flags, validated."""
     args = vars(build_parser(description).parse_args(argv))
     yaml_path = args.pop("config", None)
     from_yaml = load_yaml(yaml_path) if yaml_path else {}
-    chosen = {**from_yaml, **args}
+    resumed = saved_run_config(args["resume"]) if args.get("resume") else {}
+    chosen = {**resumed, **from_yaml, **args}
+    if chosen.get("resume"):
+        chosen |= {"output": chosen["resume"], "overwrite": True}
     values: dict[str, Any] = {}
     if chosen.get("model", TrainConfig.model) == "tiny":
         values.update(TINY_PRESET)

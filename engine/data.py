@@ -97,6 +97,17 @@ def read_video(path: str | Path, num_frames: int, fps: float, height: int, width
     return resize_center_crop(frames, height, width) * 2 - 1
 
 
+def probe_video(path: str | Path) -> None:
+    """Fail at start-up, not hours into a run: open the file and decode its first frame."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            next(container.decode(container.streams.video[0]))
+    except (av.error.FFmpegError, IndexError, OSError, StopIteration) as err:
+        raise UserError(f"video {path} cannot be decoded ({err or 'no frames'}); re-encode it (e.g. H.264 mp4) or remove it from the captions file") from None
+
+
 def synthetic_video(index: int, num_frames: int, height: int, width: int) -> torch.Tensor:
     """A muted clip for the tiny preset: a soft square drifting over a grey gradient, in [-1, 1]."""
     g = torch.Generator().manual_seed(1000 + index)
@@ -125,8 +136,10 @@ class Source:
 def build_sources(prompts: str | None, videos: str | None, tiny: bool, num_frames: int, fps: float,
                   height: int, width: int) -> list[Source]:
     if videos:
-        return [Source(caption, lambda p=path: read_video(p, num_frames, fps, height, width))
-                for path, caption in read_captions(videos)]
+        pairs = read_captions(videos)
+        for path, _ in pairs:
+            probe_video(path)
+        return [Source(caption, lambda p=path: read_video(p, num_frames, fps, height, width)) for path, caption in pairs]
     if prompts:
         return [Source(p) for p in read_prompts(prompts)]
     if tiny:
@@ -142,11 +155,29 @@ def split_held_out(sources: list[Source], held_out: int) -> tuple[list[Source], 
     return sources[:-held_out], sources[-held_out:]
 
 
-def batches(count: int, batch_size: int, generator: torch.Generator):
-    """Endless shuffled batches of indices; each epoch is a fresh permutation from ``generator``."""
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += torch.randperm(count, generator=generator).tolist()
-        yield order[:batch_size]
-        order = order[batch_size:]
+class BatchSampler:
+    """Endless shuffled global batches of source indices; each epoch is a fresh permutation.
+
+    Its state (generator and the rest of the current epoch) goes into checkpoints, so a resumed run sees
+    exactly the batches an uninterrupted run would."""
+
+    def __init__(self, count: int, batch_size: int, seed: int):
+        self.count, self.batch_size = count, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending: list[int] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        while len(self.pending) < self.batch_size:
+            self.pending += torch.randperm(self.count, generator=self.generator).tolist()
+        batch, self.pending = self.pending[:self.batch_size], self.pending[self.batch_size:]
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.pending = list(state["pending"])

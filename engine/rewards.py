@@ -79,6 +79,18 @@ def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]
     return data
 
 
+def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, target: str) -> None:
+    """Names and shapes must match exactly; the error names the first difference."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                  f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}")
+        raise UserError(f"{what} does not match {target} ({len(missing)} missing, {len(unexpected)} unexpected, "
+                        f"{len(wrong)} mis-shaped weights; {detail}); pass a checkpoint of that architecture")
+
+
 class HPSv2Reward(Reward):
     """HPSv2: OpenCLIP ViT-H-14 with an HPS_v2 / HPS_v2.1 checkpoint; score = cosine(image, text), no logit scale."""
 
@@ -90,15 +102,13 @@ class HPSv2Reward(Reward):
 
         state = load_state_dict_file(checkpoint, "HPSv2")
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:
-            self.model = open_clip.create_model(arch, pretrained=None)
+        try:  # check names and shapes on the meta device first: a wrong file fails in a second, not after init
+            expected = open_clip.create_model(arch, pretrained=None, device="meta").state_dict()
         except RuntimeError as err:
             raise UserError(f"unknown open_clip architecture {arch!r} ({err}); HPSv2 uses ViT-H-14") from None
-        try:
-            self.model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise UserError(f"HPSv2 checkpoint {checkpoint} does not match open_clip {arch} "
-                            f"({str(err).splitlines()[1] if len(str(err).splitlines()) > 1 else err}); pass an HPS_v2 file") from None
+        check_state_dict(state, expected, f"HPSv2 checkpoint {checkpoint}", f"open_clip {arch}")
+        self.model = open_clip.create_model(arch, pretrained=None)
+        self.model.load_state_dict(state, strict=True)
         self.model.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
         size = self.model.visual.image_size

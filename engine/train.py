@@ -4,17 +4,22 @@ With no arguments it fine-tunes the built-in tiny model on the CPU in a minute o
 
     python -m engine.train --model /weights/text-to-video-ms-1.7b \
         --reward hpsv2:/weights/HPS_v2.1_compressed.pt --videos /data/clips --steps 20000
+    torchrun --nproc_per_node 4 -m engine.train ...        # data parallel; --batch-size is the global batch
+    python -m engine.train --resume runs/my-run            # continue from the last checkpoint
 
 Each step: pick source videos, noise their latents to fraction tau of the D-step DDIM chain, run the remaining
 steps with classifier-free guidance (gradient through the last K), decode the SegVR frames, score them with the
 reward weighted by TAR, and update the LoRA weights. Outputs (in ``--output``): config.yaml, metrics.jsonl,
-lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF and PNG grids).
+checkpoint.pt, lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF, PNG grids).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
 import time
 from contextlib import nullcontext
 from datetime import datetime
@@ -24,26 +29,41 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from engine import distributed as dist_utils
 from engine import media
 from engine.chain import EditChain
 from engine.checkpointing import checkpoint_blocks
 from engine.config import TrainConfig, resolve_config
-from engine.data import Source, batches, build_sources, split_held_out
+from engine.data import BatchSampler, Source, build_sources, split_held_out
+from engine.distributed import ShardedGenerator, World
 from engine.errors import UserError, cli_entry
-from engine.lora import adapters_disabled, add_lora, save_lora
+from engine.lora import adapters_disabled, add_lora, load_lora, lora_state_dict, save_lora
 from engine.models import VideoDiffusion, build_model
 from engine.rewards import build_reward
 from engine.video_reward import SegmentalReward, reward_loss
 
-RUN_FILES = ("config.yaml", "metrics.jsonl")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt")
+CHECKPOINT = "checkpoint.pt"
 
 
-def resolve_device(name: str) -> torch.device:
+class Stop(Exception):
+    """Training must end early; the message says why and how to go on."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resolve_device(name: str, world: World) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -54,8 +74,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def prepare_output(config: TrainConfig) -> Path:
-    """The run folder; refuses one that holds another run unless --overwrite."""
+def prepare_output(config: TrainConfig, world: World) -> Path:
+    """The run folder; refuses one that holds another run unless --overwrite (or --resume)."""
     if config.output is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{Path(config.model).name}-{stamp}"
@@ -64,9 +84,18 @@ def prepare_output(config: TrainConfig) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; pass a folder")
     if not config.overwrite and any((out / f).exists() for f in RUN_FILES):
-        raise UserError(f"output folder {out} already holds a run; pass another --output or add --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(f"output folder {out} already holds a run; pass another --output, --resume {out} or --overwrite")
+    dist_utils.barrier(world)  # every rank has checked before rank 0 writes anything
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path), then rename over ``path``: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class Trainer:
@@ -76,21 +105,32 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.records: list[dict] = []
+        self.step = 0
+        self.bad_in_row = 0
+        self.signal_received: int | None = None
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        self.world = dist_utils.init_world("cuda" if cfg.device.startswith("cuda") or
+                                           (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        if cfg.batch_size % self.world.size:
+            raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                            f"{self.world.size} processes")
+        self.device = resolve_device(cfg.device, self.world)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.output = prepare_output(cfg)
+        self.output = prepare_output(cfg, self.world)
         self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
         self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
                                       cfg.segvr, cfg.tar)
         self._setup_data()
         self._setup_chain()
         self._setup_lora_and_optimizer()
-        self._write_config()
+        if cfg.resume:
+            self._load_checkpoint()
+        elif self.world.is_main:
+            self._write_config()
         return self
 
     def _setup_data(self):
@@ -104,20 +144,24 @@ class Trainer:
         self.eval_sources = held_out or self.train_sources[:2]
         self.latent_shape = (self.model.unet.config.in_channels, cfg.num_frames, cfg.height // down, cfg.width // down)
         self._latent_cache: dict[int, torch.Tensor] = {}
-        self.data_generator = torch.Generator().manual_seed(cfg.seed)
-        self.batch_indices = batches(len(self.train_sources), cfg.batch_size, self.data_generator)
-        self.noise_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        self.sampler = BatchSampler(len(self.train_sources), cfg.batch_size, cfg.seed)
+        # Noise and SegVR draws are made for the global batch, so any number of processes gives one result.
+        self.noise_generator = ShardedGenerator(torch.Generator(self.device).manual_seed(cfg.seed + 1), self.world)
+        self.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), self.world)
         self.uncond = self.model.encode_prompts([""])
 
     def _setup_chain(self):
         cfg = self.config
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance,
                                cfg.eta, cfg.offset_noise)
-        self.revert_checkpointing = checkpoint_blocks(self.model.unet) if cfg.checkpoint == "blocks" else None
+        if cfg.checkpoint == "blocks":
+            checkpoint_blocks(self.model.unet)
 
     def _setup_lora_and_optimizer(self):
         cfg = self.config
         self.lora_params = add_lora(self.model.unet, cfg.lora_rank, cfg.lora_alpha)
+        if cfg.init_lora:
+            load_lora(self.model.unet, cfg.init_lora)
         self.optimizer = torch.optim.AdamW(self.lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -129,10 +173,53 @@ class Trainer:
             "output": str(self.output),
             "derived": {"start_timestep": self.chain.timesteps[0], "steps_run": self.chain.steps_run,
                         "grad_steps": self.chain.grad_steps, "device": str(self.device),
+                        "processes": self.world.size,
                         "trainable_parameters": sum(p.numel() for p in self.lora_params),
                         "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},
         }
         (self.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> None:
+        """Everything a bitwise-identical continuation needs, written atomically (rank 0 only)."""
+        if not self.world.is_main:
+            return
+        state = {
+            "step": self.step, "bad_in_row": self.bad_in_row, "records": self.records,
+            "lora": lora_state_dict(self.model.unet),
+            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
+            "noise_generator": self.noise_generator.get_state(), "frame_generator": self.frame_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        atomic_write(self.output / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+    def _load_checkpoint(self) -> None:
+        from peft import set_peft_model_state_dict
+
+        path = self.output / CHECKPOINT
+        if not path.is_file():
+            raise UserError(f"--resume {self.output} has no {CHECKPOINT}; the run saved none (use --save-every)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            set_peft_model_state_dict(self.model.unet, state["lora"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise UserError(f"{path} does not fit this configuration ({str(err).splitlines()[0]}); "
+                            "resume with the options the run was started with") from None
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise_generator.set_state(state["noise_generator"])
+        self.frame_generator.set_state(state["frame_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.bad_in_row, self.records = state["step"], state["bad_in_row"], list(state["records"])
+        if self.world.is_main:  # drop metric lines written after the checkpoint
+            lines = "".join(json.dumps(r) + "\n" for r in self.records)
+            atomic_write(self.output / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
+
+    def _on_signal(self, signum, frame):
+        self.signal_received = signum
 
     # ---------------------------------------------------------------------------------- data
     def autocast(self):
@@ -167,7 +254,7 @@ class Trainer:
         uncond = self.uncond.expand(len(prompts), -1, -1)
         with self.autocast():
             edited = self.chain.edit(latents, context, uncond, self.noise_generator)
-            rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.data_generator)
+            rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.frame_generator)
         return reward_loss(rewards), rewards
 
     @torch.no_grad()
@@ -186,40 +273,86 @@ class Trainer:
 
     def log(self, record: dict):
         self.records.append(record)
-        with open(self.output / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if self.world.is_main:
+            with open(self.output / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def log_eval(self):
+        if self.world.is_main:
+            self.log({"kind": "eval", "step": self.step, "eval_reward": self.evaluate()})
+
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[str, float]:
+        """Backward, average over processes, clip, update; returns (outcome, grad norm).
+
+        outcome is "updated"; "skipped" for a non-finite loss or gradient (weights, optimizer, scheduler and
+        scaler state untouched); or "overflow" when fp16 loss scaling overflowed and the scaler lowered its scale.
+        """
+        cfg = self.config
+        self.scaler.scale(loss).backward()
+        dist_utils.average_gradients(self.lora_params, self.world)
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm).item()
+        loss_finite = math.isfinite(loss.item())
+        outcome = "updated"
+        if not dist_utils.all_ranks_agree(loss_finite and math.isfinite(grad_norm), self.world):
+            outcome = "overflow" if self.scaler.is_enabled() and loss_finite else "skipped"
+        if outcome == "updated":
+            self.scaler.step(self.optimizer)
+            self.lr_scheduler.step()
+        if outcome != "skipped":
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return outcome, grad_norm
 
     def train(self) -> "Trainer":
         cfg = self.config
-        self.log({"kind": "eval", "step": 0, "eval_reward": self.evaluate()})
-        progress = tqdm(range(1, cfg.steps + 1), desc="fine-tuning", unit="step", dynamic_ncols=True)
-        for step in progress:
-            started = time.perf_counter()
-            # data: source latents (cached), prompts, text embeddings
-            latents, prompts, context = self.batch(self.train_sources, next(self.batch_indices))
-            # forward: edit -> decode SegVR frames -> reward with TAR
-            loss, rewards = self.loss_step(latents, prompts, context)
-            # backward through the last K steps, clip, update LoRA
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.lr_scheduler.step()
-            # log (reading the loss is a device sync point)
-            seconds = time.perf_counter() - started
-            record = {"kind": "train", "step": step, "loss": loss.item(), "reward": rewards.mean().item(),
-                      "grad_norm": grad_norm.item(), "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                self.log(record)
-            progress.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4f}", s_step=f"{seconds:.2f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                self.log({"kind": "eval", "step": step, "eval_reward": self.evaluate()})
-        progress.close()
-        if cfg.steps:
-            self.log({"kind": "eval", "step": cfg.steps, "eval_reward": self.evaluate()})
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.step == 0:
+            self.log_eval()
+        progress = tqdm(total=cfg.steps, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True,
+                        disable=not self.world.is_main)
+        try:
+            while self.step < cfg.steps:
+                self.step += 1
+                started = time.perf_counter()
+                # data: this process's share of the global batch (latents cached), prompts, text embeddings
+                indices = self.world.shard(next(self.sampler))
+                latents, prompts, context = self.batch(self.train_sources, indices)
+                # forward: edit -> decode SegVR frames -> reward with TAR
+                loss, rewards = self.loss_step(latents, prompts, context)
+                # backward through the last K steps, all-reduce, clip, update LoRA (skipped if non-finite)
+                outcome, grad_norm = self.optimizer_step(loss)
+                # log (reading the loss is a device sync point)
+                seconds = time.perf_counter() - started
+                record = {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step,
+                          "loss": loss.item(), "reward": rewards.mean().item(), "grad_norm": grad_norm,
+                          "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
+                self.bad_in_row = self.bad_in_row + 1 if outcome == "skipped" else 0
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or outcome == "skipped":
+                    self.log(record)
+                progress.update(1)
+                progress.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4f}",
+                                     s_step=f"{seconds:.2f}")
+                if self.bad_in_row >= cfg.max_bad_steps:
+                    raise Stop(f"stopping at step {self.step}: {self.bad_in_row} non-finite losses or gradients in a "
+                               f"row; the last good checkpoint is in {self.output} (lower --lr or set "
+                               "--max-grad-norm, then --resume)", 3)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
+                    self.log_eval()
+                if self.signal_received is not None:
+                    self.save_checkpoint()
+                    name = signal.Signals(self.signal_received).name
+                    raise Stop(f"{name} at step {self.step}: checkpoint saved; continue with --resume {self.output}",
+                               128 + self.signal_received)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.bad_in_row == 0:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        self.log_eval()
+        self.save_checkpoint()
         return self
 
     # ---------------------------------------------------------------------------------- outputs
@@ -247,19 +380,30 @@ class Trainer:
 
     def finish(self) -> dict:
         cfg = self.config
-        save_lora(self.model.unet, self.output / "lora", cfg.lora_rank, cfg.lora_alpha)
-        media.plot_rewards(self.records, self.output / "reward_curve.png", title=f"reward ({cfg.reward.split(':')[0]})")
-        self.write_samples()
-        evals = [r["eval_reward"] for r in self.records if r["kind"] == "eval"]
-        summary = {"output": str(self.output), "eval_reward_start": evals[0], "eval_reward_end": evals[-1]}
-        print(f"held-out reward {evals[0]:.4f} -> {evals[-1]:.4f}; outputs in {self.output}")
+        dist_utils.barrier(self.world)
+        summary = {"output": str(self.output)}
+        if self.world.is_main:
+            save_lora(self.model.unet, self.output / "lora", cfg.lora_rank, cfg.lora_alpha)
+            media.plot_rewards(self.records, self.output / "reward_curve.png", title=f"reward ({cfg.reward.split(':')[0]})")
+            self.write_samples()
+            evals = [r["eval_reward"] for r in self.records if r["kind"] == "eval"]
+            summary |= {"eval_reward_start": evals[0], "eval_reward_end": evals[-1]}
+            print(f"held-out reward {evals[0]:.4f} -> {evals[-1]:.4f}; outputs in {self.output}")
+        dist_utils.shutdown(self.world)
         return summary
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     config = resolve_config(argv, description=__doc__.splitlines()[0])
-    return Trainer(config).setup().train().finish()
+    trainer = Trainer(config).setup()
+    try:
+        trainer.train()
+    except Stop as stop:
+        print(f"error: {stop}" if stop.exit_code == 3 else str(stop), file=sys.stderr)
+        dist_utils.shutdown(trainer.world)
+        raise SystemExit(stop.exit_code) from None
+    return trainer.finish()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.distributed import rand
 from engine.models import VideoDiffusion
 from engine.rewards import Reward
 
@@ -27,7 +28,7 @@ def segment_frame_indices(batch: int, num_frames: int, segments: int, train: boo
     starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
     if not train:
         return starts.expand(batch, segments).clone()
-    u = torch.rand(batch, segments, generator=generator)
+    u = rand((batch, segments), generator)
     return starts + (u * lengths).long().clamp(max=lengths - 1)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from engine.data import batches, build_sources, read_captions, read_prompts, read_video, split_held_out
+from engine.data import BatchSampler, build_sources, read_captions, read_prompts, read_video, split_held_out
 from engine.errors import UserError
 from engine.media import write_mp4
 
@@ -74,6 +74,10 @@ def test_held_out_split_and_batches():
     train, held = split_held_out(list(range(5)), 2)
     assert train == [0, 1, 2] and held == [3, 4]
     assert split_held_out([0], 3) == ([0], [])
-    stream = batches(5, 2, torch.Generator().manual_seed(0))
-    seen = [i for _ in range(5) for i in next(stream)]
+    sampler = BatchSampler(5, 2, seed=0)
+    seen = [i for _ in range(5) for i in next(sampler)]
     assert sorted(seen) == sorted(list(range(5)) * 2)
+    state = sampler.state_dict()
+    ahead = [next(sampler) for _ in range(4)]
+    sampler.load_state_dict(state)
+    assert [next(sampler) for _ in range(4)] == ahead

@@ -1,0 +1,183 @@
+"""Crash-safe resume, non-finite steps, data parallelism and bad input (issue: multi-GPU, resume, hardening)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.config import resolve_config
+from engine.train import Trainer, main
+
+
+def quick(out, *extra):
+    return ["--output", str(out), "--steps", "6", "--ddim-steps", "4", "--sample-steps", "2", *extra]
+
+
+def lora_of(run):
+    return load_file(str(run / "lora" / "adapter_model.safetensors"))
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    main(quick(out, "--save-every", "2"))
+    return out
+
+
+def start_run(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "engine.train", *quick(out, "--save-every", "2", *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(out, step, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step and json.loads(line)["kind"] == "train"
+                                    for line in metrics.read_text().splitlines() if line.strip()):
+            return
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {out}")
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, reference_run):
+    out = tmp_path / "killed"
+    process = start_run(out)
+    wait_for_step(out, 3, process)  # a checkpoint exists (step 2); step 4 is under way
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 2
+    main(["--resume", str(out)])
+    assert_bitwise_equal(lora_of(out), lora_of(reference_run))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 7)), "metric lines after the checkpoint must be replaced, not repeated"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_resume_matches(tmp_path, reference_run, signum):
+    out = tmp_path / "stopped"
+    process = start_run(out)
+    wait_for_step(out, 2, process)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert f"--resume {out}" in stderr
+    main(["--resume", str(out)])
+    assert_bitwise_equal(lora_of(out), lora_of(reference_run))
+
+
+def test_non_finite_step_leaves_weights_and_optimizer_untouched(tmp_path):
+    trainer = Trainer(resolve_config(quick(tmp_path / "nan"))).setup()
+    batch = trainer.batch(trainer.train_sources, [0, 1])
+    assert trainer.optimizer_step(trainer.loss_step(*batch)[0])[0] == "updated"
+    before = ({k: v.clone() for k, v in trainer.model.unet.state_dict().items() if "lora_" in k},
+              {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state.items()},
+              trainer.lr_scheduler.last_epoch)
+    loss, _ = trainer.loss_step(*batch)
+    outcome, _ = trainer.optimizer_step(loss * float("nan"))
+    assert outcome == "skipped"
+    after_lora = {k: v for k, v in trainer.model.unet.state_dict().items() if "lora_" in k}
+    assert_bitwise_equal(before[0], after_lora)
+    for i, state in trainer.optimizer.state.items():
+        assert_bitwise_equal(before[1][i], state)
+    assert trainer.lr_scheduler.last_epoch == before[2]
+
+
+def test_repeated_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = Trainer.loss_step
+
+    def poisoned(self, *args):
+        loss, rewards = real(self, *args)
+        return (loss * float("nan"), rewards) if self.step >= 3 else (loss, rewards)
+
+    monkeypatch.setattr(Trainer, "loss_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(quick(out, "--steps", "10", "--save-every", "2", "--max-bad-steps", "3"))
+    assert exit_info.value.code == 3
+    assert "3 non-finite losses or gradients in a row" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("skipped") == 3
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    single = tmp_path / "single"
+    main(quick(single, "--steps", "3", "--batch-size", "4"))
+    double = tmp_path / "double"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29517", "-m", "engine.train",
+                             *quick(double, "--steps", "3", "--batch-size", "4")],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = lora_of(single), lora_of(double)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-4), k
+    config = (double / "config.yaml").read_text()
+    assert "processes: 2" in config
+
+
+# ------------------------------------------------------------------------------ bad input
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def bad_inputs(tmp):
+    """(name, argv) pairs: what the README's table lists."""
+    from engine.lora import add_lora, save_lora
+    from engine.models import tiny_model
+
+    model = tiny_model()
+    add_lora(model.unet, rank=8)
+    save_lora(model.unet, tmp / "lora8", rank=8, alpha=8)
+    (tmp / "corrupt_model").mkdir()
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp / "corrupt_model" / part).mkdir()
+    write(tmp / "corrupt_model" / "unet" / "config.json", "{")
+    (tmp / "clips").mkdir()
+    write(tmp / "clips" / "broken.mp4", "not a video")
+    write(tmp / "clips" / "captions.csv", "video,caption\nbroken.mp4,a cat\n")
+    (tmp / "taken").mkdir()
+    write(tmp / "taken" / "metrics.jsonl", "{}\n")
+    torch.save({"state_dict": {"visual.proj": torch.zeros(3)}}, tmp / "wrong_hps.pt")
+    return [
+        ("missing model folder", ["--model", str(tmp / "nope")], "does not exist"),
+        ("corrupt model folder", ["--model", str(tmp / "corrupt_model")], "cannot load unet/"),
+        ("wrong reward checkpoint", ["--reward", f"hpsv2:{tmp / 'wrong_hps.pt'}"], "does not match open_clip ViT-H-14"),
+        ("empty prompts file", ["--prompts", str(write(tmp / "empty.txt", "\n"))], "is empty"),
+        ("unreadable video", ["--videos", str(tmp / "clips")], "cannot be decoded"),
+        ("LoRA of the wrong shape", ["--init-lora", str(tmp / "lora8")], "does not fit this model"),
+        ("option out of range", ["--tau", "0"], "--tau 0.0 is out of range"),
+        ("output folder holding another run", ["--output", str(tmp / "taken")], "already holds a run"),
+        ("resume without a run", ["--resume", str(tmp / "clips")], "holds no run"),
+    ]
+
+
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    for name, argv, message in bad_inputs(tmp_path):
+        if "--output" not in argv:
+            argv = argv + ["--output", str(tmp_path / "out")]
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv + ["--steps", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, name
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)
+        assert not (tmp_path / "out" / "metrics.jsonl").exists(), name
+    assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "{}\n"
