@@ -48,6 +48,11 @@ class TrainConfig:
     segvr: bool = _opt(True, "SegVR on (off = every frame is scored)")
     tar_lambda: float = _opt(1.0, "TAR: weights exp(-lambda |g(i) - F//2|)")
     tar: bool = _opt(True, "TAR on (off = uniform weights)")
+    # Guards against reward hacking
+    early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
+    early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")
+    motion_weight: float = _opt(0.0, "weight of the penalty keeping frame-to-frame motion close to the reference's (0 = off)")
+    motion_reference: str = _opt("base", "motion reference: the base model's edit of the same noise, or the source video", choices=("base", "source"))
     # LoRA and optimisation
     lora_rank: int = _opt(4, "LoRA rank on to_q, to_k, to_v, to_out.0 of every attention")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1)")
@@ -68,6 +73,7 @@ class TrainConfig:
     resume: str | None = _opt(None, "continue the run in this output folder from its last checkpoint")
     max_bad_steps: int = _opt(5, "stop after this many non-finite losses or gradients in a row")
     log_every: int = _opt(1, "steps between metric lines")
+    tensorboard: bool = _opt(True, "write TensorBoard scalars, reward curve and sample videos to OUTPUT/tensorboard")
     eval_every: int = _opt(0, "steps between held-out evaluations (0 = at start and end only)")
     sample_steps: int = _opt(20, "DDIM steps for the before/after sample videos")
 
@@ -88,6 +94,10 @@ class TrainConfig:
             (self.num_held_out >= 0, f"--num-held-out {self.num_held_out} must be non-negative"),
             (self.save_every >= 0, f"--save-every {self.save_every} must be non-negative"),
             (self.max_bad_steps >= 1, f"--max-bad-steps {self.max_bad_steps} must be at least 1"),
+            (self.early_stop_patience >= 0, f"--early-stop-patience {self.early_stop_patience} must be non-negative"),
+            (self.early_stop_patience == 0 or self.eval_every > 0, "--early-stop-patience needs --eval-every N > 0"),
+            (self.early_stop_min_delta >= 0, f"--early-stop-min-delta {self.early_stop_min_delta} must be non-negative"),
+            (self.motion_weight >= 0, f"--motion-weight {self.motion_weight} must be non-negative"),
             (self.prompts is None or self.videos is None, "give either --prompts or --videos, not both"),
         ]
         for ok, message in checks:

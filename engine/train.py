@@ -39,7 +39,9 @@ from engine.distributed import ShardedGenerator, World
 from engine.errors import UserError, cli_entry
 from engine.lora import adapters_disabled, add_lora, load_lora, lora_state_dict, save_lora
 from engine.models import VideoDiffusion, build_model
+from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import build_reward
+from engine.tracking import Tracker, gpu_stats
 from engine.video_reward import SegmentalReward, reward_loss
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt")
@@ -127,6 +129,8 @@ class Trainer:
         self._setup_data()
         self._setup_chain()
         self._setup_lora_and_optimizer()
+        self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
+        self.tracker = Tracker(self.output / "tensorboard", enabled=cfg.tensorboard and self.world.is_main)
         if cfg.resume:
             self._load_checkpoint()
         elif self.world.is_main:
@@ -190,7 +194,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "noise_generator": self.noise_generator.get_state(), "frame_generator": self.frame_generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "early_stopping": self.early_stopping.state_dict(),
         }
         atomic_write(self.output / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
@@ -213,6 +217,7 @@ class Trainer:
         self.noise_generator.set_state(state["noise_generator"])
         self.frame_generator.set_state(state["frame_generator"])
         torch.set_rng_state(state["torch_rng"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
         self.step, self.bad_in_row, self.records = state["step"], state["bad_in_row"], list(state["records"])
         if self.world.is_main:  # drop metric lines written after the checkpoint
             lines = "".join(json.dumps(r) + "\n" for r in self.records)
@@ -249,13 +254,27 @@ class Trainer:
         return latents, prompts, self.model.encode_prompts(prompts)
 
     # ---------------------------------------------------------------------------------- steps
-    def loss_step(self, latents, prompts, context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Edit, decode the SegVR frames, score with TAR: returns (loss, video rewards)."""
+    def loss_step(self, latents, prompts, context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Edit, decode the SegVR frames, score with TAR (plus the optional motion penalty).
+
+        Returns the loss and the per-video terms to log."""
+        cfg = self.config
         uncond = self.uncond.expand(len(prompts), -1, -1)
         with self.autocast():
+            reference = None
+            if cfg.motion_weight > 0:
+                reference = (latents if cfg.motion_reference == "source" else
+                             base_model_edit(self.chain, latents, context, uncond, self.noise_generator))
             edited = self.chain.edit(latents, context, uncond, self.noise_generator)
             rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.frame_generator)
-        return reward_loss(rewards), rewards
+        loss = reward_loss(rewards)
+        terms = {"reward": rewards.detach()}
+        if reference is not None:
+            penalty = motion_penalty(edited, reference)
+            loss = loss + cfg.motion_weight * penalty.mean()
+            terms |= {"motion_penalty": penalty.detach(), "motion": motion_magnitude(edited),
+                      "motion_reference": motion_magnitude(reference)}
+        return loss, terms
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -276,10 +295,19 @@ class Trainer:
         if self.world.is_main:
             with open(self.output / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            values = {f"{record['kind']}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+            self.tracker.scalars(record["step"], values | {f"gpu/{k}": v for k, v in gpu_stats(self.device).items()})
 
-    def log_eval(self):
+    def log_eval(self) -> bool:
+        """Held-out evaluation on rank 0; saves the best LoRA so far. Returns True when early stopping says stop."""
+        stop = False
         if self.world.is_main:
-            self.log({"kind": "eval", "step": self.step, "eval_reward": self.evaluate()})
+            value = self.evaluate()
+            self.log({"kind": "eval", "step": self.step, "eval_reward": value})
+            stop = self.early_stopping.update(value, self.step).stop
+            if self.early_stopping.improved and self.step > 0:
+                save_lora(self.model.unet, self.output / "lora_best", self.config.lora_rank, self.config.lora_alpha)
+        return not dist_utils.all_ranks_agree(not stop, self.world)
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[str, float]:
         """Backward, average over processes, clip, update; returns (outcome, grad norm).
@@ -320,14 +348,14 @@ class Trainer:
                 indices = self.world.shard(next(self.sampler))
                 latents, prompts, context = self.batch(self.train_sources, indices)
                 # forward: edit -> decode SegVR frames -> reward with TAR
-                loss, rewards = self.loss_step(latents, prompts, context)
+                loss, terms = self.loss_step(latents, prompts, context)
                 # backward through the last K steps, all-reduce, clip, update LoRA (skipped if non-finite)
                 outcome, grad_norm = self.optimizer_step(loss)
                 # log (reading the loss is a device sync point)
                 seconds = time.perf_counter() - started
                 record = {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step,
-                          "loss": loss.item(), "reward": rewards.mean().item(), "grad_norm": grad_norm,
-                          "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
+                          "loss": loss.item(), **{k: v.float().mean().item() for k, v in terms.items()},
+                          "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
                 self.bad_in_row = self.bad_in_row + 1 if outcome == "skipped" else 0
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or outcome == "skipped":
                     self.log(record)
@@ -338,8 +366,11 @@ class Trainer:
                     raise Stop(f"stopping at step {self.step}: {self.bad_in_row} non-finite losses or gradients in a "
                                f"row; the last good checkpoint is in {self.output} (lower --lr or set "
                                "--max-grad-norm, then --resume)", 3)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps:
-                    self.log_eval()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.log_eval():
+                    print(f"early stop at step {self.step}: held-out reward {self.early_stopping.best:.4f} at step "
+                          f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "
+                          f"best LoRA in {self.output / 'lora_best'}", file=sys.stderr)
+                    break
                 if self.signal_received is not None:
                     self.save_checkpoint()
                     name = signal.Signals(self.signal_received).name
@@ -374,6 +405,7 @@ class Trainer:
                     videos[label] = self.model.decode_latents(latent[0].transpose(0, 1))
                 written.append(media.write_mp4(videos[label], folder / f"{i:02d}_{label}.mp4", self.config.fps))
                 written.append(media.write_gif(videos[label], folder / f"{i:02d}_{label}.gif", self.config.fps))
+                self.tracker.video(f"samples/{i:02d}_{label}", videos[label], self.step, self.config.fps)
             written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
         (folder / "prompts.txt").write_text("".join(f"{i:02d}: {s.prompt}\n" for i, s in enumerate(self.eval_sources)))
         return written
@@ -386,6 +418,8 @@ class Trainer:
             save_lora(self.model.unet, self.output / "lora", cfg.lora_rank, cfg.lora_alpha)
             media.plot_rewards(self.records, self.output / "reward_curve.png", title=f"reward ({cfg.reward.split(':')[0]})")
             self.write_samples()
+            self.tracker.reward_curve(self.records, self.step)
+            self.tracker.close()
             evals = [r["eval_reward"] for r in self.records if r["kind"] == "eval"]
             summary |= {"eval_reward_start": evals[0], "eval_reward_end": evals[-1]}
             print(f"held-out reward {evals[0]:.4f} -> {evals[-1]:.4f}; outputs in {self.output}")

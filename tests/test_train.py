@@ -104,3 +104,18 @@ def test_output_holding_another_run_is_refused_and_untouched(tmp_path):
                             timeout=300)
     assert result.returncode == 2 and "already holds a run" in result.stderr
     assert (out / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_early_stopping_and_motion_penalty(tmp_path, capsys):
+    out = tmp_path / "early"
+    main(quick(out, "--steps", "6", "--eval-every", "1", "--early-stop-patience", "2",
+               "--early-stop-min-delta", "10", "--motion-weight", "0.5"))
+    assert "early stop at step 2" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["motion_penalty"] >= 0 and "motion_reference" in r for r in train)
+    assert (out / "lora" / "adapter_model.safetensors").exists()
+    assert any((out / "tensorboard").iterdir())
+    with pytest.raises(UserError, match="needs --eval-every"):
+        resolve_config(["--early-stop-patience", "2"])

@@ -1,0 +1,218 @@
+"""Score prompt sets for the base model and LoRA checkpoints: ``python -m engine.evaluate``.
+
+    python -m engine.evaluate --output eval/                                          # tiny model, CPU
+    python -m engine.evaluate --model /weights/text-to-video-ms-1.7b \\
+        --lora early=runs/a/checkpoint-5000/lora --lora runs/a/lora \\
+        --reward hpsv2:/weights/HPS_v2.1_compressed.pt \\
+        --prompt-set in_domain=animals.txt --prompt-set new_animals=new.txt --prompt-set non_animals=other.txt \\
+        --samples-per-prompt 4 --ddim-steps 20 --output eval/
+
+The evaluation of the paper's Table 1: every model generates each prompt's videos from the same noise with the
+full D-step DDIM chain, and each video is scored by SegVR in evaluation mode (the first frame of each of the S
+segments, frames 0, 4, 8, 12 of 16). A video's score is the mean of its S frame rewards; with ``--tar`` the
+frames are weighted as in training (TAR, exp(-lambda |g - F//2|)), which matches the trainer's held-out metric
+but shrinks the numbers (the centre frame dominates), so it is off by default: Table 1's HPSv2 values
+(~0.25-0.27) are plain frame means. Per (model, prompt set): mean and standard deviation over videos
+(population std, ddof 0).
+
+Writes ``results.md`` (a Markdown table, rows = models, columns = prompt sets, mean ± std), ``results.json``
+(settings, prompts, every video's score) and ``results.png`` (a bar chart with std error bars).
+The tiny preset has three built-in prompt sets modelled on Table 1; real models need ``--prompt-set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.errors import UserError, cli_entry
+from engine.lora import adapters_disabled
+from engine.sample import (add_model_arguments, apply_lora, activate_adapter, autocast, check_common,
+                           check_lora_folder, generate, load_model, positive_int, resolve_device)
+from engine.video_reward import SegmentalReward
+
+# Table 1's three kinds of prompts, at tiny size: the tiny preset trains on engine.data.TINY_PROMPTS.
+TINY_PROMPT_SETS = {
+    "in_domain": ["a red ball bouncing on a lawn", "a yellow bird flying over a lake", "a white horse running on a beach"],
+    "new_categories": ["a grey elephant walking in the savanna", "a small turtle crawling on the sand"],
+    "unrelated": ["a city skyline at night with traffic", "a cup of coffee steaming on a wooden table"],
+}
+
+
+def parse_prompt_sets(specs: list[str] | None, tiny: bool) -> dict[str, list[str]]:
+    from engine.data import read_prompts
+
+    if not specs:
+        if tiny:
+            return dict(TINY_PROMPT_SETS)
+        raise UserError("pass at least one --prompt-set NAME=FILE (e.g. in_domain=animals.txt); "
+                        "only the tiny preset has built-in prompt sets")
+    sets: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--prompt-set {spec!r} must be NAME=FILE, e.g. in_domain=animals.txt")
+        if name.strip() in sets:
+            raise UserError(f"--prompt-set name {name.strip()!r} is given twice; use distinct names")
+        sets[name.strip()] = read_prompts(path.strip())
+    return sets
+
+
+def parse_checkpoints(specs: list[str] | None) -> list[tuple[str, Path]]:
+    """``[LABEL=]FOLDER`` -> (label, folder); the label defaults to the folder's name (its run's for ``lora/``)."""
+    checkpoints: list[tuple[str, Path]] = []
+    for spec in specs or []:
+        label, sep, path = spec.partition("=")
+        if not sep or Path(spec).exists():
+            label, path = "", spec
+        folder = check_lora_folder(path)
+        if not label:
+            resolved = folder.resolve()
+            label = f"{resolved.parent.name}/{resolved.name}" if resolved.name == "lora" else resolved.name
+        if label == "base" or label in [l for l, _ in checkpoints]:
+            label = f"{label}#{len(checkpoints) + 1}"
+        checkpoints.append((label, folder))
+    return checkpoints
+
+
+def summarise(scores: list[float]) -> dict:
+    t = torch.tensor(scores, dtype=torch.float64)
+    return {"mean": t.mean().item(), "std": t.std(unbiased=False).item(), "n": len(scores)}
+
+
+def markdown_table(results: dict[str, dict[str, dict]], sets: list[str], reward: str) -> str:
+    lines = [f"| model ({reward}) | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
+    for model, row in results.items():
+        cells = [f"{row[s]['mean']:.4f} ± {row[s]['std']:.4f}" for s in sets]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict[str, dict[str, dict]], sets: list[str], path: Path, ylabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = list(results)
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(sets) + 1), 3.5), dpi=120)
+    x = np.arange(len(sets))
+    for i, model in enumerate(models):
+        means = [results[model][s]["mean"] for s in sets]
+        stds = [results[model][s]["std"] for s in sets]
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=model)
+    lows = [results[m][s]["mean"] - results[m][s]["std"] for m in models for s in sets]
+    highs = [results[m][s]["mean"] + results[m][s]["std"] for m in models for s in sets]
+    if min(lows) > 0:  # rewards such as HPSv2 live in a narrow band far from 0: zoom to show the differences
+        margin = 0.15 * (max(highs) - min(lows) or abs(max(highs)) or 1)
+        ax.set_ylim(min(lows) - margin, max(highs) + margin)
+    ax.set_xticks(x, sets)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(str(path))
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--lora", action="append",
+                        help="[LABEL=]FOLDER of a LoRA checkpoint (repeatable); the base model is always scored")
+    parser.add_argument("--reward", help="reward spec NAME[:PATH][@WEIGHT],... (default colorfulness for tiny)")
+    parser.add_argument("--prompt-set", action="append", help="NAME=FILE, one prompt per line (repeatable)")
+    parser.add_argument("--samples-per-prompt", type=positive_int, default=1, help="videos per prompt and model")
+    parser.add_argument("--segments", type=positive_int, default=4, help="SegVR segments S (frames scored per video)")
+    parser.add_argument("--tar", action=argparse.BooleanOptionalAction, default=False,
+                        help="weight the frames by TAR as in training (off = plain mean, as Table 1)")
+    parser.add_argument("--tar-lambda", type=float, default=1.0, help="TAR lambda (with --tar)")
+    add_model_arguments(parser)
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    size = check_common(args)
+    tiny = args.model == "tiny"
+    sets = parse_prompt_sets(args.prompt_set, tiny)
+    checkpoints = parse_checkpoints(args.lora)
+    if args.segments > size[0]:
+        raise UserError(f"--segments {args.segments} must not exceed --num-frames {size[0]}")
+    if args.tar_lambda < 0:
+        raise UserError(f"--tar-lambda {args.tar_lambda} must be non-negative")
+    reward_spec = args.reward or ("colorfulness" if tiny else None)
+    if reward_spec is None:
+        raise UserError("pass --reward, e.g. --reward hpsv2:/weights/HPS_v2.1_compressed.pt")
+    device = resolve_device(args.device)
+
+    from engine.rewards import build_reward
+
+    reward = build_reward(reward_spec).to(device)  # a bad reward path fails before the video model loads
+    scorer = SegmentalReward(reward, args.segments, args.tar_lambda, segvr=True, tar=args.tar)
+    model = load_model(args.model, device)
+    for i, (label, folder) in enumerate(checkpoints):
+        apply_lora(model.unet, folder, args.lora_scale, adapter_name=f"checkpoint{i}")
+
+    # (set, prompt, sample) in a fixed order; video k starts from seed + k for every model: paired comparisons
+    jobs = [(name, p) for name, prompts in sets.items() for p in prompts for _ in range(args.samples_per_prompt)]
+    models = [("base", None)] + [(label, f"checkpoint{i}") for i, (label, _) in enumerate(checkpoints)]
+    results: dict[str, dict[str, dict]] = {}
+    per_video: dict[str, list[dict]] = {}
+    bar = tqdm(total=len(models) * len(jobs) * args.ddim_steps, desc="evaluating", unit="step", dynamic_ncols=True)
+    for label, adapter in models:
+        if adapter is not None:
+            activate_adapter(model.unet, adapter)
+        switch = adapters_disabled(model.unet) if adapter is None and checkpoints else nullcontext()
+        scores: list[float] = []
+        with switch:
+            for start in range(0, len(jobs), args.batch_size):
+                batch = jobs[start:start + args.batch_size]
+                prompts = [p for _, p in batch]
+                seeds = [args.seed + start + i for i in range(len(batch))]
+                with autocast(device, args.precision), torch.no_grad():
+                    latents = generate(model, prompts, seeds, size, args.ddim_steps, args.guidance, args.eta, bar.update)
+                    video_rewards, _ = scorer(model, latents, prompts, train=False)
+                scores += video_rewards.float().cpu().tolist()
+        if not all(math.isfinite(s) for s in scores):
+            raise UserError(f"model {label!r} produced non-finite rewards; try --precision fp32")
+        results[label] = {name: summarise([s for (n, _), s in zip(jobs, scores) if n == name]) for name in sets}
+        per_video[label] = [{"set": n, "prompt": p, "seed": args.seed + k, "reward": s}
+                            for k, ((n, p), s) in enumerate(zip(jobs, scores))]
+    bar.close()
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    reward_name = reward_spec.split(":")[0].split("@")[0] if "," not in reward_spec else "weighted reward"
+    table = markdown_table(results, list(sets), reward_name)
+    (out / "results.md").write_text(table)
+    report = {
+        "settings": {"model": args.model, "reward": reward_spec, "checkpoints": {l: str(f) for l, f in checkpoints},
+                     "lora_scale": args.lora_scale, "ddim_steps": args.ddim_steps, "guidance": args.guidance,
+                     "eta": args.eta, "seed": args.seed, "samples_per_prompt": args.samples_per_prompt,
+                     "num_frames": size[0], "height": size[1], "width": size[2], "segments": args.segments,
+                     "frames_scored": "first of each segment (SegVR evaluation)", "tar": args.tar,
+                     "tar_lambda": args.tar_lambda if args.tar else None, "std": "population (ddof 0) over videos"},
+        "prompt_sets": sets,
+        "results": results,
+        "videos": per_video,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    bar_chart(results, list(sets), out / "results.png", f"{reward_name} (mean ± std)")
+    print(table, end="")
+    print(f"results in {out}/results.md, results.json, results.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()

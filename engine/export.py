@@ -1,0 +1,168 @@
+"""Export a trained LoRA for stock diffusers: ``python -m engine.export --lora FOLDER --output DIR``.
+
+    python -m engine.export --model /weights/text-to-video-ms-1.7b --lora runs/my-run/lora --output export/
+    python -m engine.export --lora runs/tiny/lora --output export/ --peft         # adapter only
+
+Two forms, both by default:
+
+``DIR/merged/``  a full ``TextToVideoSDPipeline`` folder (model_index.json, unet/ vae/ text_encoder/
+    tokenizer/ scheduler/) whose UNet has the LoRA merged in (W <- W + scale * alpha/r * B A on every adapted
+    projection, then the peft wrappers removed). ``TextToVideoSDPipeline.from_pretrained(DIR/merged)`` and
+    ``UNet3DConditionModel.from_pretrained(DIR/merged/unet)`` load it; nothing beyond diffusers is needed.
+
+``DIR/peft/``  the adapter in peft format (adapter_model.safetensors + adapter_config.json, ``--lora-scale``
+    folded into lora_alpha) and a README with the peft calls that apply it to the stock pipeline's UNet.
+    diffusers' ``pipe.load_lora_weights`` cannot be used: UNet3DConditionModel has no peft adapter mixin
+    (diffusers 0.42 raises ``AttributeError: 'UNet3DConditionModel' object has no attribute
+    'load_lora_adapter'``), and ``unet.load_attn_procs`` reads Custom Diffusion weights only.
+
+Both give the frames the engine's sampler gives with the LoRA (tests/test_export.py checks this with the
+stock pipeline); the merged UNet differs from the unmerged one by float rounding of W + dW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.errors import UserError, cli_entry
+from engine.lora import CONFIG_NAME, WEIGHTS_NAME, lora_layers
+from engine.sample import apply_lora, check_lora_folder, load_model, resolve_device
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+PEFT_README = """# LoRA adapter (peft format)
+
+Trained with InstructVideo reward fine-tuning for `{base}`{scale_note}. Apply it to the stock diffusers pipeline
+with peft (diffusers' `load_lora_weights` does not support `UNet3DConditionModel`):
+
+```python
+from diffusers import TextToVideoSDPipeline
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+pipe = TextToVideoSDPipeline.from_pretrained("{base}")
+config = LoraConfig.from_pretrained("{folder}")
+inject_adapter_in_model(config, pipe.unet)
+set_peft_model_state_dict(pipe.unet, load_file("{folder}/adapter_model.safetensors"))
+pipe.to("cuda")
+frames = pipe("a golden retriever playing in autumn leaves", num_inference_steps=20).frames
+```
+
+To change the strength afterwards, call `layer.set_scale("default", s)` on every
+`peft.tuners.lora.LoraLayer` in `pipe.unet.modules()` (0 = base model, 1 = as exported).
+To fold the adapter into the weights, call `layer.merge()` on each of those layers.
+"""
+
+MERGED_README = """# Merged UNet
+
+A full `TextToVideoSDPipeline` folder with the LoRA from `{lora}` merged into the UNet{scale_note}. Stock diffusers:
+
+```python
+from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+pipe = TextToVideoSDPipeline.from_pretrained("{folder}")
+# or only the UNet, into a pipeline of the base model:
+unet = UNet3DConditionModel.from_pretrained("{folder}/unet")
+```
+"""
+
+
+def merge_lora(unet: nn.Module) -> int:
+    """Fold every active LoRA adapter into its base layer and put the plain layer back; returns layers merged.
+
+    Equivalent to peft's ``merge_and_unload``: W <- W + scaling * B A with the current scaling (set_scale).
+    ``safe_merge`` checks the merged weights are finite before they replace the originals.
+    """
+    layers = set(lora_layers(unet))
+    names = [name for name, module in unet.named_modules() if module in layers]
+    for name in names:
+        layer = unet.get_submodule(name)
+        if layer.active_adapters and not layer.disable_adapters:
+            layer.merge(safe_merge=True, adapter_names=list(layer.active_adapters))
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name) if parent_name else unet, child, layer.get_base_layer())
+    if hasattr(unet, "peft_config"):  # set by inject_adapter_in_model; the plain model must not carry it
+        del unet.peft_config
+    return len(names)
+
+
+def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dtype) -> Path:
+    apply_lora(model.unet, lora, scale)
+    merged = merge_lora(model.unet)
+    if lora_layers(model.unet) or merged == 0:
+        raise UserError(f"no LoRA layer of {lora} could be merged; check the adapter fits this model")
+    if dtype != next(model.unet.parameters()).dtype:
+        model.unet.to(dtype)
+    model.save(folder)
+    note = f" at scale {scale}" if scale != 1.0 else ""
+    (folder / "README.md").write_text(MERGED_README.format(lora=lora, folder=folder, scale_note=note))
+    return folder
+
+
+def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Path:
+    apply_lora(model.unet, lora, 1.0)  # only to check the adapter fits the model
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lora / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    config = json.loads((lora / CONFIG_NAME).read_text())
+    if scale != 1.0:  # peft's scaling is lora_alpha / r (or / sqrt(r)), so the strength folds into alpha exactly
+        config["lora_alpha"] = config["lora_alpha"] * scale
+        config["alpha_pattern"] = {k: v * scale for k, v in (config.get("alpha_pattern") or {}).items()}
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    note = f" (strength {scale} folded into lora_alpha)" if scale != 1.0 else ""
+    (folder / "README.md").write_text(PEFT_README.format(base=base, folder=folder, scale_note=note))
+    return folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="the base model: diffusers text-to-video folder or 'tiny'")
+    parser.add_argument("--lora", required=True, help="LoRA folder (adapter_model.safetensors + adapter_config.json)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="strength baked into the export")
+    parser.add_argument("--output", required=True, help="export folder (merged/ and/or peft/ are written in it)")
+    parser.add_argument("--merged", action="store_true", help="write the merged pipeline (default: both forms)")
+    parser.add_argument("--peft", action="store_true", help="write the peft adapter (default: both forms)")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weight dtype of the merged UNet")
+    parser.add_argument("--overwrite", action="store_true", help="replace merged/ or peft/ if they exist")
+    parser.add_argument("--device", default="cpu", help="where to merge (cpu is enough: merging is one GEMM per layer)")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    lora = check_lora_folder(args.lora)
+    if args.model != "tiny" and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model} is not a folder; pass the base model's diffusers folder or 'tiny'")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; pass a folder")
+    forms = [f for f in ("merged", "peft") if getattr(args, f)] or ["merged", "peft"]
+    taken = [f for f in forms if (out / f).exists()]
+    if taken and not args.overwrite:
+        raise UserError(f"{out / taken[0]} already exists; pass another --output or --overwrite")
+    device = resolve_device(args.device)
+    written = {}
+    base = args.model if args.model == "tiny" else str(Path(args.model).resolve())
+    for form in forms:  # each form starts from a fresh base model: merging changes the weights in place
+        if (out / form).exists():
+            shutil.rmtree(out / form)
+        model = load_model(args.model, device)
+        if form == "merged":
+            written[form] = str(export_merged(model, lora, args.lora_scale, out / form, DTYPES[args.dtype]))
+        else:
+            written[form] = str(export_peft(model, lora, args.lora_scale, out / form, base))
+        del model
+    for form, folder in written.items():
+        print(f"{form}: {folder}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
