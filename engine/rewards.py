@@ -114,19 +114,24 @@ class HPSv2Reward(Reward):
 
     name = "hpsv2"
 
-    def __init__(self, checkpoint: str | Path, arch: str = "ViT-H-14"):
+    def __init__(self, checkpoint: str | Path | None, arch: str = "ViT-H-14", device: str | torch.device = "cpu"):
+        """``checkpoint=None`` builds the architecture with random weights (on ``device``, e.g. "meta" to count costs)."""
         super().__init__()
         import open_clip
 
-        state = load_state_dict_file(checkpoint, "HPSv2")
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        try:  # check names and shapes on the meta device first: a wrong file fails in a second, not after init
-            expected = open_clip.create_model(arch, pretrained=None, device="meta").state_dict()
-        except RuntimeError as err:
-            raise UserError(f"unknown open_clip architecture {arch!r} ({err}); HPSv2 uses ViT-H-14") from None
-        check_state_dict(state, expected, f"HPSv2 checkpoint {checkpoint}", f"open_clip {arch}")
-        self.model = open_clip.create_model(arch, pretrained=None)
-        self.model.load_state_dict(state, strict=True)
+        if checkpoint is None:
+            self.model = open_clip.create_model(arch, pretrained=None, device=device)
+        else:
+            state = load_state_dict_file(checkpoint, "HPSv2")
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            try:  # check names and shapes on the meta device first: a wrong file fails in a second, not after init
+                expected = open_clip.create_model(arch, pretrained=None, device="meta").state_dict()
+            except RuntimeError as err:
+                raise UserError(f"unknown open_clip architecture {arch!r} ({err}); HPSv2 uses ViT-H-14") from None
+            check_state_dict(state, expected, f"HPSv2 checkpoint {checkpoint}", f"open_clip {arch}")
+            self.model = open_clip.create_model(arch, pretrained=None)
+            self.model.load_state_dict(state, strict=True)
+            self.model.to(device)
         self.model.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
         size = self.model.visual.image_size

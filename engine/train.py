@@ -29,8 +29,10 @@ import torch
 import yaml
 from tqdm import tqdm
 
+import kernels
 from engine import distributed as dist_utils
 from engine import media
+from engine.accelerate import accelerate
 from engine.chain import EditChain
 from engine.checkpointing import checkpoint_blocks
 from engine.config import TrainConfig, resolve_config
@@ -129,6 +131,7 @@ class Trainer:
         self._setup_data()
         self._setup_chain()
         self._setup_lora_and_optimizer()
+        self._setup_backend()
         self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.tracker = Tracker(self.output / "tensorboard", enabled=cfg.tensorboard and self.world.is_main)
         if cfg.resume:
@@ -171,12 +174,23 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
+    def _setup_backend(self):
+        """fused: Triton kernels for LoRA, temporal attention and the CFG + DDIM step; reference: PyTorch.
+        auto is fused on CUDA and the reference on the CPU."""
+        backend = self.config.backend
+        if backend == "auto":
+            backend = "fused" if self.device.type == "cuda" else "reference"
+        self.backend = backend
+        kernels.set_backend(backend)
+        if backend == "fused":
+            accelerate(self.model.unet)
+
     def _write_config(self):
         cfg = self.config
         resolved = cfg.to_dict() | {
             "output": str(self.output),
             "derived": {"start_timestep": self.chain.timesteps[0], "steps_run": self.chain.steps_run,
-                        "grad_steps": self.chain.grad_steps, "device": str(self.device),
+                        "grad_steps": self.chain.grad_steps, "device": str(self.device), "backend": self.backend,
                         "processes": self.world.size,
                         "trainable_parameters": sum(p.numel() for p in self.lora_params),
                         "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},

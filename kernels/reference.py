@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def cfg_ddim_step_ref(
@@ -38,3 +39,29 @@ def cfg_ddim_step_ref(
             raise ValueError("eta > 0 needs the noise tensor z; draw it with the chain's generator")
         x_prev = x_prev + std * noise.float()
     return x_prev.to(x.dtype)
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``x W^T + b + s (x A^T) B^T`` exactly as peft's ``lora.Linear`` computes it (one adapter, no dropout).
+
+    Shapes: x [..., K], weight [N, K], bias [N] or None, lora_A [r, K], lora_B [N, r]. Like peft, the low-rank
+    branch runs in lora_A's dtype and the sum is returned in the base layer's output dtype.
+    """
+    result = F.linear(x, weight, bias)
+    lora = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B) * scale
+    return (result + lora).to(result.dtype)
+
+
+def temporal_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` over the frame axis: q, k, v [..., L, D] (any strides), scale 1/sqrt(D) by
+    default. This is the call diffusers' AttnProcessor2_0 makes for temporal self-attention."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -119,3 +120,21 @@ def test_early_stopping_and_motion_penalty(tmp_path, capsys):
     assert any((out / "tensorboard").iterdir())
     with pytest.raises(UserError, match="needs --eval-every"):
         resolve_config(["--early-stop-patience", "2"])
+
+
+def test_backend_flag_swaps_the_kernels_in(tmp_path):
+    """--backend fused accelerates the UNet (tests/test_accelerate.py checks a fused step equals the reference);
+    auto on the CPU is the reference."""
+    import kernels
+    from engine.accelerate import _is_patched_lora
+    from engine.train import Trainer
+
+    try:
+        fused = Trainer(resolve_config(["--output", str(tmp_path / "f"), "--backend", "fused"])).setup()
+        assert kernels.get_backend().value == "fused"
+        assert any(_is_patched_lora(m) for m in fused.model.unet.modules())
+        auto = Trainer(resolve_config(["--output", str(tmp_path / "a")])).setup()
+        assert auto.backend == "reference" and kernels.get_backend().value == "reference"
+        assert not any(_is_patched_lora(m) for m in auto.model.unet.modules())
+    finally:
+        kernels.set_backend("auto")

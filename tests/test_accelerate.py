@@ -1,0 +1,144 @@
+"""engine.accelerate: the fused kernels swapped into a tiny diffusers UNet3D with peft LoRA, compared with the
+untouched model (peft + AttnProcessor2_0) on a forward, its LoRA gradients and one training step; and revert.
+
+Kernels run in Triton's interpreter on the CPU (or on a GPU when there is one).
+"""
+
+import os
+
+# Before anything imports triton (diffusers does): Triton picks interpreter-or-compiler at import, and reads the
+# variable again at launch. It stays set for the session, so "auto" runs Triton on CPU tensors everywhere after.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from engine.accelerate import FusedTemporalAttnProcessor, accelerate, revert  # noqa: E402
+from engine.chain import EditChain  # noqa: E402
+from engine.checkpointing import checkpoint_blocks  # noqa: E402
+from engine.lora import adapters_disabled, add_lora, lora_layers, lora_state_dict  # noqa: E402
+from kernels import _utils  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not _utils.interpreter_active(),
+                                reason="Triton's interpreter is off: run with TRITON_INTERPRET=1 set before triton is imported")
+
+
+@pytest.fixture
+def model(tiny):
+    """The tiny model with LoRA whose B is trained away from zero (at zero the LoRA branch would not be tested)."""
+    add_lora(tiny.unet, rank=4)
+    for name, p in tiny.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return tiny
+
+
+def lora_params(unet):
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def unet_inputs(frames=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 4, frames, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+
+
+def forward_and_grads(unet, x, context):
+    out = unet(x, 500, encoder_hidden_states=context).sample
+    return out, torch.autograd.grad(out.square().mean(), lora_params(unet))
+
+
+def test_patches_every_lora_linear_and_temporal_attention_and_reverts_exactly(model):
+    unet = model.unet
+    before = {name: p.processor for name, p in unet.named_modules() if hasattr(p, "processor")}
+    keys = set(lora_state_dict(unet))
+    handle = accelerate(unet, backend="fused")
+    assert kernels.get_backend() is kernels.Backend.FUSED
+    assert handle.lora_layers == len(lora_layers(unet)) == 72
+    fused = {name for name, m in unet.named_modules() if isinstance(getattr(m, "processor", None), FusedTemporalAttnProcessor)}
+    assert fused == {name for name in before if "temp_attentions" in name or "transformer_in" in name}
+    assert handle.attention_processors == len(fused) == 10
+    assert set(lora_state_dict(unet)) == keys  # parameters and their names are untouched
+    with pytest.raises(ValueError, match="already accelerated"):
+        accelerate(unet)
+
+    handle.revert()
+    assert kernels.get_backend() is kernels.Backend.AUTO
+    assert all("forward" not in layer.__dict__ for layer in lora_layers(unet))
+    assert all(m.processor is before[name] for name, m in unet.named_modules() if hasattr(m, "processor"))
+
+
+def test_whole_unet_forward_and_lora_gradients_match_the_untouched_model(model, monkeypatch):
+    unet = model.unet
+    x, context = unet_inputs(frames=5)
+    expected_out, expected_grads = forward_and_grads(unet, x, context)
+    handle = accelerate(unet, backend="fused")
+    launches = []
+    allocate = _utils.empty
+    monkeypatch.setattr(_utils, "empty", lambda *a, **k: launches.append(a[0]) or allocate(*a, **k))
+    out, grads = forward_and_grads(unet, x, context)
+    handle.revert()
+    assert len(launches) >= 2 * (72 + 10)  # every LoRA linear and temporal attention ran its kernels, both ways
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-4)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-4)
+    reverted_out, _ = forward_and_grads(unet, x, context)
+    assert torch.equal(reverted_out, expected_out)
+
+
+def test_disabled_adapters_run_the_base_model(model):
+    unet = model.unet
+    x, context = unet_inputs()
+    with torch.no_grad(), adapters_disabled(unet):
+        expected = unet(x, 500, encoder_hidden_states=context).sample
+    handle = accelerate(unet, backend="fused")
+    with torch.no_grad(), adapters_disabled(unet):
+        got = unet(x, 500, encoder_hidden_states=context).sample
+    handle.revert()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_one_training_step_gives_the_same_lora_gradients(model):
+    """The edit chain (2 DDIM steps, CFG, gradient through the last, checkpointed UNet blocks as in training)
+    with every op fused, against the reference."""
+    checkpoint_blocks(model.unet)
+    context = model.encode_prompts(["a cat"])
+    uncond = model.encode_prompts([""])
+    latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    chain = EditChain(model, ddim_steps=4, tau=0.5, grad_steps=1, guidance=2.0)
+
+    def step():
+        edited = chain.edit(latents, context, uncond, torch.Generator().manual_seed(2))
+        return edited, torch.autograd.grad(edited.square().mean(), lora_params(model.unet))
+
+    with kernels.use_backend("reference"):
+        expected_out, expected_grads = step()
+    handle = accelerate(model.unet, backend="fused")
+    out, grads = step()
+    handle.revert()
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-4)
+    for got, expected in zip(grads, expected_grads):
+        torch.testing.assert_close(got, expected, atol=1e-7, rtol=1e-4)
+
+
+def test_deepcopy_of_an_accelerated_unet_is_bound_to_the_copy(model):
+    handle = accelerate(model.unet, backend="reference")
+    clone = copy.deepcopy(model.unet)
+    handle.revert()
+    layers = lora_layers(clone)
+    assert all(layer.forward.__self__ is layer for layer in layers)
+    revert(clone)
+    assert all("forward" not in layer.__dict__ for layer in layers)
+
+
+def test_unsupported_processors_are_left_alone(model):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = model.unet
+    attn = unet.transformer_in.transformer_blocks[0].attn1
+    attn.set_processor(AttnProcessor())
+    handle = accelerate(unet, lora=False)
+    assert type(attn.processor) is AttnProcessor and handle.attention_processors == 9 and handle.lora_layers == 0
+    handle.revert()

@@ -1,0 +1,135 @@
+"""The fused CFG + DDIM step against its reference, a float64 computation and diffusers' DDIMScheduler.step.
+
+Kernels run in Triton's interpreter on the CPU (or on a GPU when there is one); outputs start as NaN.
+"""
+
+import os
+
+# Before anything imports triton (diffusers does): Triton picks interpreter-or-compiler at import, and reads the
+# variable again at launch. It stays set for the session, so "auto" runs Triton on CPU tensors everywhere after.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import _utils  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _utils.interpreter_active(),
+                                reason="Triton's interpreter is off: run with TRITON_INTERPRET=1 set before triton is imported")
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative error allowed whatever the reference's
+
+
+@pytest.fixture(autouse=True)
+def _poisoned():
+    with _utils.poison_outputs():
+        yield
+
+
+def inputs(shape, dtype, eta, requires_grad=True):
+    g = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    make = lambda: torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_(requires_grad)  # noqa: E731
+    return make(), make(), make(), (make() if eta > 0 else None)
+
+
+def step_f64(x, eu, ec, guidance, a_t, a_prev, eta, z):
+    """The DDIM update (DDIM eq. 12) in float64, written out independently of the reference."""
+    eps = eu + guidance * (ec - eu)
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    out = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+    return out + sigma * z if eta > 0 else out
+
+
+def run(fn, tensors, upstream, args):
+    out = fn(*tensors[:3], *args, tensors[3])
+    wanted = [t for t in tensors if t is not None]
+    return out, torch.autograd.grad(out, wanted, upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, eta", [((2, 4, 5, 7, 9), 0.0), ((1, 4, 3, 5, 11), 0.7), ((3, 70001), 1.0)])
+def test_forward_and_gradients_match_reference_and_float64(shape, eta, dtype):
+    tensors = inputs(shape, dtype, eta)
+    args = (3.0, 0.3, 0.55, eta)
+    upstream = torch.randn(shape, device=DEVICE).to(dtype)
+    with kernels.use_backend("fused"):
+        out, grads = run(kernels.cfg_ddim_step, tensors, upstream, args)
+    ref_out, ref_grads = run(kernels.cfg_ddim_step_ref, tensors, upstream, args)
+    t64 = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    true_out, true_grads = run(step_f64, t64, upstream.double(), args)
+
+    assert out.dtype == dtype and not out.isnan().any()
+    for got, ref, truth in zip((out, *grads), (ref_out, *ref_grads), (true_out, *true_grads)):
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        err, ref_err = (got.double() - truth).abs().max(), (ref.double() - truth).abs().max()
+        assert err <= 2 * ref_err + FLOOR[dtype] * truth.abs().max(), (err, ref_err)
+    if dtype == torch.float32:  # same fp32 operations in the same order
+        torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-6)
+
+
+def test_equals_diffusers_ddim_scheduler_step():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    scheduler.set_timesteps(20)
+    x, eu, ec, z = inputs((2, 4, 5, 6, 7), torch.float32, 0.5, requires_grad=False)
+    for t in (951, 551, 1):
+        prev = t - 50
+        a_t = float(scheduler.alphas_cumprod[t])
+        a_prev = float(scheduler.alphas_cumprod[prev]) if prev >= 0 else float(scheduler.final_alpha_cumprod)
+        expected = scheduler.step(eu + 3.0 * (ec - eu), t, x, eta=0.5, variance_noise=z).prev_sample
+        with kernels.use_backend("fused"):
+            got = kernels.cfg_ddim_step(x, eu, ec, 3.0, a_t, a_prev, 0.5, z)
+        torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_only_requested_gradients_are_computed():
+    x, eu, ec, _ = inputs((2, 3, 4), torch.float32, 0.0, requires_grad=False)
+    eu.requires_grad_()
+    with kernels.use_backend("fused"):
+        out = kernels.cfg_ddim_step(x, eu, ec, 2.0, 0.4, 0.6)
+    (grad,) = torch.autograd.grad(out.sum(), [eu])
+    ref = torch.autograd.grad(kernels.cfg_ddim_step_ref(x, eu, ec, 2.0, 0.4, 0.6).sum(), [eu])[0]
+    torch.testing.assert_close(grad, ref)
+
+
+def test_eta_without_noise_is_an_error_on_every_backend():
+    x, eu, ec, _ = inputs((2, 3), torch.float32, 0.0, requires_grad=False)
+    for backend in ("fused", "reference"):
+        with kernels.use_backend(backend), pytest.raises(ValueError, match="noise"):
+            kernels.cfg_ddim_step(x, eu, ec, 3.0, 0.3, 0.5, eta=0.5)
+
+
+def test_unsupported_inputs_fall_back_to_the_reference_and_log_once(caplog, monkeypatch):
+    monkeypatch.setattr(_utils, "_logged", set())
+    x, eu, ec, _ = inputs((2, 3, 4), torch.float32, 0.0, requires_grad=False)
+    caplog.set_level(logging.WARNING, logger="kernels")
+    with kernels.use_backend("fused"):
+        for _ in range(3):
+            got = kernels.cfg_ddim_step(x, eu[:1], ec, 3.0, 0.3, 0.5)  # broadcasting over the batch
+    torch.testing.assert_close(got, kernels.cfg_ddim_step_ref(x, eu[:1], ec, 3.0, 0.3, 0.5))
+    assert sum("cfg_ddim_step" in r.message and "broadcasting" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("interpret, expected", [("1", "fused"), ("0", "reference")])
+def test_auto_runs_triton_on_cpu_tensors_only_under_triton_interpret(monkeypatch, interpret, expected):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    choice = kernels.dispatch.run("op", lambda t: "fused", lambda t: "reference", lambda t: None, torch.zeros(2))
+    assert choice == expected
+
+
+def test_backend_switch():
+    assert kernels.get_backend() is kernels.Backend.AUTO
+    with kernels.use_backend("reference"):
+        assert kernels.get_backend() is kernels.Backend.REFERENCE
+        with kernels.use_backend("fused"):
+            assert kernels.get_backend() is kernels.Backend.FUSED
+        assert kernels.get_backend() is kernels.Backend.REFERENCE
+    assert kernels.get_backend() is kernels.Backend.AUTO
+    with pytest.raises(ValueError):
+        kernels.set_backend("cudnn")
