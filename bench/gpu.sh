@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call of under 10 minutes (the device tool's machine: Python 3.12,
+# torch 2.11, Triton 3.6, peft, transformers, timm; no diffusers or open_clip, so they travel as wheels in .whl/).
+# Prepare the wheels once on the development machine (see bench/RESULTS.md, "How the GPU figures are made"), then:
+#     run(command="bash bench/gpu.sh", carry=[".whl"])
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+# 1. kernels on CUDA against their references (the same tests the CPU runs through the interpreter)
+TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x tests/test_kernels_cfg_ddim.py tests/test_kernels_lora_linear.py \
+  tests/test_kernels_temporal_attention.py tests/test_accelerate.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -5
+# 2. the kernel micro-benchmark at ModelScope shapes
+timeout 180 python3 -m bench.bench_kernels --out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.md" | tail -40
+# 3. cost comparisons with the CUDA rows (full size, random weights) side by side
+timeout 240 python3 -m pytest -q -s bench/test_costs.py -k "cuda or fullsize" 2>&1 | tee "$OUT/costs.log" | tail -40
+cp bench/RESULTS.md bench/results_costs.json "$OUT"/ 2>/dev/null || true
