@@ -57,7 +57,7 @@ class EditChain:
         """q_sample: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise at the first timestep run."""
         a_t = self.alpha(self.timesteps[0])
         noise = self.draw_noise(latents.shape, generator, latents.device)
-        return a_t ** 0.5 * latents + (1 - a_t) ** 0.5 * noise
+        return (a_t ** 0.5 * latents.float() + (1 - a_t) ** 0.5 * noise).to(latents.dtype)
 
     # -- denoising --------------------------------------------------------------------------------
     def guided_step(self, x: torch.Tensor, t: int, context: torch.Tensor, uncond: torch.Tensor,

@@ -20,7 +20,6 @@ import argparse
 import json
 import re
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,29 +29,10 @@ from engine.chain import EditChain
 from engine.errors import UserError, cli_entry
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, lora_layers
 from engine.models import VideoDiffusion
+from engine.runtime import autocast, resolve_device
 
 TINY_SIZE = (8, 32, 32)     # frames, height, width: engine.config.TINY_PRESET
 REAL_SIZE = (16, 256, 256)  # ModelScope's training size
-
-
-# ---------------------------------------------------------------------------------- environment
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
-    return device
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 (auto) or fp16 autocast on CUDA; plain fp32 on the CPU or with ``fp32``."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------- LoRA

@@ -43,6 +43,7 @@ from engine.lora import adapters_disabled, add_lora, load_lora, lora_state_dict,
 from engine.models import VideoDiffusion, build_model
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import build_reward
+from engine.runtime import autocast, autocast_dtype, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.video_reward import SegmentalReward, reward_loss
 
@@ -56,26 +57,6 @@ class Stop(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def resolve_device(name: str, world: World) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for CUDA but no GPU is visible; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", world.local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32 (always on the CPU)."""
-    if device.type != "cuda" or precision == "fp32":
-        return None
-    return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def prepare_output(config: TrainConfig, world: World) -> Path:
@@ -122,7 +103,7 @@ class Trainer:
         if cfg.batch_size % self.world.size:
             raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                             f"{self.world.size} processes")
-        self.device = resolve_device(cfg.device, self.world)
+        self.device = resolve_device(cfg.device, self.world.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.output = prepare_output(cfg, self.world)
         self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
@@ -242,9 +223,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- data
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.config.precision)
 
     def source_latent(self, sources: list[Source], index: int) -> torch.Tensor:
         """Encode a clip, or let the base model (LoRA off) generate one from the prompt; cached."""
