@@ -42,7 +42,11 @@ class TrainConfig:
     guidance: float = _opt(3.0, "classifier-free guidance scale (1 = no guidance)")
     eta: float = _opt(0.0, "DDIM eta (0 = deterministic)")
     offset_noise: float = _opt(0.1, "temporal offset noise: noise = randn + s * randn(b, c, f, 1, 1)")
-    checkpoint: str = _opt("blocks", "recompute UNet blocks in backward ('blocks', like the official code) or keep all ('none')", choices=("blocks", "none"))
+    checkpoint: str = _opt("plan", "activation memory of the gradient steps: 'plan' (keep / spill to host / recompute per UNet "
+                           "layer within --memory-budget), 'blocks' (recompute every block, as the official code), 'none'",
+                           choices=("plan", "blocks", "none"))
+    memory_budget: str = _opt("auto", "device memory for saved activations with --checkpoint plan, e.g. 8GiB "
+                              "(auto = the K=1 footprint of recomputing every layer, whatever K is)")
     # The reward over frames
     segments: int = _opt(4, "SegVR: S segments, one random frame each")
     segvr: bool = _opt(True, "SegVR on (off = every frame is scored)")
@@ -103,6 +107,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        from engine.checkpointing import parse_budget
+
+        try:
+            parse_budget(self.memory_budget)
+        except ValueError as err:
+            raise UserError(f"--memory-budget: {err}") from None
         run = self.steps_run
         k = self.grad_steps_resolved
         if not 1 <= k <= run:

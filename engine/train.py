@@ -34,7 +34,7 @@ from engine import distributed as dist_utils
 from engine import media
 from engine.accelerate import accelerate
 from engine.chain import EditChain
-from engine.checkpointing import checkpoint_blocks
+from engine.checkpointing import ChainMemory, checkpoint_blocks
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, Source, build_sources, split_held_out
 from engine.distributed import ShardedGenerator, World
@@ -144,6 +144,8 @@ class Trainer:
                                cfg.eta, cfg.offset_noise)
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.unet)
+        elif cfg.checkpoint == "plan":
+            ChainMemory(self.model.unet, self.chain.grad_steps, cfg.memory_budget).attach(self.chain)
 
     def _setup_lora_and_optimizer(self):
         cfg = self.config

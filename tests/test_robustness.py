@@ -165,6 +165,7 @@ def bad_inputs(tmp):
         ("unreadable video", ["--videos", str(tmp / "clips")], "cannot be decoded"),
         ("LoRA of the wrong shape", ["--init-lora", str(tmp / "lora8")], "does not fit this model"),
         ("option out of range", ["--tau", "0"], "--tau 0.0 is out of range"),
+        ("memory budget that is not a size", ["--memory-budget", "lots"], "is not a size"),
         ("output folder holding another run", ["--output", str(tmp / "taken")], "already holds a run"),
         ("resume without a run", ["--resume", str(tmp / "clips")], "holds no run"),
     ]

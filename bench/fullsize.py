@@ -1,0 +1,51 @@
+"""Full-size ModelScope components (1.4B UNet3D, SD KL-f8 VAE, ViT-H-14 HPSv2) for cost counts.
+
+On the meta device they cost no memory and no time, and torch's FlopCounterMode and saved-tensor hooks give
+exact, machine-independent FLOPs and activation bytes. On CUDA the same builders give random-weight models
+for wall-time measurements. Configurations: ../shared/REFERENCE.md, "Full-size configurations".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models import VideoDiffusion, _tiny_tokenizer
+from engine.rewards import HPSv2Reward
+
+UNET = dict(
+    sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+    up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+    cross_attention_dim=1024, attention_head_dim=64, norm_num_groups=32, norm_eps=1e-5,
+)
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=256, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2,
+    scaling_factor=0.18215,
+)
+TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+            max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1024)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+FRAMES, HEIGHT, WIDTH = 16, 256, 256
+LATENT = (4, FRAMES, HEIGHT // 8, WIDTH // 8)
+CONTEXT = (77, 1024)
+
+
+def modelscope(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> VideoDiffusion:
+    """ModelScope text-to-video at full size with random weights (instant on the meta device)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        unet, vae = UNet3DConditionModel(**UNET), AutoencoderKL(**VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
+    if dtype != torch.float32:
+        unet, vae, text_encoder = (m.to(dtype) for m in (unet, vae, text_encoder))
+    return VideoDiffusion(unet, vae, text_encoder, _tiny_tokenizer(), DDIMScheduler(**SCHEDULER), name="modelscope")
+
+
+def hpsv2(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> HPSv2Reward:
+    """The HPSv2 reward architecture (OpenCLIP ViT-H-14) with random weights."""
+    return HPSv2Reward(None, device=device).to(dtype)

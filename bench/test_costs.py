@@ -1,0 +1,199 @@
+"""``pytest bench/``: what each fine-tuning configuration costs, against full fine-tuning.
+
+Three kinds of figures, each from a measurement made in this run:
+- at full ModelScope size on the meta device (exact, machine-independent): trainable parameters, optimizer and
+  gradient bytes, FLOPs per fine-tuning step (FlopCounterMode) and bytes saved for backward (saved-tensor hooks);
+- on the tiny preset on this machine's CPU: wall time per step (pytest-benchmark), as ratios to configuration 1;
+- on CUDA, when a GPU is present: wall time, peak memory and MFU at full size with random weights.
+The report goes to stdout, bench/RESULTS.md (its "costs" section) and bench/results_costs.json.
+Only exact relations are asserted; times never are.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import fullsize
+from bench.counters import SavedActivations, count_flops, weights_of
+from bench.recipes import BY_KEY, RECIPES, Step, trainable_bytes
+from bench.report import markdown_table, update_section
+
+HERE = Path(__file__).parent
+BATCH = 1
+GB = 1e9
+# The device budget the engine's planner gets at full size in these counts: bf16 activations of one gradient
+# step fit in it, so the planner keeps them instead of recomputing; more steps spill to host memory.
+ENGINE_BUDGET = 4 * 1024 ** 3
+
+
+def fullsize_step(recipe, device="meta", dtype=torch.float32, budget=ENGINE_BUDGET):
+    model = fullsize.modelscope(device, dtype)
+    reward = fullsize.hpsv2(device, dtype)
+    step = Step(model, reward, recipe, fullsize.LATENT, fullsize.CONTEXT, batch=BATCH, memory_budget=budget)
+    return model, reward, step
+
+
+def count_fullsize(recipe) -> dict:
+    """FLOPs and bytes saved for backward of one step at full size, in bf16 (how the engine trains on a GPU)."""
+    model, reward, step = fullsize_step(recipe, dtype=torch.bfloat16)
+    if recipe.memory == "plan":
+        step("meta")  # the planner measures its units on the first gradient step; count a planned one
+    saved = SavedActivations(weights_of(model.unet, model.vae, model.text_encoder, reward))
+    with count_flops() as counter, saved.counting():
+        step("meta")
+    return {**trainable_bytes(step.params), "tflops": counter.get_total_flops() / 1e12,
+            "saved_gb_bf16": saved.bytes / GB}
+
+
+@pytest.fixture(scope="module")
+def report():
+    """Collects every figure; writes the table once all tests of the module have run."""
+    figures: dict[str, dict] = {r.key: {"title": r.title} for r in RECIPES}
+    yield figures
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    (HERE / "results_costs.json").write_text(json.dumps({"meta": meta, "configurations": figures}, indent=2))
+    text = render(figures, meta)
+    print("\n" + text)
+    update_section(HERE / "RESULTS.md", "costs", text)
+
+
+def render(figures: dict, meta: dict) -> str:
+    base = figures["full"]
+    if "tflops" not in base:
+        return "Configuration 1 was not measured in this run (tests deselected): no ratios to report."
+    rows = []
+    for key, f in figures.items():
+        if "tflops" not in f:
+            continue
+        rows.append([
+            f["title"], f"{f['trainable_params'] / 1e6:,.2f} M", f"{f['optimizer_bytes'] / GB:.3f}",
+            f"{f['gradient_bytes'] / GB:.3f}", f"{f['tflops']:.1f}", f"{base['tflops'] / f['tflops']:.2f}x",
+            f"{f['saved_gb_bf16']:.2f}",
+            f"{f['cpu_s'] / base['cpu_s']:.3f}" if "cpu_s" in f and "cpu_s" in base else "-",
+        ])
+    lines = [f"Measured {meta['date']} with torch {meta['torch']}, Python {meta['python']}; "
+             f"CPU timings on {meta['cpu']} (tiny preset, ratios to configuration 1).", "",
+             markdown_table(["configuration", "trainable", "AdamW state GB", "grad GB", "TFLOP / step",
+                             "fewer FLOPs than 1", "saved for backward GB (bf16)", "CPU time / step vs 1"], rows)]
+    official, engine = figures["official"], figures["engine"]
+    if "tflops" in official and "tflops" in engine:
+        lines += ["", f"- FLOPs, this engine / official recipe: {engine['tflops'] / official['tflops']:.3f} (goal <= 0.85); "
+                      f"full fine-tuning / this engine: {base['tflops'] / engine['tflops']:.1f}x (goal >= 5x).",
+                  f"- Saved for backward at K = 1 in bf16: {engine['saved_gb_bf16']:.2f} GB (goal <= 4 GB); "
+                  f"K = all: {figures['engine_kall'].get('saved_gb_bf16', float('nan')):.2f} GB "
+                  f"({figures['engine_kall'].get('saved_gb_bf16', float('nan')) / engine['saved_gb_bf16']:.2f}x of K = 1; goal within 10%)."]
+    if any("cuda_s" in f for f in figures.values()):
+        cuda_rows = [[f["title"], f"{f['cuda_s']:.3f}", f"{f['cuda_peak_gb']:.1f}", f"{f['mfu']:.1%}",
+                      f"{f.get('gpu_util', float('nan')):.0f}", f"{f.get('gpu_power_w', float('nan')):.0f}"]
+                     for f in figures.values() if "cuda_s" in f]
+        lines += ["", f"On {meta['cuda_device']} (full size, random weights, bf16 autocast, batch {BATCH}):", "",
+                  markdown_table(["configuration", "s / step", "peak GB", "MFU", "GPU util %", "power W"], cuda_rows)]
+        if "cuda_s" in official and "cuda_s" in engine:
+            lines.append(f"\n- Speed-up of this engine over the official recipe, measured side by side: "
+                         f"{official['cuda_s'] / engine['cuda_s']:.2f}x (goal >= 2x at >= 35% MFU).")
+    else:
+        lines += ["", "No GPU in this run: the CUDA rows (wall time, peak memory, MFU at full size) were not measured."]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ full size, meta
+@pytest.mark.parametrize("key", [r.key for r in RECIPES])
+def test_fullsize_counts(key, report):
+    report[key].update(count_fullsize(BY_KEY[key]))
+    assert report[key]["tflops"] > 0
+
+
+def test_exact_relations(report):
+    """Only what the counts make exact: fewer FLOPs for this engine, far fewer than full fine-tuning."""
+    f = {k: v["tflops"] for k, v in report.items()}
+    assert f["engine"] < f["official"] < f["draft1"] < f["full"]
+    assert f["official"] * 3 < f["full"]
+    assert report["engine"]["trainable_params"] < report["full"]["trainable_params"] / 100
+
+
+# ------------------------------------------------------------------------------------------ tiny, CPU time
+@pytest.fixture(scope="module")
+def tiny_model():
+    from engine.models import tiny_model
+
+    return tiny_model()
+
+
+@pytest.mark.parametrize("key", [r.key for r in RECIPES])
+def test_tiny_cpu_time(key, benchmark, tiny_model, report):
+    from engine.rewards import ColorfulnessReward
+
+    model = copy.deepcopy(tiny_model)
+    shape = (4, 8, 16, 16)
+    step = Step(model, ColorfulnessReward(), BY_KEY[key], shape, (77, 32), batch=2)
+
+    def run():
+        for p in step.params:
+            p.grad = None
+        step("cpu")
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1, iterations=1)
+    report[key]["cpu_s"] = benchmark.stats.stats.median
+
+
+# ------------------------------------------------------------------------------------------ CUDA, full size
+def peak_bf16_tflops() -> float:
+    """The device's dense bf16 matmul rate, measured here (8192^3 GEMMs)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: full-size wall time, memory and MFU")
+@pytest.mark.parametrize("key", ["official", "engine"])
+def test_cuda_fullsize(key, report):
+    import kernels
+    from engine.tracking import gpu_stats
+
+    recipe = BY_KEY[key]
+    model, reward, step = fullsize_step(recipe, device="cuda", budget="auto")
+    if key == "engine":
+        from engine.accelerate import accelerate
+
+        accelerate(model.unet)
+    else:
+        kernels.set_backend("reference")
+    # model FLOPs: forward + backward of the configuration without recomputation, counted on the meta device
+    _, _, plain = fullsize_step(dataclasses.replace(recipe, memory="none"))
+    with count_flops() as counter:
+        plain("meta")
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for i in range(4):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step("cuda")
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    stats = gpu_stats()
+    seconds = sorted(times[1:])[len(times[1:]) // 2]
+    report[key].update({"cuda_s": seconds, "cuda_peak_gb": torch.cuda.max_memory_allocated() / GB,
+                        "mfu": counter.get_total_flops() / seconds / (peak_bf16_tflops() * 1e12),
+                        "gpu_util": stats.get("utilization_percent", float("nan")),
+                        "gpu_power_w": stats.get("power_watts", float("nan"))})
+    kernels.set_backend("auto")

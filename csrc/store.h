@@ -1,0 +1,95 @@
+// The checkpoint store: a pool of host buffers holding spilled saved tensors until backward wants them back.
+//
+// put() copies a device tensor into a pooled host buffer (pinned, on a side CUDA stream, when the tensor is on a
+// GPU); get() hands back a device tensor with the same sizes, strides where dense, dtype and bits. Keys belong to
+// groups (one per spilled unit, numbered in forward order); the first get() of a group starts copying the
+// `prefetch_depth` groups before it back to the device, the order backward needs them, so copies overlap compute.
+// csrc/fallback.py (`Store`) is the same object in Python.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace chain_memory {
+
+// An asynchronous copy in flight; CPU copies are synchronous and need none.
+struct CopyFence {
+  virtual ~CopyFence() = default;
+  virtual bool ready() = 0;         // finished?
+  virtual void block_stream() = 0;  // make the caller's current stream wait for it
+  virtual void synchronize() = 0;   // make the host wait for it
+};
+
+// Copies between a CUDA device and pinned host memory on a side stream (csrc/cuda/store_cuda.cu).
+struct DeviceCopier {
+  virtual ~DeviceCopier() = default;
+  virtual std::shared_ptr<CopyFence> to_host(at::Tensor& host, const at::Tensor& device) = 0;
+  virtual std::shared_ptr<CopyFence> to_device(at::Tensor& device, const at::Tensor& host) = 0;
+};
+std::unique_ptr<DeviceCopier> make_cuda_copier();  // defined only in CUDA builds (WITH_CUDA)
+
+// Order of stats(); csrc/__init__.py STAT_NAMES names them.
+enum Stat : int {
+  kEntries, kHostBytes, kPeakHostBytes, kPoolBytes, kDeviceBytes, kPeakDeviceBytes, kPuts, kGets,
+  kD2HBytes, kH2DBytes, kPrefetched, kReadyOnGet, kWaitedOnGet, kDemandCopies, kPoolHits, kPoolMisses,
+  kInflightBytes, kBackpressureWaits, kNumStats
+};
+
+class Store : public torch::CustomClassHolder {
+ public:
+  Store(int64_t max_inflight_bytes, int64_t prefetch_depth, bool pin_memory);
+  ~Store() override;
+
+  int64_t put(const at::Tensor& tensor, int64_t group);
+  at::Tensor get(int64_t key);
+  void prefetch_group(int64_t group);
+  bool release(int64_t key);
+  void synchronize();
+  std::vector<int64_t> stats();
+  void reset_peaks();
+  void trim();  // free the pooled host buffers nobody uses
+
+ private:
+  struct Entry {
+    int64_t group = 0;
+    int64_t nbytes = 0;    // bytes of the dense copy
+    int64_t pooled = 0;    // bytes of the pooled buffer (nbytes rounded up)
+    bool meta = false;     // meta tensors carry no data: shape only
+    bool demand = false;     // copied back only when asked for (not ahead of time)
+    bool delivered = false;  // handed to backward at least once
+    std::vector<int64_t> sizes, strides;
+    at::TensorOptions device_options;
+    at::Tensor buffer;     // pooled uint8 host buffer
+    at::Tensor host;       // buffer viewed with the tensor's dtype, sizes and strides
+    at::Tensor source;     // device tensor kept alive until its device-to-host copy has finished
+    at::Tensor device;     // the copy handed back to backward (after prefetch or get)
+    std::shared_ptr<CopyFence> d2h, h2d;
+  };
+
+  at::Tensor take_buffer(int64_t pooled);
+  void give_buffer(at::Tensor buffer, int64_t pooled);
+  void start_copy_back(Entry& entry, bool demand);
+  void reap_finished_copies(bool wait_all);
+  DeviceCopier& copier();
+
+  std::mutex mutex_;
+  int64_t max_inflight_bytes_, prefetch_depth_;
+  bool pin_memory_;
+  int64_t next_key_ = 0;
+  std::unordered_map<int64_t, Entry> entries_;
+  std::map<int64_t, std::vector<int64_t>> groups_;  // group -> keys, ordered so backward order is a reverse walk
+  std::deque<int64_t> pending_d2h_;                 // keys whose device-to-host copy may still run
+  std::unordered_map<int64_t, std::vector<at::Tensor>> pool_;
+  std::unique_ptr<DeviceCopier> copier_;
+  int64_t stats_[kNumStats] = {};
+};
+
+}  // namespace chain_memory
