@@ -7,7 +7,7 @@ in one batched UNet call, 16 x 32 x 32 latent, fp32, LoRA rank 4):
 - the full-size UNet3DConditionModel (1.41B parameters) built on the meta device, so nothing is allocated;
 - saved-activation bytes counted with saved-tensor hooks (``SavedTensorMeter``: what autograd keeps on the
   device at the end of forward) plus the transient of backward (one unit rematerialised plus prefetched copies,
-  from ChainMemory's own statistics), and FLOPs counted with ``FlopCounterMode`` over forward and backward;
+  from ChainMemory's own statistics), and FLOPs counted with FlopCounterMode's formulas over forward and backward;
 - three policies: plain autograd (no checkpointing), today's block recompute (every top-level block recomputed,
   its inputs kept: ``checkpoint_blocks``' policy, measured through ChainMemory at block granularity so the inputs
   it keeps are counted), and the planned policy at an 8 GiB budget (``ChainMemory``);
@@ -24,7 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from engine.chain import EditChain
 from engine.checkpointing import ChainMemory, SavedTensorMeter, parse_budget
@@ -48,6 +49,23 @@ LATENT = (1, 4, 16, 32, 32)  # batch 1 video: 16 frames of 256x256 through the K
 CONTEXT = (1, 77, 1024)
 
 
+class FlopCount(TorchDispatchMode):
+    """FlopCounterMode's formulas (``flop_registry``) without its per-module tracking, which doubles the time of
+    a meta-device UNet pass; the totals are the same (tests compare them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def modelscope(device) -> SimpleNamespace:
     """The UNet (with LoRA, as fine-tuning runs it) and the DDIM scheduler config, on ``device``."""
     from diffusers import DDIMScheduler, UNet3DConditionModel
@@ -69,14 +87,14 @@ def gradient_part(model, k: int, memory: ChainMemory | None, latent, context, au
     if memory is not None:
         memory.attach(chain)
     meter = SavedTensorMeter(model.unet)
-    with FlopCounterMode(display=False) as flops:
+    with FlopCount() as flops:
         with meter, (autocast or torch.autocast("cpu", enabled=False)):
             out = chain.denoise(latent, context, context, None, chain.timesteps[-k:], k)
-        forward = flops.get_total_flops()
+        forward = flops.total
         out.float().square().mean().backward()
     if memory is not None:
         memory.revert()
-    return meter.bytes, forward, flops.get_total_flops()
+    return meter.bytes, forward, flops.total
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +104,10 @@ def meta_model():
 
 @pytest.fixture(scope="module")
 def meta_profile(meta_model):
-    """The per-unit measurement ChainMemory makes on its first gradient step, done once for all K."""
+    """The per-unit measurement ChainMemory makes on its first two gradient steps, done once for all K."""
     latent, context = torch.empty(LATENT, device="meta"), torch.empty(CONTEXT, device="meta")
-    memory = ChainMemory(meta_model.unet, 1, BUDGET)
-    gradient_part(meta_model, 1, memory, latent, context)
+    memory = ChainMemory(meta_model.unet, 2, BUDGET)
+    gradient_part(meta_model, 2, memory, latent, context)
     return memory.profile
 
 
@@ -164,11 +182,9 @@ def test_meta_saved_bytes_and_flops(meta_rows):
         assert 1.0 <= r["planned"]["overhead"] <= r["today_blocks"]["overhead"] + 1e-9
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: on the meta device the measured peak at K=12 (24 GiB) exceeds the "
-                   "8 GiB budget that the plan meets on paper; the cause is not established yet (how the store "
-                   "treats meta tensors is the first suspect); a GPU run of test_gpu_peak_memory_and_step_time "
-                   "would settle it")
 def test_meta_measured_peak_within_budget(meta_rows):
+    """Measured, not planned: saved bytes at the end of forward plus the backward transient (one unit
+    rematerialised, the store's device copies) stay within the budget and do not grow with K."""
     budget = parse_budget(BUDGET)
     for r in meta_rows:
         assert r["planned"]["peak_gib"] <= _gib(budget)

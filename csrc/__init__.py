@@ -6,7 +6,7 @@
     from csrc import backend, make_plan, Rates
     plan = make_plan(act_bytes, input_bytes, flops, budget=8 << 30, rates=Rates(400e12, 3e12, 25e9))
     store = backend().Store(max_inflight_bytes=1 << 30, prefetch_depth=1, pin_memory=True)
-    key = store.put(tensor, group)  ...  tensor = store.get(key)  ...  store.release(key)
+    key = store.put(tensor, group)  ...  tensor = store.get(key, group)  ...  store.release(key)
 
 ``CHAIN_MEMORY_BACKEND=python`` (or ``extension``) forces one backend; ``backend(name)`` does the same per call.
 engine/checkpointing.py (``ChainMemory``) uses both pieces to run the gradient steps of the chain.
@@ -94,8 +94,9 @@ class Backend:
         return fallback.option_costs(*args)
 
     def Store(self, max_inflight_bytes: int = 1 << 30, prefetch_depth: int = 1, pin_memory: bool = False):
-        """A store object: put(tensor, group) -> key, get(key), prefetch_group(group), release(key) -> bool,
-        synchronize(), stats() -> list (STAT_NAMES order), reset_peaks(), trim()."""
+        """A store object: put(tensor, group) -> key, share(key, group), get(key, group) -> tensor (group: the
+        group asking, -1 = the key's own), prefetch_group(group), release(key) -> bool, synchronize(),
+        stats() -> list (STAT_NAMES order), reset_peaks(), trim()."""
         if self.name == "extension":
             return torch.classes.chain_memory.Store(int(max_inflight_bytes), int(prefetch_depth), bool(pin_memory))
         return fallback.Store(max_inflight_bytes, prefetch_depth, pin_memory)

@@ -77,6 +77,7 @@ TORCH_LIBRARY(chain_memory, m) {
   m.class_<Store>("Store")
       .def(torch::init<int64_t, int64_t, bool>())
       .def("put", &Store::put)
+      .def("share", &Store::share)
       .def("get", &Store::get)
       .def("prefetch_group", &Store::prefetch_group)
       .def("release", &Store::release)

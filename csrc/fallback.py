@@ -198,7 +198,7 @@ class _CudaCopier:
 
 
 class _Entry:
-    __slots__ = ("group", "nbytes", "pooled", "meta", "demand", "delivered", "sizes", "strides", "dtype",
+    __slots__ = ("groups", "nbytes", "pooled", "meta", "demand", "delivered", "sizes", "strides", "dtype",
                  "device_type", "buffer", "host", "source", "device", "d2h", "h2d")
 
     def __init__(self):
@@ -285,7 +285,7 @@ class Store:
             key = self._next_key
             self._next_key += 1
             e = _Entry()
-            e.group = group
+            e.groups = [group]
             e.nbytes = tensor.numel() * tensor.element_size()
             e.pooled = _round_up(e.nbytes)
             e.meta = tensor.is_meta
@@ -325,19 +325,34 @@ class Store:
             for k in self._groups.get(group, ()):
                 self._start_copy_back(self._entries[k], False)
 
-    def get(self, key: int) -> torch.Tensor:
+    def share(self, key: int, group: int) -> None:
+        with self._lock:
+            e = self._entries.get(key)
+            if e is None:
+                raise RuntimeError(f"Store.share: unknown or released key {key}")
+            if group < 0:
+                raise RuntimeError(f"Store.share: group must be >= 0, got {group}")
+            if group in e.groups:
+                return
+            e.groups.append(group)
+            self._groups.setdefault(group, []).append(key)
+
+    def get(self, key: int, group: int) -> torch.Tensor:
         with self._lock:
             self._reap(False)
             e = self._entries.get(key)
             if e is None:
                 raise RuntimeError(f"Store.get: unknown or released key {key}")
+            if group < 0:
+                group = e.groups[0]
             self._stats[_S["gets"]] += 1
             if e.device is None:
-                # Not prefetched: bring the whole group back now (backward needs all of it next).
-                for k in self._groups[e.group]:
+                # Not prefetched: bring the asking group back now (backward needs all of it next).
+                for k in self._groups.get(group, ()):
                     self._start_copy_back(self._entries[k], True)
+                self._start_copy_back(e, True)
             # Start the groups backward needs after this one: the ones spilled just before it.
-            earlier = sorted(g for g in self._groups if g < e.group)[::-1][: self._depth]
+            earlier = sorted(g for g in self._groups if g < group)[::-1][: self._depth]
             for g in earlier:
                 for k in self._groups[g]:
                     self._start_copy_back(self._entries[k], False)
@@ -371,10 +386,11 @@ class Store:
             self._stats[_S["entries"]] -= 1
             if not e.meta and e.pooled > 0:
                 self._pool.setdefault(e.pooled, []).append(e.buffer)
-            keys = self._groups[e.group]
-            keys.remove(key)
-            if not keys:
-                del self._groups[e.group]
+            for g in e.groups:
+                keys = self._groups[g]
+                keys.remove(key)
+                if not keys:
+                    del self._groups[g]
             del self._entries[key]
             return True
 

@@ -88,7 +88,7 @@ int64_t Store::put(const at::Tensor& tensor, int64_t group) {
 
   const int64_t key = next_key_++;
   Entry e;
-  e.group = group;
+  e.groups.push_back(group);
   e.nbytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
   e.pooled = round_up(e.nbytes);
   e.meta = tensor.is_meta();
@@ -155,19 +155,34 @@ void Store::prefetch_group(int64_t group) {
   for (int64_t key : it->second) start_copy_back(entries_.at(key), false);
 }
 
-at::Tensor Store::get(int64_t key) {
+void Store::share(int64_t key, int64_t group) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = entries_.find(key);
+  TORCH_CHECK(found != entries_.end(), "Store.share: unknown or released key ", key);
+  TORCH_CHECK(group >= 0, "Store.share: group must be >= 0, got ", group);
+  auto& groups = found->second.groups;
+  if (std::find(groups.begin(), groups.end(), group) != groups.end()) return;
+  groups.push_back(group);
+  groups_[group].push_back(key);
+}
+
+at::Tensor Store::get(int64_t key, int64_t group) {
   std::lock_guard<std::mutex> lock(mutex_);
   reap_finished_copies(false);
   auto found = entries_.find(key);
   TORCH_CHECK(found != entries_.end(), "Store.get: unknown or released key ", key);
   Entry& e = found->second;
+  if (group < 0) group = e.groups.front();
   ++stats_[kGets];
+  auto it = groups_.find(group);
   if (!e.device.defined()) {
-    // Not prefetched: bring the whole group back now (backward needs all of it next).
-    for (int64_t k : groups_.at(e.group)) start_copy_back(entries_.at(k), true);
+    // Not prefetched: bring the asking group back now (backward needs all of it next).
+    if (it != groups_.end())
+      for (int64_t k : it->second) start_copy_back(entries_.at(k), true);
+    start_copy_back(e, true);
   }
   // Start the groups backward needs after this one: the ones spilled just before it.
-  auto it = groups_.find(e.group);
+  if (it == groups_.end()) it = groups_.lower_bound(group);
   for (int64_t depth = 0; depth < prefetch_depth_ && it != groups_.begin(); ++depth) {
     --it;
     for (int64_t k : it->second) start_copy_back(entries_.at(k), false);
@@ -203,10 +218,12 @@ bool Store::release(int64_t key) {
   stats_[kHostBytes] -= e.pooled;
   --stats_[kEntries];
   if (!e.meta && e.pooled > 0) give_buffer(std::move(e.buffer), e.pooled);
-  auto group = groups_.find(e.group);
-  auto& keys = group->second;
-  keys.erase(std::find(keys.begin(), keys.end(), key));
-  if (keys.empty()) groups_.erase(group);
+  for (int64_t g : e.groups) {
+    auto group = groups_.find(g);
+    auto& keys = group->second;
+    keys.erase(std::find(keys.begin(), keys.end(), key));
+    if (keys.empty()) groups_.erase(group);
+  }
   entries_.erase(found);
   return true;
 }

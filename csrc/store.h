@@ -2,8 +2,10 @@
 //
 // put() copies a device tensor into a pooled host buffer (pinned, on a side CUDA stream, when the tensor is on a
 // GPU); get() hands back a device tensor with the same sizes, strides where dense, dtype and bits. Keys belong to
-// groups (one per spilled unit, numbered in forward order); the first get() of a group starts copying the
-// `prefetch_depth` groups before it back to the device, the order backward needs them, so copies overlap compute.
+// groups (one per spilled unit call, numbered in forward order); a key several units saved (the text embedding,
+// the time embedding) is put once and shared into the other groups. get(key, group) is asked on behalf of a
+// group: if the key is not back yet the whole group is copied back, and the `prefetch_depth` groups before it
+// start copying, the order backward needs them, so copies overlap compute.
 // csrc/fallback.py (`Store`) is the same object in Python.
 #pragma once
 
@@ -49,7 +51,8 @@ class Store : public torch::CustomClassHolder {
   ~Store() override;
 
   int64_t put(const at::Tensor& tensor, int64_t group);
-  at::Tensor get(int64_t key);
+  void share(int64_t key, int64_t group);
+  at::Tensor get(int64_t key, int64_t group);
   void prefetch_group(int64_t group);
   bool release(int64_t key);
   void synchronize();
@@ -59,7 +62,7 @@ class Store : public torch::CustomClassHolder {
 
  private:
   struct Entry {
-    int64_t group = 0;
+    std::vector<int64_t> groups;  // the group it was put in, then the groups it is shared into
     int64_t nbytes = 0;    // bytes of the dense copy
     int64_t pooled = 0;    // bytes of the pooled buffer (nbytes rounded up)
     bool meta = false;     // meta tensors carry no data: shape only

@@ -27,12 +27,14 @@ Two policies:
       ...                                                               # train as usual
       memory.revert()
 
-How the per-unit numbers are obtained: they are *measured*, not guessed. The first gradient step (step 0) of the
-first iteration runs every unit in the least-memory mode (``recompute_offload``; ``recompute`` when spilling is
-off or for the K=1 "auto" budget) while recording, per unit call, the bytes autograd saves (unique storages,
-parameters excluded), the bytes of its inputs and its forward FLOPs (``FlopCounterMode``). The plan for all K steps
-is then solved once and reused for as long as the UNet's input shapes, dtypes and autocast state stay the same (a
-change triggers a new measurement). The same measurement runs on the meta device (bench/bench_memory.py).
+How the per-unit numbers are obtained: they are *measured*, not guessed. The first two gradient steps of the
+first iteration (one when K=1) run every unit in the least-memory mode (``recompute_offload``; ``recompute`` when
+spilling is off or for the K=1 "auto" budget) while recording, per unit call, the bytes autograd saves (unique
+storages, parameters excluded), the bytes of its inputs and its forward FLOPs (``FlopCounterMode``). Two steps,
+because the first differs from the rest: its latent does not require grad, so conv_in, for one, saves nothing
+there. The plan for all K steps is then solved once and reused for as long as the UNet's input shapes, dtypes and
+autocast state stay the same (a change triggers a new measurement); in the measuring iteration the steps after
+the measured ones already follow it. The same measurement runs on the meta device (bench/bench_memory.py).
 
 The "auto" budget keeps today's behaviour when K=1: every unit recomputed with its inputs kept, which is what
 ``checkpoint_blocks`` does (at unit granularity, so the same recompute FLOPs and a smaller transient). For K > 1,
@@ -370,10 +372,10 @@ class _Recompute:
 class _Spilled:
     """A saved tensor in the host store; releasing the handle (autograd frees it after use) frees the entry."""
 
-    __slots__ = ("store", "key", "__weakref__")
+    __slots__ = ("store", "key", "group", "__weakref__")
 
-    def __init__(self, store, key: int):
-        self.store, self.key = store, key
+    def __init__(self, store, key: int, group: int):
+        self.store, self.key, self.group = store, key, group
 
     def __del__(self):
         try:
@@ -396,14 +398,22 @@ class UnitCost:
 
 @dataclass
 class ChainProfile:
-    """The unit calls of one gradient step, in order, for one input signature."""
+    """The unit calls of a gradient step, in order, for one input signature.
+
+    ``calls`` is the first gradient step, ``later`` the second (None when only one was measured). They differ:
+    the first step's latent does not require grad, so e.g. conv_in saves nothing there and saves its input in
+    every later step."""
 
     signature: tuple
     calls: list[UnitCost] = field(default_factory=list)
+    later: list[UnitCost] | None = None
+
+    def step_calls(self, step: int) -> list[UnitCost]:
+        return self.calls if step == 0 or self.later is None else self.later
 
     def columns(self, steps: int) -> tuple[list[int], list[int], list[float]]:
-        return ([c.act_bytes for c in self.calls] * steps, [c.input_bytes for c in self.calls] * steps,
-                [c.flops for c in self.calls] * steps)
+        rows = [c for step in range(steps) for c in self.step_calls(step)]
+        return [c.act_bytes for c in rows], [c.input_bytes for c in rows], [c.flops for c in rows]
 
 
 class ChainMemory:
@@ -456,6 +466,7 @@ class ChainMemory:
         self._mode = "plan"
         self._step_ok = True
         self._records: list[UnitCost] = []
+        self._records_later: list[UnitCost] = []
         self._signature: tuple | None = None
         self._weights: set[int] = set()
         self._spilled: dict[tuple, tuple] = {}
@@ -512,11 +523,13 @@ class ChainMemory:
             self._weights = _storage_ids(self.unet)  # LoRA may have been added since the last iteration
             self._spilled.clear()
             self._unet_calls = 0
+            if self._mode == "probe" and self._records:  # the last chain ran fewer steps than measured for
+                self._finish_probe()
             self._mode = "forced" if self._forced is not None else "plan"
         self._step, self._call, self._step_ok = index, 0, True
         try:
             yield
-            if index == 0 and self._mode == "probe":
+            if self._mode == "probe" and index == min(1, self.grad_steps - 1):
                 self._finish_probe()
         finally:
             self._step = None
@@ -528,8 +541,9 @@ class ChainMemory:
         if self._step == 0 and self._unet_calls == 0:
             if self._mode == "forced":
                 pass
-            elif self.profile is None or self.profile.signature != signature:
-                self._mode, self._records = "probe", []
+            elif (self.profile is None or self.profile.signature != signature
+                  or (self.grad_steps > 1 and self.profile.later is None)):
+                self._mode, self._records, self._records_later = "probe", [], []
             elif self.plan is None:
                 self._make_plan()
             self._signature = signature
@@ -566,23 +580,24 @@ class ChainMemory:
         if self._mode == "forced":
             return int(self._forced(step, call, name)), None
         if self._mode == "probe":
-            if step == 0:
+            if step <= 1:
                 record = UnitCost(unit, name)
-                self._records.append(record)
+                (self._records if step == 0 else self._records_later).append(record)
                 return self._probe_decision, record
             return self._least, None
         if not self._step_ok or self.plan is None:
             return self._least, None
-        calls = self.profile.calls
-        if step >= self.grad_steps or call >= len(calls) or calls[call].unit != unit:
+        calls = self.profile.step_calls(step)
+        if (step >= self.grad_steps or call >= len(calls) or calls[call].unit != unit
+                or len(calls) != len(self.profile.calls)):
             self._warn("sequence", "the chain ran more gradient steps or unit calls than planned for; the extra "
                                    "ones run in the least-memory mode")
             return self._least, None
         return self.plan.decisions[step * len(calls) + call], None
 
     def _finish_probe(self):
-        self.profile = ChainProfile(self._signature, self._records)
-        self._records = []
+        self.profile = ChainProfile(self._signature, self._records, self._records_later or None)
+        self._records, self._records_later = [], []
         self.counters["measured_steps"] += 1
         self._make_plan()
         self._mode = "plan"
@@ -644,15 +659,17 @@ class ChainMemory:
             handle = hit[1]() if hit is not None and hit[0]() is not None else None
             if handle is None:
                 whole = t.new_empty(0, dtype=torch.uint8).set_(storage)
-                handle = _Spilled(self.store, self.store.put(whole, group))
+                handle = _Spilled(self.store, self.store.put(whole, group), group)
                 self._spilled[key] = (weakref.ref(t), weakref.ref(handle))
-            return handle, t.dtype, t.storage_offset(), t.shape, t.stride()
+            elif handle.group != group:
+                self.store.share(handle.key, group)  # one host copy; this unit's prefetch brings it back too
+            return handle, group, t.dtype, t.storage_offset(), t.shape, t.stride()
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):
                 return packed
-            handle, dtype, offset, shape, stride = packed
-            whole = self.store.get(handle.key)
+            handle, asking, dtype, offset, shape, stride = packed
+            whole = self.store.get(handle.key, asking)
             return whole.new_empty(0, dtype=dtype).set_(whole.untyped_storage(), offset, shape, stride)
 
         return saved_tensors_hooks(pack, unpack)
