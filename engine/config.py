@@ -57,7 +57,9 @@ class TrainConfig:
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")
     motion_weight: float = _opt(0.0, "weight of the penalty keeping frame-to-frame motion close to the reference's (0 = off)")
     motion_reference: str = _opt("base", "motion reference: the base model's edit of the same noise, or the source video", choices=("base", "source"))
-    # LoRA and optimisation
+    # What is trained, and how
+    finetune: str = _opt("lora", "what is trained: 'lora' (the method) or 'full' (every UNet weight: the baseline; sharded "
+                         "with FSDP under torchrun, weights written to OUTPUT/unet)", choices=("lora", "full"))
     lora_rank: int = _opt(4, "LoRA rank on to_q, to_k, to_v, to_out.0 of every attention")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1)")
     lr: float = _opt(1e-5, "AdamW learning rate")
@@ -103,6 +105,10 @@ class TrainConfig:
             (self.early_stop_min_delta >= 0, f"--early-stop-min-delta {self.early_stop_min_delta} must be non-negative"),
             (self.motion_weight >= 0, f"--motion-weight {self.motion_weight} must be non-negative"),
             (self.prompts is None or self.videos is None, "give either --prompts or --videos, not both"),
+            (self.finetune == "lora" or self.init_lora is None, "--init-lora needs --finetune lora (full fine-tuning "
+             "starts from the --model weights)"),
+            (self.finetune == "lora" or self.motion_weight == 0 or self.motion_reference == "source",
+             "--finetune full keeps no base model for --motion-reference base; use --motion-reference source"),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,6 +4,10 @@ LoRA gradients are averaged with one all-reduce of a flat buffer after backward.
 the chain calls the UNet once per DDIM step, several times before one backward, and the LoRA parameters
 (about 1.6M at ModelScope size) make a single flat all-reduce the cheapest exchange.
 
+Full fine-tuning (the baseline) shards the UNet with FSDP (``fully_shard``, one unit per top-level block plus
+the root): parameters, gradients and AdamW state are split over the ranks, and FSDP's reduce-scatter averages
+the gradients. Its whole-model state dicts are gathered with torch.distributed.checkpoint's state-dict API.
+
 Every random draw for a batch (source noise, DDIM eta noise, SegVR frames) is made for the *global* batch
 and each rank keeps its own rows, so N processes compute what one process computes with the same global batch.
 """
@@ -11,6 +15,7 @@ and each rank keeps its own rows, so N processes compute what one process comput
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +68,55 @@ def all_ranks_agree(flag: bool, world: World) -> bool:
     value = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def shard_model(model: torch.nn.Module, units: list[torch.nn.Module], world: World, device: torch.device) -> None:
+    """FSDP2 on ``units`` then on ``model`` (the rest: embeddings, conv_in/out), over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # UNet3DConditionModel applies no in-place op to a block's output, which is what FSDP warns about for the
+    # views some blocks return (tests/test_robustness.py checks 2 sharded ranks against 1 process).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (world.size,))
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state dicts on the CPU; collective when ``model`` is sharded, and
+    then only rank 0 receives them (the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), {}
+    return get_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """The inverse of ``full_state``: every rank passes the whole state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def total(value) -> float:
+    """A scalar that may be a sharded DTensor (e.g. clip_grad_norm_'s total norm under FSDP) as a float."""
+    full = getattr(value, "full_tensor", None)
+    return float((full() if full is not None else value).item())
+
+
+def mean_over_ranks(values: dict[str, float], world: World) -> dict[str, float]:
+    """Per-rank scalars (a rank's loss, its mean reward) averaged over ranks: the global batch's values."""
+    if world.size == 1:
+        return values
+    flat = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(flat)
+    return dict(zip(values, (flat / world.size).tolist()))
 
 
 def barrier(world: World) -> None:

@@ -11,6 +11,9 @@ Each step: pick source videos, noise their latents to fraction tau of the D-step
 steps with classifier-free guidance (gradient through the last K), decode the SegVR frames, score them with the
 reward weighted by TAR, and update the LoRA weights. Outputs (in ``--output``): config.yaml, metrics.jsonl,
 checkpoint.pt, lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF, PNG grids).
+
+``--finetune full`` trains every UNet weight instead (the baseline the benchmarks compare against), sharded with
+FSDP under torchrun, and writes unet/ (diffusers layout) in place of lora/.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -34,12 +36,12 @@ from engine import distributed as dist_utils
 from engine import media
 from engine.accelerate import accelerate
 from engine.chain import EditChain
-from engine.checkpointing import ChainMemory, checkpoint_blocks
+from engine.checkpointing import ChainMemory, checkpoint_blocks, unet_blocks
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, Source, build_sources, split_held_out
 from engine.distributed import ShardedGenerator, World
 from engine.errors import UserError, cli_entry
-from engine.lora import adapters_disabled, add_lora, load_lora, lora_state_dict, save_lora
+from engine.lora import add_lora, adapters_disabled, load_lora, lora_state_dict, save_lora
 from engine.models import VideoDiffusion, build_model
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import build_reward
@@ -85,7 +87,11 @@ def atomic_write(path: Path, write) -> None:
 
 class Trainer:
     """The recipe: ``setup()`` builds everything from the config, ``train()`` runs the loop, ``finish()``
-    writes the LoRA weights, the reward curve and the before/after samples."""
+    writes the LoRA weights, the reward curve and the before/after samples.
+
+    Under torchrun, LoRA runs the model on every rank independently (only gradients are exchanged, and rank 0
+    alone evaluates and samples); a full fine-tuning run is sharded, so every rank takes part in every
+    model call (``self.sharded``) and rank 0 alone writes."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -111,10 +117,11 @@ class Trainer:
                                       cfg.segvr, cfg.tar)
         self._setup_data()
         self._setup_chain()
-        self._setup_lora_and_optimizer()
+        self._setup_trainable_and_optimizer()
         self._setup_backend()
         self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.tracker = Tracker(self.output / "tensorboard", enabled=cfg.tensorboard and self.world.is_main)
+        self._setup_base_model_outputs()
         if cfg.resume:
             self._load_checkpoint()
         elif self.world.is_main:
@@ -147,12 +154,20 @@ class Trainer:
         elif cfg.checkpoint == "plan":
             ChainMemory(self.model.unet, self.chain.grad_steps, cfg.memory_budget).attach(self.chain)
 
-    def _setup_lora_and_optimizer(self):
+    def _setup_trainable_and_optimizer(self):
         cfg = self.config
-        self.lora_params = add_lora(self.model.unet, cfg.lora_rank, cfg.lora_alpha)
-        if cfg.init_lora:
-            load_lora(self.model.unet, cfg.init_lora)
-        self.optimizer = torch.optim.AdamW(self.lora_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        unet = self.model.unet
+        self.sharded = cfg.finetune == "full" and self.world.size > 1
+        if cfg.finetune == "lora":
+            self.trainable = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+            if cfg.init_lora:
+                load_lora(unet, cfg.init_lora)
+        else:
+            unet.requires_grad_(True)
+            if self.sharded:
+                dist_utils.shard_model(unet, unet_blocks(unet), self.world, self.device)
+            self.trainable = list(unet.parameters())
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -168,6 +183,25 @@ class Trainer:
         if backend == "fused":
             accelerate(self.model.unet)
 
+    @property
+    def runs_model(self) -> bool:
+        """Whether this rank runs evaluation and sampling: rank 0, or every rank when the model is sharded."""
+        return self.world.is_main or self.sharded
+
+    def _setup_base_model_outputs(self):
+        """What needs the base model (LoRA off, or weights not yet updated): the prompt-generated source
+        latents (only in full fine-tuning, where no switch brings the base model back later) and the "before"
+        sample latents. Made before a checkpoint is loaded, so a resumed run uses the same ones."""
+        if self.config.finetune == "full":
+            sources = [(self.train_sources, i) for i in range(len(self.train_sources))]
+            sources += [(self.eval_sources, i) for i in range(len(self.eval_sources))]
+            for group, index in tqdm(sources, desc="source latents (base model)", disable=not self.world.is_main):
+                self.source_latent(group, index)
+        self.before_latents = None
+        if self.runs_model:
+            with adapters_disabled(self.model.unet):
+                self.before_latents = self.sample_latents()
+
     def _write_config(self):
         cfg = self.config
         resolved = cfg.to_dict() | {
@@ -175,20 +209,30 @@ class Trainer:
             "derived": {"start_timestep": self.chain.timesteps[0], "steps_run": self.chain.steps_run,
                         "grad_steps": self.chain.grad_steps, "device": str(self.device), "backend": self.backend,
                         "processes": self.world.size,
-                        "trainable_parameters": sum(p.numel() for p in self.lora_params),
+                        "trainable_parameters": sum(p.numel() for p in self.trainable),
                         "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},
         }
         (self.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     # ---------------------------------------------------------------------------------- checkpoints
+    def weights_and_optimizer(self) -> dict:
+        """The trained weights and the optimizer state, whole: LoRA's are on every rank; a sharded model's are
+        gathered (a collective) and arrive on rank 0 only."""
+        if self.config.finetune == "lora":
+            return {"lora": lora_state_dict(self.model.unet), "optimizer": self.optimizer.state_dict()}
+        model, optimizer = dist_utils.full_state(self.model.unet, self.optimizer)
+        return {"unet": model, "optimizer": optimizer}
+
     def save_checkpoint(self) -> None:
-        """Everything a bitwise-identical continuation needs, written atomically (rank 0 only)."""
+        """Everything a bitwise-identical continuation needs, written atomically by rank 0."""
+        if not (self.world.is_main or self.sharded):
+            return
+        trained = self.weights_and_optimizer()
         if not self.world.is_main:
             return
-        state = {
+        state = trained | {
             "step": self.step, "bad_in_row": self.bad_in_row, "records": self.records,
-            "lora": lora_state_dict(self.model.unet),
-            "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "sampler": self.sampler.state_dict(),
             "noise_generator": self.noise_generator.get_state(), "frame_generator": self.frame_generator.get_state(),
             "torch_rng": torch.get_rng_state(), "early_stopping": self.early_stopping.state_dict(),
@@ -203,8 +247,11 @@ class Trainer:
             raise UserError(f"--resume {self.output} has no {CHECKPOINT}; the run saved none (use --save-every)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            set_peft_model_state_dict(self.model.unet, state["lora"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.config.finetune == "lora":
+                set_peft_model_state_dict(self.model.unet, state["lora"])
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                dist_utils.load_full_state(self.model.unet, self.optimizer, state["unet"], state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise UserError(f"{path} does not fit this configuration ({str(err).splitlines()[0]}); "
                             "resume with the options the run was started with") from None
@@ -294,15 +341,35 @@ class Trainer:
             self.tracker.scalars(record["step"], values | {f"gpu/{k}": v for k, v in gpu_stats(self.device).items()})
 
     def log_eval(self) -> bool:
-        """Held-out evaluation on rank 0; saves the best LoRA so far. Returns True when early stopping says stop."""
+        """Held-out evaluation (every sharded rank computes the same value); saves the best weights so far.
+        Returns True when early stopping says stop."""
         stop = False
-        if self.world.is_main:
+        if self.runs_model:
             value = self.evaluate()
-            self.log({"kind": "eval", "step": self.step, "eval_reward": value})
+            if self.world.is_main:
+                self.log({"kind": "eval", "step": self.step, "eval_reward": value})
             stop = self.early_stopping.update(value, self.step).stop
             if self.early_stopping.improved and self.step > 0:
-                save_lora(self.model.unet, self.output / "lora_best", self.config.lora_rank, self.config.lora_alpha)
+                self.save_weights("best")
         return not dist_utils.all_ranks_agree(not stop, self.world)
+
+    def save_weights(self, suffix: str = "") -> Path:
+        """lora/ (peft) or unet/ (diffusers: config.json + safetensors); ``suffix`` "best" gives lora_best/."""
+        cfg = self.config
+        name = ("lora" if cfg.finetune == "lora" else "unet") + (f"_{suffix}" if suffix else "")
+        folder = self.output / name
+        if cfg.finetune == "lora":
+            if self.world.is_main:
+                save_lora(self.model.unet, folder, cfg.lora_rank, cfg.lora_alpha)
+            return folder
+        weights, _ = dist_utils.full_state(self.model.unet)
+        if self.world.is_main:
+            from safetensors.torch import save_file
+
+            folder.mkdir(parents=True, exist_ok=True)
+            self.model.unet.save_config(folder)
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+        return folder
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[str, float]:
         """Backward, average over processes, clip, update; returns (outcome, grad norm).
@@ -312,10 +379,11 @@ class Trainer:
         """
         cfg = self.config
         self.scaler.scale(loss).backward()
-        dist_utils.average_gradients(self.lora_params, self.world)
+        if not self.sharded:  # FSDP has averaged the sharded gradients in backward
+            dist_utils.average_gradients(self.trainable, self.world)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm).item()
+        grad_norm = dist_utils.total(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         loss_finite = math.isfinite(loss.item())
         outcome = "updated"
         if not dist_utils.all_ranks_agree(loss_finite and math.isfinite(grad_norm), self.world):
@@ -344,12 +412,13 @@ class Trainer:
                 latents, prompts, context = self.batch(self.train_sources, indices)
                 # forward: edit -> decode SegVR frames -> reward with TAR
                 loss, terms = self.loss_step(latents, prompts, context)
-                # backward through the last K steps, all-reduce, clip, update LoRA (skipped if non-finite)
+                # backward through the last K steps, average over ranks, clip, update (skipped if non-finite)
                 outcome, grad_norm = self.optimizer_step(loss)
                 # log (reading the loss is a device sync point)
                 seconds = time.perf_counter() - started
-                record = {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step,
-                          "loss": loss.item(), **{k: v.float().mean().item() for k, v in terms.items()},
+                values = dist_utils.mean_over_ranks(
+                    {"loss": loss.item(), **{k: v.float().mean().item() for k, v in terms.items()}}, self.world)
+                record = {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step, **values,
                           "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
                 self.bad_in_row = self.bad_in_row + 1 if outcome == "skipped" else 0
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or outcome == "skipped":
@@ -366,11 +435,11 @@ class Trainer:
                           f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "
                           f"best LoRA in {self.output / 'lora_best'}", file=sys.stderr)
                     break
-                if self.signal_received is not None:
-                    self.save_checkpoint()
-                    name = signal.Signals(self.signal_received).name
+                if not dist_utils.all_ranks_agree(self.signal_received is None, self.world):
+                    self.save_checkpoint()  # every rank stops at the same step (sharded saving is collective)
+                    name = signal.Signals(self.signal_received or signal.SIGTERM).name
                     raise Stop(f"{name} at step {self.step}: checkpoint saved; continue with --resume {self.output}",
-                               128 + self.signal_received)
+                               128 + (self.signal_received or signal.SIGTERM))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.bad_in_row == 0:
                     self.save_checkpoint()
         finally:
@@ -382,20 +451,25 @@ class Trainer:
         return self
 
     # ---------------------------------------------------------------------------------- outputs
-    def write_samples(self) -> list[Path]:
-        """Before (LoRA off) and after (LoRA on) videos from the same noise for the held-out prompts."""
+    def sample_latents(self) -> list[torch.Tensor]:
+        """One video latent per held-out prompt, each from its own fixed noise (so before and after compare)."""
+        latents = []
+        for i, source in enumerate(self.eval_sources):
+            context = self.model.encode_prompts([source.prompt])
+            generator = torch.Generator(self.device).manual_seed(self.config.seed + 11 + i)
+            with self.autocast():
+                latents.append(self.chain.sample((1, *self.latent_shape), context, self.uncond, generator,
+                                                 ddim_steps=self.config.sample_steps))
+        return latents
+
+    def write_samples(self, after_latents: list[torch.Tensor]) -> list[Path]:
+        """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts."""
         folder = self.output / "samples"
         folder.mkdir(exist_ok=True)
         written = []
-        for i, source in enumerate(self.eval_sources):
-            context = self.model.encode_prompts([source.prompt])
+        for i, pair in enumerate(zip(self.before_latents, after_latents)):
             videos = {}
-            for label in ("before", "after"):
-                generator = torch.Generator(self.device).manual_seed(self.config.seed + 11 + i)
-                switch = adapters_disabled(self.model.unet) if label == "before" else nullcontext()
-                with switch, self.autocast():
-                    latent = self.chain.sample((1, *self.latent_shape), context, self.uncond, generator,
-                                               ddim_steps=self.config.sample_steps)
+            for label, latent in zip(("before", "after"), pair):
                 with torch.no_grad():
                     videos[label] = self.model.decode_latents(latent[0].transpose(0, 1))
                 written.append(media.write_mp4(videos[label], folder / f"{i:02d}_{label}.mp4", self.config.fps))
@@ -409,10 +483,11 @@ class Trainer:
         cfg = self.config
         dist_utils.barrier(self.world)
         summary = {"output": str(self.output)}
+        self.save_weights()
+        after_latents = self.sample_latents() if self.runs_model else None
         if self.world.is_main:
-            save_lora(self.model.unet, self.output / "lora", cfg.lora_rank, cfg.lora_alpha)
             media.plot_rewards(self.records, self.output / "reward_curve.png", title=f"reward ({cfg.reward.split(':')[0]})")
-            self.write_samples()
+            self.write_samples(after_latents)
             self.tracker.reward_curve(self.records, self.step)
             self.tracker.close()
             evals = [r["eval_reward"] for r in self.records if r["kind"] == "eval"]

@@ -90,6 +90,8 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     (["--grad-steps", "x"], "not a number"),
     (["--segments", "9"], "--segments"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
+    (["--finetune", "full", "--motion-weight", "1"], "use --motion-reference source"),
+    (["--finetune", "full", "--init-lora", "x"], "--init-lora needs --finetune lora"),
 ])
 def test_bad_options_are_user_errors(argv, message):
     with pytest.raises(UserError, match=message):
