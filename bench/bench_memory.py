@@ -24,9 +24,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
+from bench.counters import FlopCount
 from engine.chain import EditChain
 from engine.checkpointing import ChainMemory, SavedTensorMeter, parse_budget
 from engine.lora import add_lora
@@ -47,23 +46,6 @@ MODELSCOPE_UNET = dict(
 )
 LATENT = (1, 4, 16, 32, 32)  # batch 1 video: 16 frames of 256x256 through the KL-f8 VAE
 CONTEXT = (1, 77, 1024)
-
-
-class FlopCount(TorchDispatchMode):
-    """FlopCounterMode's formulas (``flop_registry``) without its per-module tracking, which doubles the time of
-    a meta-device UNet pass; the totals are the same (tests compare them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
-        return out
 
 
 def modelscope(device) -> SimpleNamespace:

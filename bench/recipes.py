@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,8 @@ class Step:
             scores = self.scorer.reward(chosen.flatten(0, 1), [p for p in prompts for _ in range(indices.shape[1])])
             rewards = (self.scorer.weights(indices, frames_total).to(scores.device) * scores.view(b, -1)).mean(1)
         else:
-            rewards, _ = self.scorer(self.model, edited, prompts)
+            with self.memory.region(self.model.vae, self.scorer.reward) if self.memory else nullcontext():
+                rewards, _ = self.scorer(self.model, edited, prompts)
         loss = reward_loss(rewards)
         loss.backward()
         return loss.detach()

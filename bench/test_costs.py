@@ -2,7 +2,7 @@
 
 Three kinds of figures, each from a measurement made in this run:
 - at full ModelScope size on the meta device (exact, machine-independent): trainable parameters, optimizer and
-  gradient bytes, FLOPs per fine-tuning step (FlopCounterMode) and bytes saved for backward (saved-tensor hooks);
+  gradient bytes, FLOPs per fine-tuning step (FlopCounterMode's formulas) and bytes saved for backward (saved-tensor hooks);
 - on the tiny preset on this machine's CPU: wall time per step (pytest-benchmark), as ratios to configuration 1;
 - on CUDA, when a GPU is present: wall time, peak memory and MFU at full size with random weights.
 The report goes to stdout, bench/RESULTS.md (its "costs" section) and bench/results_costs.json.
@@ -22,9 +22,11 @@ import pytest
 import torch
 
 from bench import fullsize
-from bench.counters import SavedActivations, count_flops, weights_of
+from bench.counters import FlopCount
 from bench.recipes import BY_KEY, RECIPES, Step, trainable_bytes
 from bench.report import markdown_table, update_section
+from csrc import STAT_NAMES
+from engine.checkpointing import SavedTensorMeter
 
 HERE = Path(__file__).parent
 BATCH = 1
@@ -46,11 +48,33 @@ def count_fullsize(recipe) -> dict:
     model, reward, step = fullsize_step(recipe, dtype=torch.bfloat16)
     if recipe.memory == "plan":
         step("meta")  # the planner measures its units on the first gradient step; count a planned one
-    saved = SavedActivations(weights_of(model.unet, model.vae, model.text_encoder, reward))
-    with count_flops() as counter, saved.counting():
+    if step.memory is not None:
+        step.memory.store.reset_peaks()
+    saved = SavedTensorMeter(model.unet, model.vae, model.text_encoder, reward)
+    with FlopCount() as counter, saved:
         step("meta")
-    return {**trainable_bytes(step.params), "tflops": counter.get_total_flops() / 1e12,
-            "saved_gb_bf16": saved.bytes / GB}
+    host = dict(zip(STAT_NAMES, step.memory.store.stats()))["peak_host_bytes"] if step.memory is not None else 0
+    return {**trainable_bytes(step.params), "tflops": counter.total / 1e12,
+            "saved_gb_bf16": saved.bytes / GB, "host_gb_bf16": host / GB}
+
+
+def test_flop_count_equals_flop_counter_mode():
+    """FlopCount is FlopCounterMode's total without the module tracking: one tiny UNet forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from engine.models import tiny_model
+
+    unet = tiny_model().unet.requires_grad_(True)
+    latent, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
+
+    def forward_backward():
+        unet(latent, 500, context).sample.square().mean().backward()
+
+    with FlopCount() as ours:
+        forward_backward()
+    with FlopCounterMode(display=False) as theirs:
+        forward_backward()
+    assert ours.total == theirs.get_total_flops() > 0
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +102,14 @@ def render(figures: dict, meta: dict) -> str:
         rows.append([
             f["title"], f"{f['trainable_params'] / 1e6:,.2f} M", f"{f['optimizer_bytes'] / GB:.3f}",
             f"{f['gradient_bytes'] / GB:.3f}", f"{f['tflops']:.1f}", f"{base['tflops'] / f['tflops']:.2f}x",
-            f"{f['saved_gb_bf16']:.2f}",
+            f"{f['saved_gb_bf16']:.2f}", f"{f.get('host_gb_bf16', 0.0):.2f}",
             f"{f['cpu_s'] / base['cpu_s']:.3f}" if "cpu_s" in f and "cpu_s" in base else "-",
         ])
     lines = [f"Measured {meta['date']} with torch {meta['torch']}, Python {meta['python']}; "
              f"CPU timings on {meta['cpu']} (tiny preset, ratios to configuration 1).", "",
              markdown_table(["configuration", "trainable", "AdamW state GB", "grad GB", "TFLOP / step",
-                             "fewer FLOPs than 1", "saved for backward GB (bf16)", "CPU time / step vs 1"], rows)]
+                             "fewer FLOPs than 1", "saved for backward GB (bf16)", "spilled to host GB",
+                             "CPU time / step vs 1"], rows)]
     official, engine = figures["official"], figures["engine"]
     if "tflops" in official and "tflops" in engine:
         lines += ["", f"- FLOPs, this engine / official recipe: {engine['tflops'] / official['tflops']:.3f} (goal <= 0.85); "
@@ -178,7 +203,7 @@ def test_cuda_fullsize(key, report):
         kernels.set_backend("reference")
     # model FLOPs: forward + backward of the configuration without recomputation, counted on the meta device
     _, _, plain = fullsize_step(dataclasses.replace(recipe, memory="none"))
-    with count_flops() as counter:
+    with FlopCount() as counter:
         plain("meta")
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -193,7 +218,7 @@ def test_cuda_fullsize(key, report):
     stats = gpu_stats()
     seconds = sorted(times[1:])[len(times[1:]) // 2]
     report[key].update({"cuda_s": seconds, "cuda_peak_gb": torch.cuda.max_memory_allocated() / GB,
-                        "mfu": counter.get_total_flops() / seconds / (peak_bf16_tflops() * 1e12),
+                        "mfu": counter.total / seconds / (peak_bf16_tflops() * 1e12),
                         "gpu_util": stats.get("utilization_percent", float("nan")),
                         "gpu_power_w": stats.get("power_watts", float("nan"))})
     kernels.set_backend("auto")

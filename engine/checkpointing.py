@@ -24,8 +24,14 @@ Two policies:
 
       memory = ChainMemory(model.unet, grad_steps=K, budget="8GiB")     # or "auto"
       chain.step_context = memory.step_context                          # or memory.attach(chain)
-      ...                                                               # train as usual
+      with memory.region(model.vae, reward):                            # decode + reward: same budget
+          rewards = ...
       memory.revert()
+
+  The reward side (decoding the SegVR frames, the reward model) saves activations too, as many as the chain's
+  plan at full size. ``region()`` puts them under the same budget: measured on the first call (spilled while
+  counted), then kept on the device when they fit beside the plan's device bytes and spilled to the host store
+  otherwise; the "auto" budget keeps them, as before. Spilling them adds copies, never FLOPs.
 
 How the per-unit numbers are obtained: they are *measured*, not guessed. The first two gradient steps of the
 first iteration (one when K=1) run every unit in the least-memory mode (``recompute_offload``; ``recompute`` when
@@ -181,11 +187,11 @@ class SavedTensorMeter:
     this context (ChainMemory's spills and recomputes) take precedence, so what they move away is not counted;
     what ChainMemory keeps on the device for a recompute (the unit's inputs) is saved through these hooks and is
     counted. Unique storages count once (whole storages: a saved view keeps its whole base alive); parameters and
-    buffers of ``exclude`` are weights, not activations.
+    buffers of the ``exclude`` modules are weights, not activations.
     """
 
-    def __init__(self, exclude: nn.Module | None = None):
-        self.exclude = _storage_ids(exclude) if exclude is not None else set()
+    def __init__(self, *exclude: nn.Module):
+        self.exclude = set().union(*map(_storage_ids, exclude))
         self.bytes = 0
         self.tensors = 0
         self._seen: dict[int, torch.Tensor] = {}
@@ -472,8 +478,9 @@ class ChainMemory:
         self._spilled: dict[tuple, tuple] = {}
         self._next_group = 0
         self._warned: set[str] = set()
+        self.region_bytes: int | None = None  # what the reward side saves, measured by region()
         self.counters = {"calls": {n: 0 for n in DECISION_NAMES}, "recomputes": 0, "max_recompute_bytes": 0,
-                         "measured_steps": 0}
+                         "measured_steps": 0, "regions": {"keep": 0, "offload": 0}}
         self._chain = None
         self._wrap()
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
@@ -533,6 +540,38 @@ class ChainMemory:
                 self._finish_probe()
         finally:
             self._step = None
+
+    @contextmanager
+    def region(self, *modules: nn.Module):
+        """Run the reward side inside: its saved tensors stay on the device if they fit the budget beside the
+        chain's plan, else go to the host store (``modules``' weights never move). See the module docstring."""
+        spill_possible = self.budget != "auto" and self.rates.host_bytes_per_s > 0 and self._forced is None
+        if not (spill_possible and torch.is_grad_enabled()):
+            yield
+            return
+        fits = (self.region_bytes is not None and self.plan is not None
+                and self.region_bytes + self.plan.device_bytes <= self.budget)
+        self.counters["regions"]["keep" if fits else "offload"] += 1
+        if fits:
+            yield
+            return
+        weights, self._weights = self._weights, self._weights | set().union(*map(_storage_ids, modules))
+        measured: dict[int, int] = {}
+        spill, unpack = self._spill_functions(self._new_group())
+
+        def pack(t: torch.Tensor):
+            sid, nbytes = _storage(t)
+            if sid not in self._weights:
+                measured[sid] = nbytes
+            return spill(t)
+
+        try:
+            with saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            self._weights = weights
+        if self.region_bytes is None:
+            self.region_bytes = sum(measured.values())
 
     def _on_unet_call(self, module, args, kwargs):
         if self._step is None or not torch.is_grad_enabled():
@@ -645,9 +684,12 @@ class ChainMemory:
         return self._next_group
 
     def _spill_hooks(self, group: int):
-        """Saved tensors go to the store by whole storage (views of one storage share one entry) and come back
-        as views with the same offset, sizes and strides: backward then runs the very same kernels, bit for bit
-        (a contiguous copy of a strided view changes the rounding of the matmuls that read it)."""
+        return saved_tensors_hooks(*self._spill_functions(group))
+
+    def _spill_functions(self, group: int):
+        """(pack, unpack): saved tensors go to the store by whole storage (views of one storage share one entry)
+        and come back as views with the same offset, sizes and strides: backward then runs the very same kernels,
+        bit for bit (a contiguous copy of a strided view changes the rounding of the matmuls that read it)."""
 
         def pack(t: torch.Tensor):
             storage = t.untyped_storage()
@@ -672,7 +714,7 @@ class ChainMemory:
             whole = self.store.get(handle.key, asking)
             return whole.new_empty(0, dtype=dtype).set_(whole.untyped_storage(), offset, shape, stride)
 
-        return saved_tensors_hooks(pack, unpack)
+        return pack, unpack
 
     def _note_recompute(self, nbytes: int):
         self.counters["recomputes"] += 1

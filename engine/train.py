@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -149,10 +150,11 @@ class Trainer:
         cfg = self.config
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance,
                                cfg.eta, cfg.offset_noise)
+        self.memory = None
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.unet)
         elif cfg.checkpoint == "plan":
-            ChainMemory(self.model.unet, self.chain.grad_steps, cfg.memory_budget).attach(self.chain)
+            self.memory = ChainMemory(self.model.unet, self.chain.grad_steps, cfg.memory_budget).attach(self.chain)
 
     def _setup_trainable_and_optimizer(self):
         cfg = self.config
@@ -308,7 +310,9 @@ class Trainer:
                 reference = (latents if cfg.motion_reference == "source" else
                              base_model_edit(self.chain, latents, context, uncond, self.noise_generator))
             edited = self.chain.edit(latents, context, uncond, self.noise_generator)
-            rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.frame_generator)
+            # decode + reward under the chain's memory budget (kept or spilled to the host, see ChainMemory)
+            with self.memory.region(self.model.vae, self.reward.reward) if self.memory else nullcontext():
+                rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.frame_generator)
         loss = reward_loss(rewards)
         terms = {"reward": rewards.detach()}
         if reference is not None:

@@ -4,6 +4,7 @@ The reference is plain autograd without any checkpointing. The model is the tiny
 random (so LoRA gradients flow everywhere), the chain D=6, tau=1.0 (6 steps run), latents 1x4x4x16x16, CFG on.
 """
 
+import contextlib
 import copy
 import logging
 
@@ -283,3 +284,53 @@ def test_parse_budget(text, expected):
 def test_parse_budget_rejects(text):
     with pytest.raises(ValueError, match="budget"):
         parse_budget(text)
+
+
+def reward_step(lora_model, inputs, memory=None):
+    """K=1 edit, then decode two SegVR frames and score them inside ``memory.region``: (grads, device bytes)."""
+    from engine.rewards import ColorfulnessReward
+    from engine.video_reward import SegmentalReward, reward_loss
+
+    model, params = lora_model
+    latents, context, uncond = inputs
+    chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=1, guidance=3.0)
+    scorer = SegmentalReward(ColorfulnessReward(), segments=2)
+    if memory is not None:
+        memory.attach(chain)
+    for p in params:
+        p.grad = None
+    meter = SavedTensorMeter(model.unet, model.vae)
+    with meter:
+        x = chain.edit(latents, context, uncond, torch.Generator().manual_seed(2))
+        with memory.region(model.vae, scorer.reward) if memory is not None else contextlib.nullcontext():
+            rewards, _ = scorer(model, x, ["a cat"], generator=torch.Generator().manual_seed(3))
+    reward_loss(rewards).backward()
+    return [p.grad.clone() for p in params], meter.bytes
+
+
+def test_reward_region_is_kept_when_it_fits_and_spilled_when_not(lora_model, inputs, profile):
+    """Decode + reward under the budget: measured (spilled) once, then kept beside the plan if it fits, spilled
+    otherwise; gradients are plain autograd's bit for bit either way, and spilling lowers the device bytes."""
+    ref, ref_bytes = reward_step(lora_model, inputs)
+    outcomes = {}
+    for name, budget in (("roomy", "64GiB"), ("tight", tight_budget(profile))):
+        memory = ChainMemory(lora_model[0].unet, 1, budget, profile=profile)
+        try:
+            for _ in range(2):
+                grads, saved = reward_step(lora_model, inputs, memory)
+                assert_same_grads(grads, ref)
+        finally:
+            memory.revert()
+        outcomes[name] = (memory.region_bytes, memory.counters["regions"], saved, memory.plan.device_bytes)
+    (roomy_bytes, roomy, roomy_saved, _), (tight_bytes, tight, tight_saved, tight_plan) = outcomes.values()
+    assert roomy_bytes > 0 and tight_bytes == pytest.approx(roomy_bytes, rel=0.05)  # the chain's tail may differ
+    assert roomy == {"keep": 1, "offload": 1} and tight == {"keep": 0, "offload": 2}
+    assert tight_bytes + tight_plan > parse_budget(tight_budget(profile))  # it would not have fitted
+    assert tight_saved < roomy_saved <= ref_bytes
+    # the auto budget keeps today's behaviour: nothing of the reward side moves
+    memory = ChainMemory(lora_model[0].unet, 1, "auto", profile=profile)
+    try:
+        reward_step(lora_model, inputs, memory)
+    finally:
+        memory.revert()
+    assert memory.region_bytes is None and memory.counters["regions"] == {"keep": 0, "offload": 0}
