@@ -116,7 +116,7 @@ def render(figures: dict, meta: dict) -> str:
                       f"full fine-tuning / this engine: {base['tflops'] / engine['tflops']:.1f}x (goal >= 5x).",
                   f"- Saved for backward at K = 1 in bf16: {engine['saved_gb_bf16']:.2f} GB (goal <= 4 GB); "
                   f"K = all: {figures['engine_kall'].get('saved_gb_bf16', float('nan')):.2f} GB "
-                  f"({figures['engine_kall'].get('saved_gb_bf16', float('nan')) / engine['saved_gb_bf16']:.2f}x of K = 1; goal within 10%)."]
+                  f"({figures['engine_kall'].get('saved_gb_bf16', float('nan')) / engine['saved_gb_bf16']:.2f}x of K = 1; goal: at most 1.10x)."]
     if any("cuda_s" in f for f in figures.values()):
         cuda_rows = [[f["title"], f"{f['cuda_s']:.3f}", f"{f['cuda_peak_gb']:.1f}", f"{f['mfu']:.1%}",
                       f"{f.get('gpu_util', float('nan')):.0f}", f"{f.get('gpu_power_w', float('nan')):.0f}"]
