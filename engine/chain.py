@@ -34,6 +34,8 @@ class EditChain:
             raise ValueError(f"grad_steps={grad_steps} must be in [1, {self.steps_run}]")
         # Memory policy for the gradient steps (see engine.checkpointing): set by the trainer.
         self.step_context = lambda index: nullcontext()
+        # What calls the UNet: the trainer's DistributedDataParallel wrapper under torchrun; None = model.unet.
+        self.denoiser: torch.nn.Module | None = None
 
     # -- schedule ---------------------------------------------------------------------------------
     def alpha(self, t: int) -> float:
@@ -63,7 +65,7 @@ class EditChain:
     def guided_step(self, x: torch.Tensor, t: int, context: torch.Tensor, uncond: torch.Tensor,
                     generator: torch.Generator | None) -> torch.Tensor:
         """One UNet evaluation (both CFG halves in one batched call) and one fused CFG + DDIM update."""
-        unet = self.model.unet
+        unet = self.model.unet if self.denoiser is None else self.denoiser
         if self.guidance == 1.0:
             eps_c = unet(x, t, encoder_hidden_states=context).sample
             eps_u = eps_c

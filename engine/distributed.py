@@ -1,8 +1,7 @@
 """Data parallelism on torch.distributed (launched by torchrun) and randomness that does not depend on it.
 
-LoRA gradients are averaged with one all-reduce of a flat buffer after backward. DDP's reducer is not used:
-the chain calls the UNet once per DDIM step, several times before one backward, and the LoRA parameters
-(about 1.6M at ModelScope size) make a single flat all-reduce the cheapest exchange.
+LoRA training wraps the UNet in DistributedDataParallel (``data_parallel``): its reducer averages the LoRA
+gradients in buckets while backward still runs.
 
 Full fine-tuning (the baseline) shards the UNet with FSDP (``fully_shard``, one unit per top-level block plus
 the root): parameters, gradients and AdamW state are split over the ranks, and FSDP's reduce-scatter averages
@@ -47,18 +46,15 @@ def init_world(device_type: str) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def average_gradients(params: list[torch.nn.Parameter], world: World) -> None:
-    """Mean of each parameter's gradient over ranks, in one collective."""
-    if world.size == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world.size
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+def data_parallel(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DDP around the UNet for LoRA training. static_graph: the chain calls the UNet K times before one backward
+    and the chain-memory recompute replays units inside backward, so a LoRA weight's gradient arrives several
+    times per iteration; the graph is the same every iteration. No buffer broadcast: rank 0 alone also calls the
+    UNet (evaluation, samples) and a collective there would wait for the other ranks forever."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, static_graph=True)
 
 
 def all_ranks_agree(flag: bool, world: World) -> bool:

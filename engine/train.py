@@ -164,6 +164,8 @@ class Trainer:
             self.trainable = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
             if cfg.init_lora:
                 load_lora(unet, cfg.init_lora)
+            if self.world.size > 1:
+                self.chain.denoiser = dist_utils.data_parallel(unet, self.device)
         else:
             unet.requires_grad_(True)
             if self.sharded:
@@ -382,9 +384,7 @@ class Trainer:
         scaler state untouched); or "overflow" when fp16 loss scaling overflowed and the scaler lowered its scale.
         """
         cfg = self.config
-        self.scaler.scale(loss).backward()
-        if not self.sharded:  # FSDP has averaged the sharded gradients in backward
-            dist_utils.average_gradients(self.trainable, self.world)
+        self.scaler.scale(loss).backward()  # DDP (LoRA) or FSDP (full) averages the gradients over ranks
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = dist_utils.total(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))

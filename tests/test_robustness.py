@@ -131,11 +131,16 @@ def test_repeated_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint
     assert kinds.count("skipped") == 3
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("extra, port", [
+    ((), 29517),
+    # DDP with gradient through 3 steps, units spilled and recomputed inside backward (a tight budget)
+    (("--tau", "1.0", "--grad-steps", "3", "--memory-budget", "1MiB"), 29518),
+])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, extra, port):
     single = tmp_path / "single"
-    main(quick(single, "--steps", "3", "--batch-size", "4"))
+    main(quick(single, "--steps", "3", "--batch-size", "4", *extra))
     double = tmp_path / "double"
-    result = torchrun(double, "--steps", "3", "--batch-size", "4", port=29517)
+    result = torchrun(double, "--steps", "3", "--batch-size", "4", *extra, port=port)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = lora_of(single), lora_of(double)
     assert a.keys() == b.keys()
