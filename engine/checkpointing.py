@@ -556,22 +556,15 @@ class ChainMemory:
             yield
             return
         weights, self._weights = self._weights, self._weights | set().union(*map(_storage_ids, modules))
-        measured: dict[int, int] = {}
-        spill, unpack = self._spill_functions(self._new_group())
-
-        def pack(t: torch.Tensor):
-            sid, nbytes = _storage(t)
-            if sid not in self._weights:
-                measured[sid] = nbytes
-            return spill(t)
-
+        spilled = []
         try:
-            with saved_tensors_hooks(pack, unpack):
+            # a group per storage: backward brings back one at a time, prefetching the ones saved before it
+            with saved_tensors_hooks(*self._spill_functions(None, on_put=spilled.append)):
                 yield
         finally:
             self._weights = weights
         if self.region_bytes is None:
-            self.region_bytes = sum(measured.values())
+            self.region_bytes = sum(spilled)
 
     def _on_unet_call(self, module, args, kwargs):
         if self._step is None or not torch.is_grad_enabled():
@@ -677,7 +670,10 @@ class ChainMemory:
         raise ValueError(f"unknown decision {decision} for unit {self.units[unit][0]}")
 
     def _is_weight(self, t: torch.Tensor) -> bool:
-        return _storage(t)[0] in self._weights
+        """A parameter (or a view of one): the UNet's, the region's modules', or any trainable leaf, such as the
+        gathered weights FSDP swaps in for a forward. Weights are never spilled, recomputed or counted."""
+        base = t if t._base is None else t._base
+        return (base.is_leaf and base.requires_grad) or _storage(t)[0] in self._weights
 
     def _new_group(self) -> int:
         self._next_group += 1
@@ -686,26 +682,29 @@ class ChainMemory:
     def _spill_hooks(self, group: int):
         return saved_tensors_hooks(*self._spill_functions(group))
 
-    def _spill_functions(self, group: int):
+    def _spill_functions(self, group: int | None, on_put: Callable[[int], None] | None = None):
         """(pack, unpack): saved tensors go to the store by whole storage (views of one storage share one entry)
         and come back as views with the same offset, sizes and strides: backward then runs the very same kernels,
-        bit for bit (a contiguous copy of a strided view changes the rounding of the matmuls that read it)."""
+        bit for bit (a contiguous copy of a strided view changes the rounding of the matmuls that read it).
+        ``group`` None gives every new storage a group of its own; ``on_put`` receives each new entry's bytes."""
 
         def pack(t: torch.Tensor):
-            storage = t.untyped_storage()
-            sid = storage._cdata
-            if sid in self._weights:
+            if self._is_weight(t):
                 return t
-            key = (sid, t._version)
+            storage = t.untyped_storage()
+            key = (storage._cdata, t._version)
             hit = self._spilled.get(key)
             handle = hit[1]() if hit is not None and hit[0]() is not None else None
             if handle is None:
                 whole = t.new_empty(0, dtype=torch.uint8).set_(storage)
-                handle = _Spilled(self.store, self.store.put(whole, group), group)
+                own = self._new_group() if group is None else group
+                handle = _Spilled(self.store, self.store.put(whole, own), own)
                 self._spilled[key] = (weakref.ref(t), weakref.ref(handle))
-            elif handle.group != group:
+                if on_put is not None:
+                    on_put(storage.nbytes())
+            elif group is not None and handle.group != group:
                 self.store.share(handle.key, group)  # one host copy; this unit's prefetch brings it back too
-            return handle, group, t.dtype, t.storage_offset(), t.shape, t.stride()
+            return handle, handle.group if group is None else group, t.dtype, t.storage_offset(), t.shape, t.stride()
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):

@@ -167,6 +167,7 @@ class Trainer:
             if self.world.size > 1:
                 self.chain.denoiser = dist_utils.data_parallel(unet, self.device)
         else:
+            self.unet_class = type(unet).__name__  # FSDP renames the class; the saved config keeps this one
             unet.requires_grad_(True)
             if self.sharded:
                 dist_utils.shard_model(unet, unet_blocks(unet), self.world, self.device)
@@ -174,7 +175,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # fp16 loss scaling; sharded, every rank must see an overflow in any shard (ShardedGradScaler agrees on it)
+        if self.sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler as Scaler
+        else:
+            from torch.amp import GradScaler as Scaler
+        self.scaler = Scaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     def _setup_backend(self):
         """fused: Triton kernels for LoRA, temporal attention and the CFG + DDIM step; reference: PyTorch.
@@ -197,8 +203,8 @@ class Trainer:
         latents (only in full fine-tuning, where no switch brings the base model back later) and the "before"
         sample latents. Made before a checkpoint is loaded, so a resumed run uses the same ones."""
         if self.config.finetune == "full":
-            sources = [(self.train_sources, i) for i in range(len(self.train_sources))]
-            sources += [(self.eval_sources, i) for i in range(len(self.eval_sources))]
+            sources = [(group, i) for group in (self.train_sources, self.eval_sources) for i in range(len(group))
+                       if group[i].frames is None]
             for group, index in tqdm(sources, desc="source latents (base model)", disable=not self.world.is_main):
                 self.source_latent(group, index)
         self.before_latents = None
@@ -352,6 +358,8 @@ class Trainer:
         stop = False
         if self.runs_model:
             value = self.evaluate()
+            if self.sharded:  # one value on every rank, so every rank takes the same early-stopping decisions
+                value = dist_utils.mean_over_ranks({"eval_reward": value}, self.world)["eval_reward"]
             if self.world.is_main:
                 self.log({"kind": "eval", "step": self.step, "eval_reward": value})
             stop = self.early_stopping.update(value, self.step).stop
@@ -359,11 +367,14 @@ class Trainer:
                 self.save_weights("best")
         return not dist_utils.all_ranks_agree(not stop, self.world)
 
-    def save_weights(self, suffix: str = "") -> Path:
+    def weights_folder(self, suffix: str = "") -> Path:
         """lora/ (peft) or unet/ (diffusers: config.json + safetensors); ``suffix`` "best" gives lora_best/."""
+        name = "lora" if self.config.finetune == "lora" else "unet"
+        return self.output / (f"{name}_{suffix}" if suffix else name)
+
+    def save_weights(self, suffix: str = "") -> Path:
         cfg = self.config
-        name = ("lora" if cfg.finetune == "lora" else "unet") + (f"_{suffix}" if suffix else "")
-        folder = self.output / name
+        folder = self.weights_folder(suffix)
         if cfg.finetune == "lora":
             if self.world.is_main:
                 save_lora(self.model.unet, folder, cfg.lora_rank, cfg.lora_alpha)
@@ -374,6 +385,9 @@ class Trainer:
 
             folder.mkdir(parents=True, exist_ok=True)
             self.model.unet.save_config(folder)
+            config_file = folder / "config.json"
+            config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": self.unet_class},
+                                              indent=2))
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
         return folder
 
@@ -437,7 +451,7 @@ class Trainer:
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.log_eval():
                     print(f"early stop at step {self.step}: held-out reward {self.early_stopping.best:.4f} at step "
                           f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "
-                          f"best LoRA in {self.output / 'lora_best'}", file=sys.stderr)
+                          f"best weights in {self.weights_folder('best')}", file=sys.stderr)
                     break
                 if not dist_utils.all_ranks_agree(self.signal_received is None, self.world):
                     self.save_checkpoint()  # every rank stops at the same step (sharded saving is collective)

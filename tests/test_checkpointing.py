@@ -322,8 +322,10 @@ def test_reward_region_is_kept_when_it_fits_and_spilled_when_not(lora_model, inp
         finally:
             memory.revert()
         outcomes[name] = (memory.region_bytes, memory.counters["regions"], saved, memory.plan.device_bytes)
+        if name == "roomy":  # only the first (measuring) region was spilled: it came back a storage at a time
+            assert memory.stats()["store"]["peak_device_bytes"] < memory.region_bytes / 2
     (roomy_bytes, roomy, roomy_saved, _), (tight_bytes, tight, tight_saved, tight_plan) = outcomes.values()
-    assert roomy_bytes > 0 and tight_bytes == pytest.approx(roomy_bytes, rel=0.05)  # the chain's tail may differ
+    assert roomy_bytes == tight_bytes > 0
     assert roomy == {"keep": 1, "offload": 1} and tight == {"keep": 0, "offload": 2}
     assert tight_bytes + tight_plan > parse_budget(tight_budget(profile))  # it would not have fitted
     assert tight_saved < roomy_saved <= ref_bytes

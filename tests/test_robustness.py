@@ -174,6 +174,7 @@ def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path):
     update_two = torch.cat([(b[k] - base[k]).flatten() for k in a])
     assert update_one.abs().max() > 1e-3  # the weights moved by about lr
     assert (update_one - update_two).norm() / update_one.norm() < 1e-3
+    assert json.loads((double / "unet" / "config.json").read_text())["_class_name"] == "UNet3DConditionModel"
     unet = UNet3DConditionModel.from_pretrained(double / "unet")
     assert sum(p.numel() for p in unet.parameters()) == sum(v.numel() for v in b.values())
 
