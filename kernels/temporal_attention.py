@@ -34,6 +34,24 @@ _LOG2E = 1.4426950408889634
 
 # %% Compute kernels ------------------------------------------------------------------------------------------------
 @jit
+def _sequence_group(S, L, D, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's BLOCK_G sequence indices (int64), its frame indices and the [G, L, D] in-bounds mask."""
+    seq = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
+    frame = tl.arange(0, BLOCK_L)
+    d = tl.arange(0, BLOCK_D)
+    mask = (seq < S)[:, None, None] & (frame < L)[None, :, None] & (d < D)[None, None, :]
+    return seq, frame, mask
+
+
+@jit
+def _tile_offsets(seq, frame, H, BLOCK_D: tl.constexpr, stride_b, stride_h, stride_l, stride_d):
+    """Element offsets of the [G, L, D] tile of sequences ``seq`` (= b * H + h) in a strided [B, H, L, D] view."""
+    b, h = seq // H, seq % H
+    d = tl.arange(0, BLOCK_D)
+    return (b * stride_b + h * stride_h)[:, None, None] + frame[None, :, None] * stride_l + d[None, None, :] * stride_d
+
+
+@jit
 def _temporal_attn_fwd_kernel(
     # pointers
     Q, K, V, OUT, LSE,
@@ -47,19 +65,11 @@ def _temporal_attn_fwd_kernel(
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # -- program -> BLOCK_G sequences; (batch, head) offsets in int64
-    seq = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    b, h = seq // H, seq % H
-    frame = tl.arange(0, BLOCK_L)
-    d = tl.arange(0, BLOCK_D)
-    mask = (seq < S)[:, None, None] & (frame < L)[None, :, None] & (d < D)[None, None, :]
-    lo = frame[None, :, None]
-    dd = d[None, None, :]
-
-    # -- [G, L, D] tiles through the strides
-    q = tl.load(Q + (b * sqb + h * sqh)[:, None, None] + lo * sql + dd * sqd, mask=mask, other=0.0)
-    k = tl.load(K + (b * skb + h * skh)[:, None, None] + lo * skl + dd * skd, mask=mask, other=0.0)
-    v = tl.load(V + (b * svb + h * svh)[:, None, None] + lo * svl + dd * svd, mask=mask, other=0.0)
+    # -- program -> BLOCK_G sequences; [G, L, D] tiles through the strides
+    seq, frame, mask = _sequence_group(S, L, D, BLOCK_G, BLOCK_L, BLOCK_D)
+    q = tl.load(Q + _tile_offsets(seq, frame, H, BLOCK_D, sqb, sqh, sql, sqd), mask=mask, other=0.0)
+    k = tl.load(K + _tile_offsets(seq, frame, H, BLOCK_D, skb, skh, skl, skd), mask=mask, other=0.0)
+    v = tl.load(V + _tile_offsets(seq, frame, H, BLOCK_D, svb, svh, svl, svd), mask=mask, other=0.0)
     if UPCAST_DOT:
         q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
 
@@ -73,7 +83,7 @@ def _temporal_attn_fwd_kernel(
     o = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=INPUT_PRECISION)
 
     # -- masked stores: O, and the log-sum-exp for backward
-    tl.store(OUT + (b * sob + h * soh)[:, None, None] + lo * sol + dd * sod, o.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(OUT + _tile_offsets(seq, frame, H, BLOCK_D, sob, soh, sol, sod), o.to(OUT.dtype.element_ty), mask=mask)
     tl.store(LSE + seq[:, None] * L + frame[None, :], m + tl.log2(denom),
              mask=(seq < S)[:, None] & (frame < L)[None, :])
 
@@ -92,18 +102,11 @@ def _temporal_attn_bwd_kernel(
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    seq = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G)
-    b, h = seq // H, seq % H
-    frame = tl.arange(0, BLOCK_L)
-    d = tl.arange(0, BLOCK_D)
-    mask = (seq < S)[:, None, None] & (frame < L)[None, :, None] & (d < D)[None, None, :]
-    lo = frame[None, :, None]
-    dd = d[None, None, :]
-
-    q = tl.load(Q + (b * sqb + h * sqh)[:, None, None] + lo * sql + dd * sqd, mask=mask, other=0.0)
-    k = tl.load(K + (b * skb + h * skh)[:, None, None] + lo * skl + dd * skd, mask=mask, other=0.0)
-    v = tl.load(V + (b * svb + h * svh)[:, None, None] + lo * svl + dd * svd, mask=mask, other=0.0)
-    do = tl.load(DO + (b * sdob + h * sdoh)[:, None, None] + lo * sdol + dd * sdod, mask=mask, other=0.0)
+    seq, frame, mask = _sequence_group(S, L, D, BLOCK_G, BLOCK_L, BLOCK_D)
+    q = tl.load(Q + _tile_offsets(seq, frame, H, BLOCK_D, sqb, sqh, sql, sqd), mask=mask, other=0.0)
+    k = tl.load(K + _tile_offsets(seq, frame, H, BLOCK_D, skb, skh, skl, skd), mask=mask, other=0.0)
+    v = tl.load(V + _tile_offsets(seq, frame, H, BLOCK_D, svb, svh, svl, svd), mask=mask, other=0.0)
+    do = tl.load(DO + _tile_offsets(seq, frame, H, BLOCK_D, sdob, sdoh, sdol, sdod), mask=mask, other=0.0)
     lse = tl.load(LSE + seq[:, None] * L + frame[None, :], mask=(seq < S)[:, None] & (frame < L)[None, :], other=0.0)
     if UPCAST_DOT:
         q, k, v, do = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32), do.to(tl.float32)
@@ -123,7 +126,7 @@ def _temporal_attn_bwd_kernel(
     dk = tl.dot(dst, q, out_dtype=tl.float32, input_precision=INPUT_PRECISION) * scale
     dq = tl.dot(tl.permute(dst, (0, 2, 1)), k, out_dtype=tl.float32, input_precision=INPUT_PRECISION) * scale
 
-    g_off = (b * sgb + h * sgh)[:, None, None] + lo * sgl + dd * sgd
+    g_off = _tile_offsets(seq, frame, H, BLOCK_D, sgb, sgh, sgl, sgd)
     tl.store(DQ + g_off, dq.to(DQ.dtype.element_ty), mask=mask)
     tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=mask)

@@ -37,3 +37,27 @@ def _default_kernel_backend():
     kernels.set_backend("auto")
     yield
     kernels.set_backend("auto")
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Kernel outputs start as NaN (see kernels._utils.poison_outputs); used by kernel_support.KERNEL_TEST."""
+    from kernels import _utils
+
+    with _utils.poison_outputs():
+        yield
+
+
+@pytest.fixture(scope="session")
+def lora_folder(tmp_path_factory, _tiny_model_session):
+    """A saved peft LoRA checkpoint for the tiny UNet whose B matrices are non-zero, i.e. it changes the videos."""
+    from engine.lora import add_lora, save_lora
+
+    unet = copy.deepcopy(_tiny_model_session.unet)
+    add_lora(unet, rank=4)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return save_lora(unet, tmp_path_factory.mktemp("lora") / "lora", rank=4, alpha=None)

@@ -1,13 +1,12 @@
 """engine.evaluate: Table-1 style scoring of the base model and LoRA checkpoints on prompt sets."""
 
-import copy
 import json
 
 import pytest
 import torch
 
 from engine.evaluate import TINY_PROMPT_SETS, main, markdown_table, parse_checkpoints
-from engine.lora import add_lora, save_lora
+from engine.lora import add_lora
 from engine.rewards import ColorfulnessReward
 from engine.sample import generate
 from engine.video_reward import SegmentalReward
@@ -15,23 +14,11 @@ from engine.video_reward import SegmentalReward
 QUICK = ["--ddim-steps", "2", "--num-frames", "4", "--height", "16", "--width", "16", "--segments", "2"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, _tiny_model_session):
-    unet = copy.deepcopy(_tiny_model_session.unet)
-    add_lora(unet, rank=4)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    return save_lora(unet, tmp_path_factory.mktemp("run") / "lora", rank=4, alpha=None)
-
-
-def test_evaluate_scores_sets_for_base_and_checkpoints(tmp_path, checkpoint, _tiny_model_session):
+def test_evaluate_scores_sets_for_base_and_checkpoints(tmp_path, lora_folder, _tiny_model_session):
     (tmp_path / "a.txt").write_text("a red ball bouncing on a lawn\na cat\n")
     (tmp_path / "b.txt").write_text("a city at night\n")
     out = tmp_path / "eval"
-    report = main(["--lora", f"mine={checkpoint}", "--prompt-set", f"animals={tmp_path / 'a.txt'}",
+    report = main(["--lora", f"mine={lora_folder}", "--prompt-set", f"animals={tmp_path / 'a.txt'}",
                    "--prompt-set", f"other={tmp_path / 'b.txt'}", "--samples-per-prompt", "2", "--batch-size", "3",
                    "--output", str(out), *QUICK])
     assert list(report["results"]) == ["base", "mine"]
@@ -59,8 +46,8 @@ def test_evaluate_scores_sets_for_base_and_checkpoints(tmp_path, checkpoint, _ti
     assert (out / "results.png").stat().st_size > 1000
 
 
-def test_tiny_defaults_scale_zero_equals_base_and_tar_option(tmp_path, checkpoint):
-    report = main(["--lora", str(checkpoint), "--lora-scale", "0", "--tar", "--batch-size", "4",
+def test_tiny_defaults_scale_zero_equals_base_and_tar_option(tmp_path, lora_folder):
+    report = main(["--lora", str(lora_folder), "--lora-scale", "0", "--tar", "--batch-size", "4",
                    "--output", str(tmp_path), *QUICK])
     assert set(report["prompt_sets"]) == set(TINY_PROMPT_SETS)
     label = list(report["results"])[1]
@@ -78,8 +65,8 @@ def test_segmental_reward_eval_mode_with_tar_matches_training_weights(tiny):
     assert torch.allclose(video, (weights * frame_scores).mean(1))
 
 
-def test_checkpoint_labels(tmp_path, checkpoint):
-    labels = [l for l, _ in parse_checkpoints([str(checkpoint), f"base={checkpoint}", str(checkpoint)])]
+def test_checkpoint_labels(tmp_path, lora_folder):
+    labels = [l for l, _ in parse_checkpoints([str(lora_folder), f"base={lora_folder}", str(lora_folder)])]
     assert labels[0].endswith("/lora") and labels[1] == "base#2" and labels[2] == f"{labels[0]}#3"
     assert markdown_table({"m": {"s": {"mean": 0.25, "std": 0.01}}}, ["s"], "hpsv2").splitlines()[2] == \
         "| m | 0.2500 ± 0.0100 |"

@@ -1,32 +1,19 @@
 """The fused CFG + DDIM step against its reference, a float64 computation and diffusers' DDIMScheduler.step.
 
-Kernels run in Triton's interpreter on the CPU (or on a GPU when there is one); outputs start as NaN.
+Where the kernels run, and the marks these tests share: kernel_support.py.
 """
 
-import os
+import logging
 
-# Before anything imports triton (diffusers does): Triton picks interpreter-or-compiler at import, and reads the
-# variable again at launch. It stays set for the session, so "auto" runs Triton on CPU tensors everywhere after.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import logging  # noqa: E402
+import kernels
+from kernel_support import DEVICE, KERNEL_TEST
+from kernels import _utils
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _utils  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _utils.interpreter_active(),
-                                reason="Triton's interpreter is off: run with TRITON_INTERPRET=1 set before triton is imported")
+pytestmark = KERNEL_TEST
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative error allowed whatever the reference's
-
-
-@pytest.fixture(autouse=True)
-def _poisoned():
-    with _utils.poison_outputs():
-        yield
 
 
 def inputs(shape, dtype, eta, requires_grad=True):

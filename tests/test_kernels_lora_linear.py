@@ -1,33 +1,19 @@
 """The fused LoRA linear against its reference (peft's arithmetic) and a float64 computation: output and the
 gradients of x, A and B, over ragged shapes, ranks 1..64, strided inputs and three dtypes.
 
-Kernels run in Triton's interpreter on the CPU (or on a GPU when there is one); outputs start as NaN.
+Where the kernels run, and the marks these tests share: kernel_support.py.
 """
 
-import os
+import pytest
+import torch
 
-# Before anything imports triton (diffusers does): Triton picks interpreter-or-compiler at import, and reads the
-# variable again at launch. It stays set for the session, so "auto" runs Triton on CPU tensors everywhere after.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels
+from kernel_support import DEVICE, KERNEL_TEST
+from kernels.lora_linear import lora_gemm
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _utils  # noqa: E402
-from kernels.lora_linear import lora_gemm  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _utils.interpreter_active(),
-                                reason="Triton's interpreter is off: run with TRITON_INTERPRET=1 set before triton is imported")
+pytestmark = KERNEL_TEST
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # relative error allowed whatever the reference's
 SMALL_TILES = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
-
-
-@pytest.fixture(autouse=True)
-def _poisoned():
-    with _utils.poison_outputs():
-        yield
 
 
 def layer(lead, k, n, rank, bias, dtype, seed=0):

@@ -2,31 +2,17 @@
 gradients of q, k and v, over odd frame counts, head dims, strided layouts, dtypes and more than 65,536
 sequences (past SDPA's and xformers' CUDA grid limit).
 
-Kernels run in Triton's interpreter on the CPU (or on a GPU when there is one); outputs start as NaN.
+Where the kernels run, and the marks these tests share: kernel_support.py.
 """
 
-import os
+import pytest
+import torch
 
-# Before anything imports triton (diffusers does): Triton picks interpreter-or-compiler at import, and reads the
-# variable again at launch. It stays set for the session, so "auto" runs Triton on CPU tensors everywhere after.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import kernels
+from kernel_support import DEVICE, KERNEL_TEST
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import _utils  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not _utils.interpreter_active(),
-                                reason="Triton's interpreter is off: run with TRITON_INTERPRET=1 set before triton is imported")
+pytestmark = KERNEL_TEST
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # relative error allowed whatever the reference's
-
-
-@pytest.fixture(autouse=True)
-def _poisoned():
-    with _utils.poison_outputs():
-        yield
 
 
 def attention_f64(q, k, v, scale=None):

@@ -9,22 +9,10 @@ import pytest
 import torch
 
 from engine.chain import EditChain
-from engine.lora import add_lora, load_lora, lora_layers, save_lora
+from engine.lora import load_lora, lora_layers
 from engine.sample import apply_lora, generate, initial_noise, main, set_lora_scale, slug
 
 SIZE = (4, 16, 16)  # frames, height, width (latents 4x4x8x8 with the tiny VAE)
-
-
-@pytest.fixture(scope="module")
-def lora_folder(tmp_path_factory, _tiny_model_session):
-    unet = copy.deepcopy(_tiny_model_session.unet)
-    add_lora(unet, rank=4)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    return save_lora(unet, tmp_path_factory.mktemp("lora") / "lora", rank=4, alpha=None)
 
 
 def test_generate_is_the_chains_full_sampler(tiny):
