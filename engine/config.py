@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,24 @@ class TrainConfig:
             (self.ddim_steps >= 1, f"--ddim-steps {self.ddim_steps} must be at least 1"),
             (self.num_frames >= 1, f"--num-frames {self.num_frames} must be at least 1"),
             (1 <= self.segments <= self.num_frames, f"--segments {self.segments} must be between 1 and --num-frames ({self.num_frames})"),
-            (self.tar_lambda >= 0, f"--tar-lambda {self.tar_lambda} must be non-negative"),
+            (0 <= self.tar_lambda < math.inf, f"--tar-lambda {self.tar_lambda} must be a non-negative number"),
             (self.lora_rank >= 1, f"--lora-rank {self.lora_rank} must be at least 1"),
-            (self.lr > 0, f"--lr {self.lr} must be positive"),
+            (self.lora_alpha is None or 0 < self.lora_alpha < math.inf,
+             f"--lora-alpha {self.lora_alpha} must be positive (or left out: alpha = rank)"),
+            (0 < self.lr < math.inf, f"--lr {self.lr} must be a positive number"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay {self.weight_decay} must be a non-negative number"),
+            (self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps} must be non-negative"),
+            (0 <= self.max_grad_norm < math.inf, f"--max-grad-norm {self.max_grad_norm} must be non-negative (0 = off)"),
+            (self.height >= 8 and self.width >= 8, f"--height/--width {self.height}x{self.width} must be at least 8"),
+            (0 < self.fps < math.inf, f"--fps {self.fps} must be positive"),
+            (self.log_every >= 1, f"--log-every {self.log_every} must be at least 1"),
+            (self.eval_every >= 0, f"--eval-every {self.eval_every} must be non-negative (0 = start and end only)"),
+            (self.sample_steps >= 1, f"--sample-steps {self.sample_steps} must be at least 1"),
+            (0 <= self.offset_noise < math.inf, f"--offset-noise {self.offset_noise} must be a non-negative number"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
             (self.steps >= 0, f"--steps {self.steps} must be non-negative"),
-            (self.eta >= 0, f"--eta {self.eta} must be non-negative"),
-            (self.guidance >= 1.0, f"--guidance {self.guidance} must be at least 1 (1 = no guidance)"),
+            (0 <= self.eta < math.inf, f"--eta {self.eta} must be a non-negative number"),
+            (1.0 <= self.guidance < math.inf, f"--guidance {self.guidance} must be at least 1 (1 = no guidance)"),
             (self.height % 8 == 0 and self.width % 8 == 0, f"--height/--width {self.height}x{self.width} must be multiples of 8"),
             (self.num_held_out >= 0, f"--num-held-out {self.num_held_out} must be non-negative"),
             (self.save_every >= 0, f"--save-every {self.save_every} must be non-negative"),
@@ -103,7 +115,7 @@ class TrainConfig:
             (self.early_stop_patience >= 0, f"--early-stop-patience {self.early_stop_patience} must be non-negative"),
             (self.early_stop_patience == 0 or self.eval_every > 0, "--early-stop-patience needs --eval-every N > 0"),
             (self.early_stop_min_delta >= 0, f"--early-stop-min-delta {self.early_stop_min_delta} must be non-negative"),
-            (self.motion_weight >= 0, f"--motion-weight {self.motion_weight} must be non-negative"),
+            (0 <= self.motion_weight < math.inf, f"--motion-weight {self.motion_weight} must be a non-negative number"),
             (self.prompts is None or self.videos is None, "give either --prompts or --videos, not both"),
             (self.finetune == "lora" or self.init_lora is None, "--init-lora needs --finetune lora (full fine-tuning "
              "starts from the --model weights)"),

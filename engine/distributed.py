@@ -94,9 +94,15 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None =
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                     optimizer_state: dict) -> None:
-    """The inverse of ``full_state``: every rank passes the whole state and keeps its shard."""
+    """The inverse of ``full_state``: every rank passes the whole state and keeps its shard. A forward pass
+    (e.g. the "before" samples) can leave the root's parameters gathered; they are resharded first, so the
+    model's parameters are the sharded ones the optimizer holds."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.fsdp import FSDPModule
 
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True, strict=True))
 

@@ -83,16 +83,22 @@ def save_lora(unet: nn.Module, folder: str | Path, rank: int, alpha: float | Non
 def load_lora(unet: nn.Module, folder: str | Path) -> None:
     """Inject (if needed) and load a saved adapter; the shapes must match the UNet."""
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     weights, config_file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     if not weights.is_file() or not config_file.is_file():
         raise UserError(f"LoRA folder {folder} lacks {WEIGHTS_NAME} or {CONFIG_NAME}; pass a folder written by engine.train")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        state = load_file(str(weights))
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:
+        raise UserError(f"LoRA folder {folder} is corrupt ({str(err).splitlines()[0]}); pass a folder written by "
+                        "engine.train") from None
     if not lora_layers(unet):
-        add_lora(unet, int(config["r"]), float(config["lora_alpha"]))
-    state = load_file(str(weights))
+        add_lora(unet, rank, alpha)
     try:
         result = set_peft_model_state_dict(unet, state)
     except RuntimeError as err:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -40,7 +41,7 @@ from engine.chain import EditChain
 from engine.checkpointing import ChainMemory, checkpoint_blocks, unet_blocks
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, Source, build_sources, split_held_out
-from engine.distributed import ShardedGenerator, World
+from engine.distributed import ShardedGenerator
 from engine.errors import UserError, cli_entry
 from engine.lora import add_lora, adapters_disabled, load_lora, lora_state_dict, save_lora
 from engine.models import VideoDiffusion, build_model
@@ -51,6 +52,8 @@ from engine.tracking import Tracker, gpu_stats
 from engine.video_reward import SegmentalReward, reward_loss
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt")
+# everything a run writes: what --overwrite clears, so nothing of the old run is mistaken for the new one's
+RUN_OUTPUTS = (*RUN_FILES, "lora", "lora_best", "unet", "unet_best", "samples", "tensorboard", "reward_curve.png")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -62,8 +65,9 @@ class Stop(Exception):
         self.exit_code = exit_code
 
 
-def prepare_output(config: TrainConfig, world: World) -> Path:
-    """The run folder; refuses one that holds another run unless --overwrite (or --resume)."""
+def check_output(config: TrainConfig) -> Path:
+    """The run folder, checked but not yet written: one that holds another run needs --overwrite (or
+    --resume); a non-empty folder holding no run (a model folder, say) is never written into."""
     if config.output is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{Path(config.model).name}-{stamp}"
@@ -71,19 +75,39 @@ def prepare_output(config: TrainConfig, world: World) -> Path:
         out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; pass a folder")
-    if not config.overwrite and any((out / f).exists() for f in RUN_FILES):
+    holds_run = any((out / f).exists() for f in RUN_FILES)
+    if not config.overwrite and holds_run:
         raise UserError(f"output folder {out} already holds a run; pass another --output, --resume {out} or --overwrite")
-    dist_utils.barrier(world)  # every rank has checked before rank 0 writes anything
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and not holds_run and any(out.iterdir()):
+        raise UserError(f"output folder {out} is not empty and holds no run; pass a new or empty --output")
     return out
 
 
+def open_output(out: Path, config: TrainConfig) -> None:
+    """Rank 0, once setup has succeeded: create the run folder; --overwrite (not --resume) clears the old run."""
+    if config.overwrite and not config.resume:
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def atomic_write(path: Path, write) -> None:
-    """write(tmp_path), then rename over ``path``: a crash leaves the old file or the new one, never half."""
+    """write(tmp_path), then rename over ``path``: a crash (or power loss: both are synced) leaves the old file
+    or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class Trainer:
@@ -112,7 +136,7 @@ class Trainer:
                             f"{self.world.size} processes")
         self.device = resolve_device(cfg.device, self.world.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.output = prepare_output(cfg, self.world)
+        self.output = check_output(cfg)
         self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
         self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
                                       cfg.segvr, cfg.tar)
@@ -121,12 +145,18 @@ class Trainer:
         self._setup_trainable_and_optimizer()
         self._setup_backend()
         self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
-        self.tracker = Tracker(self.output / "tensorboard", enabled=cfg.tensorboard and self.world.is_main)
         self._setup_base_model_outputs()
         if cfg.resume:
             self._load_checkpoint()
-        elif self.world.is_main:
-            self._write_config()
+        # nothing is written before here, so a bad input leaves the output folder as it was
+        dist_utils.barrier(self.world)
+        if self.world.is_main:
+            open_output(self.output, cfg)
+            if cfg.resume:
+                self._rewrite_metrics()
+            else:
+                self._write_config()
+        self.tracker = Tracker(self.output / "tensorboard", enabled=cfg.tensorboard and self.world.is_main)
         return self
 
     def _setup_data(self):
@@ -148,6 +178,11 @@ class Trainer:
 
     def _setup_chain(self):
         cfg = self.config
+        trained_steps = self.model.scheduler.config.num_train_timesteps
+        for option, steps in (("--ddim-steps", cfg.ddim_steps), ("--sample-steps", cfg.sample_steps)):
+            if steps > trained_steps:
+                raise UserError(f"{option} {steps} exceeds the {trained_steps} timesteps the model was trained with; "
+                                f"use at most {trained_steps}")
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance,
                                cfg.eta, cfg.offset_noise)
         self.memory = None
@@ -257,6 +292,10 @@ class Trainer:
             raise UserError(f"--resume {self.output} has no {CHECKPOINT}; the run saved none (use --save-every)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 (a damaged pickle fails in many ways: any of them means corrupt)
+            raise UserError(f"{path} is corrupt ({str(err).splitlines()[0]}); resume from a copy of the run, "
+                            "or start again") from None
+        try:
             if self.config.finetune == "lora":
                 set_peft_model_state_dict(self.model.unet, state["lora"])
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -273,9 +312,21 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.step, self.bad_in_row, self.records = state["step"], state["bad_in_row"], list(state["records"])
-        if self.world.is_main:  # drop metric lines written after the checkpoint
-            lines = "".join(json.dumps(r) + "\n" for r in self.records)
-            atomic_write(self.output / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
+        self._apply_optimizer_options()
+
+    def _apply_optimizer_options(self) -> None:
+        """--lr and --weight-decay given with --resume win over the values the optimizer state restored (same
+        arithmetic as LambdaLR, so unchanged options resume bitwise)."""
+        cfg = self.config
+        self.lr_scheduler.base_lrs = [cfg.lr] * len(self.optimizer.param_groups)
+        factor = self.lr_scheduler.lr_lambdas[0](self.lr_scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group |= {"initial_lr": cfg.lr, "lr": cfg.lr * factor, "weight_decay": cfg.weight_decay}
+
+    def _rewrite_metrics(self) -> None:
+        """Resumed: the metric lines up to the checkpoint (lines written after it are dropped)."""
+        lines = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.output / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
 
     def _on_signal(self, signum, frame):
         self.signal_received = signum
@@ -409,8 +460,8 @@ class Trainer:
         if outcome == "updated":
             self.scaler.step(self.optimizer)
             self.lr_scheduler.step()
-        if outcome != "skipped":
-            self.scaler.update()
+        # a skip leaves the scale as it was; update() still runs, since the scaler must be reset after unscale_()
+        self.scaler.update(new_scale=self.scaler.get_scale() if outcome == "skipped" else None)
         self.optimizer.zero_grad(set_to_none=True)
         return outcome, grad_norm
 
@@ -445,9 +496,12 @@ class Trainer:
                 progress.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4f}",
                                      s_step=f"{seconds:.2f}")
                 if self.bad_in_row >= cfg.max_bad_steps:
-                    raise Stop(f"stopping at step {self.step}: {self.bad_in_row} non-finite losses or gradients in a "
-                               f"row; the last good checkpoint is in {self.output} (lower --lr or set "
-                               "--max-grad-norm, then --resume)", 3)
+                    # skipped steps left weights and optimizer as they were: this is the last good state
+                    bad, self.bad_in_row = self.bad_in_row, 0
+                    self.save_checkpoint()
+                    raise Stop(f"stopping at step {self.step}: {bad} non-finite losses or gradients in a row; the "
+                               f"weights of the last good step are saved in {self.output} (lower --lr or set "
+                               f"--max-grad-norm, then --resume {self.output})", 3)
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.log_eval():
                     print(f"early stop at step {self.step}: held-out reward {self.early_stopping.best:.4f} at step "
                           f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "

@@ -126,9 +126,46 @@ def test_repeated_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint
         main(quick(out, "--steps", "10", "--save-every", "2", "--max-bad-steps", "3"))
     assert exit_info.value.code == 3
     assert "3 non-finite losses or gradients in a row" in capsys.readouterr().err
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("skipped") == 3
+    # the stop saves the state after the skipped steps: the data has moved on, the weights are step 2's
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 5 and saved["bad_in_row"] == 0
+    monkeypatch.undo()
+    main(quick(tmp_path / "two_steps", "--steps", "2"))
+    assert_bitwise_equal(saved["lora"], lora_of(tmp_path / "two_steps"))
+
+
+def test_skipped_step_keeps_the_fp16_loss_scale_and_the_next_step_runs(tmp_path):
+    trainer = Trainer(resolve_config(quick(tmp_path / "fp16"))).setup()
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what --precision fp16 uses on CUDA
+    batch = trainer.batch(trainer.train_sources, [0, 1])
+    assert trainer.optimizer_step(trainer.loss_step(*batch)[0] * float("nan"))[0] == "skipped"
+    assert trainer.scaler.get_scale() == 1024.0
+    assert trainer.optimizer_step(trainer.loss_step(*batch)[0])[0] == "updated"
+
+
+def test_resume_takes_new_learning_rate_and_weight_decay(tmp_path):
+    out = tmp_path / "run"
+    main(quick(out, "--steps", "2"))
+    trainer = Trainer(resolve_config(["--resume", str(out), "--steps", "4", "--lr", "1e-4",
+                                      "--weight-decay", "0.01"])).setup()
+    assert trainer.step == 2
+    warmup = trainer.config.warmup_steps
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(1e-4 * min(1.0, 3 / warmup)) and group["weight_decay"] == 0.01
+    trainer.train()
+    assert train_records(out)[-1]["lr"] == pytest.approx(1e-4)
+
+
+def test_overwrite_clears_the_old_run(tmp_path):
+    out = tmp_path / "run"
+    main(quick(out, "--steps", "3"))
+    assert (out / "tensorboard").is_dir()
+    main(quick(out, "--steps", "1", "--overwrite", "--no-tensorboard"))
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [0, 1, 1]
+    assert not (out / "tensorboard").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
 @pytest.mark.parametrize("extra, port", [
@@ -179,6 +216,17 @@ def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path):
     assert sum(p.numel() for p in unet.parameters()) == sum(v.numel() for v in b.values())
 
 
+def test_full_finetuning_sharded_resume_is_bitwise_identical(tmp_path):
+    argv = ("--finetune", "full", "--batch-size", "4")
+    uninterrupted = tmp_path / "uninterrupted"
+    assert torchrun(uninterrupted, *argv, "--steps", "4", port=29520).returncode == 0
+    resumed = tmp_path / "resumed"
+    assert torchrun(resumed, *argv, "--steps", "2", port=29521).returncode == 0
+    result = torchrun(resumed, *argv, "--steps", "4", "--resume", str(resumed), port=29522)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_bitwise_equal(unet_of(resumed), unet_of(uninterrupted))
+
+
 def test_full_finetuning_sigkill_then_resume_is_bitwise_identical(tmp_path):
     argv = ("--finetune", "full", "--save-every", "2")
     reference = tmp_path / "reference"
@@ -215,6 +263,15 @@ def bad_inputs(tmp):
     write(tmp / "clips" / "captions.csv", "video,caption\nbroken.mp4,a cat\n")
     (tmp / "taken").mkdir()
     write(tmp / "taken" / "metrics.jsonl", "{}\n")
+    (tmp / "a_model").mkdir()
+    write(tmp / "a_model" / "model_index.json", "{}")
+    (tmp / "corrupt_lora").mkdir()
+    write(tmp / "corrupt_lora" / "adapter_config.json", "{")
+    write(tmp / "corrupt_lora" / "adapter_model.safetensors", "")
+    (tmp / "crashed").mkdir()
+    write(tmp / "crashed" / "config.yaml", "model: tiny\n")
+    write(tmp / "crashed" / "metrics.jsonl", "{}\n")
+    write(tmp / "crashed" / "checkpoint.pt", "truncated")
     torch.save({"state_dict": {"visual.proj": torch.zeros(3)}}, tmp / "wrong_hps.pt")
     return [
         ("missing model folder", ["--model", str(tmp / "nope")], "does not exist"),
@@ -223,12 +280,18 @@ def bad_inputs(tmp):
         ("empty prompts file", ["--prompts", str(write(tmp / "empty.txt", "\n"))], "is empty"),
         ("unreadable video", ["--videos", str(tmp / "clips")], "cannot be decoded"),
         ("LoRA of the wrong shape", ["--init-lora", str(tmp / "lora8")], "does not fit this model"),
+        ("corrupt LoRA folder", ["--init-lora", str(tmp / "corrupt_lora")], "is corrupt"),
         ("option out of range", ["--tau", "0"], "--tau 0.0 is out of range"),
+        ("option out of range: not a number", ["--lr", "inf"], "--lr inf must be a positive number"),
+        ("option out of range: zero interval", ["--log-every", "0"], "--log-every 0 must be at least 1"),
+        ("option out of range for the model", ["--ddim-steps", "100000"], "exceeds the 1000 timesteps"),
         ("options that do not go together", ["--finetune", "full", "--init-lora", str(tmp / "lora8")],
          "--init-lora needs --finetune lora"),
         ("memory budget that is not a size", ["--memory-budget", "lots"], "is not a size"),
         ("output folder holding another run", ["--output", str(tmp / "taken")], "already holds a run"),
+        ("output folder holding something else", ["--output", str(tmp / "a_model")], "is not empty and holds no run"),
         ("resume without a run", ["--resume", str(tmp / "clips")], "holds no run"),
+        ("resume from a corrupt checkpoint", ["--resume", str(tmp / "crashed")], "is corrupt"),
     ]
 
 
@@ -241,5 +304,7 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, name
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (name, err)
-        assert not (tmp_path / "out" / "metrics.jsonl").exists(), name
+        assert not (tmp_path / "out").exists(), name
     assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "{}\n"
+    assert (tmp_path / "crashed" / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in (tmp_path / "a_model").iterdir()) == ["model_index.json"]
