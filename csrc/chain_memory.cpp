@@ -84,7 +84,8 @@ TORCH_LIBRARY(chain_memory, m) {
       .def("synchronize", &Store::synchronize)
       .def("stats", &Store::stats)
       .def("reset_peaks", &Store::reset_peaks)
-      .def("trim", &Store::trim);
+      .def("trim", &Store::trim)
+      .def("set_max_inflight_bytes", &Store::set_max_inflight_bytes);
 }
 
 }  // namespace chain_memory

@@ -70,9 +70,11 @@ def _solve(act, inp, flops, budget, rates, host, depth, resolution):
     avail = budget - reserve
     if avail < 0:
         return None, reserve, 1, 0.0
-    q = max(1, _ceil_div(avail, resolution))
-    nb = avail // q + 1
     n = len(act)
+    if sum(act) <= avail:
+        return [KEEP] * n, reserve, 1, 0.0
+    q = max(1, _ceil_div(avail, max(resolution, 32 * n)))
+    nb = avail // q + 1
     dp = torch.zeros(nb, dtype=torch.float64)
     choice = torch.zeros((n, nb), dtype=torch.int8)
     weights = []
@@ -367,7 +369,6 @@ class Store:
             if e.h2d is not None:
                 e.h2d.block_stream()
                 e.h2d = None
-            e.demand = True  # later gets of this key count as repeats, not as copies
             return e.device
 
     def release(self, key: int) -> bool:
@@ -405,6 +406,12 @@ class Store:
         with self._lock:
             self._reap(False)
             return list(self._stats)
+
+    def set_max_inflight_bytes(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise RuntimeError(f"Store: max_inflight_bytes must be positive, got {nbytes}")
+        with self._lock:
+            self._max_inflight = int(nbytes)
 
     def reset_peaks(self) -> None:
         with self._lock:

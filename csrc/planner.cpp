@@ -34,7 +34,17 @@ Solved solve(const std::vector<int64_t>& act, const std::vector<int64_t>& inp, c
   out.reserve = reserve_bytes(act, inp, host, depth);
   const int64_t avail = budget - out.reserve;
   if (avail < 0) return out;
-  const int64_t q = std::max<int64_t>(1, ceil_div(avail, resolution));
+  // Everything kept fits: that costs nothing, so it is optimal (and exact, unlike the bucketed search).
+  int64_t all_kept = 0;
+  for (const int64_t a : act) all_kept += a;
+  if (all_kept <= avail) {
+    out.feasible = true;
+    out.decisions.assign(n, kKeep);
+    return out;
+  }
+  // Every item's weight is rounded up to whole buckets, so at least 32 buckets per item bound what rounding
+  // loses to 1/32 of the budget however many items there are.
+  const int64_t q = std::max<int64_t>(1, ceil_div(avail, std::max(resolution, 32 * n)));
   const int64_t nb = avail / q + 1;  // buckets 0..B
   out.quantum = q;
 

@@ -43,8 +43,9 @@ struct Plan {
 };
 
 // Minimise total cost subject to  sum(resident bytes) + reserve <= budget.
-// A multiple-choice knapsack solved exactly by dynamic programming over `resolution` byte buckets (item bytes
-// round up, so the plan never exceeds the budget). Solved without and with host spilling; the cheaper wins.
+// A multiple-choice knapsack solved by dynamic programming over max(resolution, 32 * items) byte buckets: exact
+// on that grid (item bytes round up, so the plan never exceeds the budget; rounding gives up at most 1/32 of it),
+// and keep-everything when that fits. Solved without and with host spilling; the cheaper wins.
 Plan make_plan(const std::vector<int64_t>& act_bytes, const std::vector<int64_t>& input_bytes,
                const std::vector<double>& flops, int64_t budget, const Rates& rates, int64_t prefetch_depth,
                int64_t resolution);

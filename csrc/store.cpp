@@ -259,4 +259,10 @@ void Store::trim() {
   }
 }
 
+void Store::set_max_inflight_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "Store: max_inflight_bytes must be positive, got ", bytes);
+  std::lock_guard<std::mutex> lock(mutex_);
+  max_inflight_bytes_ = bytes;
+}
+
 }  // namespace chain_memory

@@ -59,6 +59,7 @@ class Store : public torch::CustomClassHolder {
   std::vector<int64_t> stats();
   void reset_peaks();
   void trim();  // free the pooled host buffers nobody uses
+  void set_max_inflight_bytes(int64_t bytes);  // from the next put on
 
  private:
   struct Entry {

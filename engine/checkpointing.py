@@ -157,8 +157,9 @@ def unet_units(unet: nn.Module, granularity: str = "layers") -> list[tuple[str, 
     return units
 
 
-# Cost-model rates per device type. CUDA: H100-class with bf16 autocast (about 800 TFLOP/s dense measured here,
-# halved for the mix of GEMMs and memory-bound ops), HBM3, PCIe 5 pinned copies. CPU: a few cores.
+# Cost-model rates per device type, assumed, not measured (no GPU has run this yet): CUDA is H100-class with bf16
+# autocast (about 990 TFLOP/s dense on the data sheet, taken as 400 sustained for the mix of GEMMs and
+# memory-bound ops), HBM3, PCIe 5 pinned copies. CPU: a few cores.
 # The meta device models the GPU it stands in for.
 DEFAULT_RATES = {
     "cuda": Rates(flops_per_s=400e12, device_bytes_per_s=3.0e12, host_bytes_per_s=25e9),
@@ -438,14 +439,15 @@ class ChainMemory:
         decisions: force decisions instead of planning: one decision for every item, or
             ``f(step, call, unit_name) -> decision`` (tests and experiments).
         profile: a ChainProfile measured earlier (skips the measuring step when the signature matches).
-        max_inflight_bytes: device bytes of spills whose copy has not finished before forward waits.
+        max_inflight_bytes: device bytes of spills whose copy has not finished before forward waits; by default
+            the in-flight allowance the plan reserves (before the plan: a quarter of the budget, at most 1 GiB).
     """
 
     def __init__(self, unet: nn.Module, grad_steps: int, budget: int | str = "auto", *, granularity: str = "layers",
                  backend: str | None = None, host_offload: bool = True, rates: Rates | None = None,
                  prefetch_depth: int = 1, resolution: int = 1024,
                  decisions: int | Callable[[int, int, str], int] | None = None,
-                 profile: ChainProfile | None = None, max_inflight_bytes: int = 1 << 30):
+                 profile: ChainProfile | None = None, max_inflight_bytes: int | None = None):
         if grad_steps < 1:
             raise ValueError(f"grad_steps must be at least 1, got {grad_steps}")
         self.unet = unet
@@ -457,6 +459,9 @@ class ChainMemory:
         base = rates or DEFAULT_RATES["cpu" if self.device.type == "cpu" else "cuda"]
         self.rates = base if host_offload else base._replace(host_bytes_per_s=0.0)
         self.prefetch_depth, self.resolution = prefetch_depth, resolution
+        self._fixed_inflight = max_inflight_bytes is not None
+        if max_inflight_bytes is None:
+            max_inflight_bytes = 1 << 30 if self.budget == "auto" else max(1, min(1 << 30, self.budget // 4))
         self.store = self.backend.Store(max_inflight_bytes, prefetch_depth, self.device.type == "cuda")
         self.units = unet_units(unet, granularity)
         self.profile = profile
@@ -650,6 +655,10 @@ class ChainMemory:
             budget = max(today, least)
         self.plan = csrc.make_plan(act, inp, flops, budget, self.rates, self.prefetch_depth, self.resolution,
                                    self.backend)
+        if not self._fixed_inflight:
+            # a spilled tensor holds its device memory until its copy lands: keep that within the plan's reserve
+            largest = max((max(a, x) for a, x in zip(act, inp)), default=0)
+            self.store.set_max_inflight_bytes(max(1, self.prefetch_depth * largest))
         if not self.plan.feasible:
             self._warn("budget", f"memory budget {budget} B is below what {self.grad_steps} gradient steps need at "
                                  f"least ({self.plan.device_bytes} B with this model and shape); running the "

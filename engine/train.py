@@ -129,6 +129,10 @@ class Trainer:
     def setup(self) -> "Trainer":
         cfg = self.config
         torch.manual_seed(cfg.seed)
+        # Set the CPU thread count explicitly, even to its current value: a process where it was never set
+        # computes some CPU ops in other rounding than one where it was (measured), and a resumed run must
+        # compute bit for bit as the run it continues, wherever each was started.
+        torch.set_num_threads(torch.get_num_threads())
         self.world = dist_utils.init_world("cuda" if cfg.device.startswith("cuda") or
                                            (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
         if cfg.batch_size % self.world.size:

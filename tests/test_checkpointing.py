@@ -222,6 +222,30 @@ def test_saved_bytes_do_not_grow_with_k(lora_model, inputs, profile):
     assert measured[STEPS][1] <= 1.1 * measured[1][1] + 64 * STEPS, measured
 
 
+def test_spills_in_flight_stay_within_the_plans_reserve(lora_model, inputs, profile):
+    """A spilled tensor holds device memory until its copy lands; the store may let only what the plan
+    reserves for copies (prefetch depth x the largest item) be in flight."""
+    memory = ChainMemory(lora_model[0].unet, 3, tight_budget(profile))  # measures, then plans
+    limits, store = [], memory.store
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def set_max_inflight_bytes(self, nbytes):
+            limits.append(nbytes)
+            store.set_max_inflight_bytes(nbytes)
+
+    memory.store = Recording()
+    try:
+        run(lora_model, inputs, 3, memory=memory)
+    finally:
+        memory.revert()
+    act, inp, _ = memory.profile.columns(3)
+    assert limits == [max(max(a, x) for a, x in zip(act, inp))]
+    assert limits[0] <= memory.plan.reserve < tight_budget(profile)
+
+
 def test_infeasible_budget_warns_and_runs_least_memory(lora_model, inputs, reference, profile, caplog):
     ref, _ = reference(3, 0.0)
     memory = ChainMemory(lora_model[0].unet, 3, 1, profile=profile)

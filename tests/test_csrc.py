@@ -31,7 +31,9 @@ def brute_force_cost(act, inp, flops, budget, rates, depth, resolution):
         avail = budget - reserve
         if avail < 0:
             continue
-        q = max(1, -(-avail // resolution))
+        if sum(act) <= avail:
+            return 0.0  # everything kept: free
+        q = max(1, -(-avail // max(resolution, 32 * len(act))))
         cap = avail // q
         options = []
         for a, x, f in zip(act, inp, flops):
@@ -139,6 +141,23 @@ def test_planner_keeps_everything_that_fits(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_planner_grid_scales_with_the_number_of_items(name):
+    """More items than buckets (K=12 at full size has 1,056): rounding each item up to a bucket must not
+    push items out of a budget they fit in; at most 1/32 of the budget is lost to rounding."""
+    mib, n = 1 << 20, 1200
+    act, inp, flops = [mib] * n, [mib // 16] * n, [1e9] * n
+    be = csrc.backend(name)
+    roomy = csrc.make_plan(act, inp, flops, 64 << 30, RATES, 1, 1024, be)
+    assert roomy.decisions == [KEEP] * n and roomy.cost == 0.0
+    reserve = fallback.reserve_bytes(act, inp, True, 1)
+    room_for = 1150
+    tight = csrc.make_plan(act, inp, flops, reserve + room_for * mib, RATES, 1, 1024, be)
+    kept = tight.decisions.count(KEEP)
+    assert room_for * (1 - 1 / 32) <= kept <= room_for
+    assert tight.resident_bytes + tight.reserve <= reserve + room_for * mib
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_planner_rejects_bad_input(name):
     be = csrc.backend(name)
     with pytest.raises(RuntimeError, match="one entry per item"):
@@ -242,6 +261,8 @@ def test_store_groups_shares_pool_and_errors(name):
         store.put(a, -1)
     with pytest.raises(RuntimeError, match="max_inflight_bytes"):
         csrc.backend(name).Store(0, 1, False)
+    with pytest.raises(RuntimeError, match="max_inflight_bytes"):
+        store.set_max_inflight_bytes(0)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
