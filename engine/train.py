@@ -52,8 +52,11 @@ from engine.tracking import Tracker, gpu_stats
 from engine.video_reward import SegmentalReward, reward_loss
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt")
+WEIGHT_FOLDERS = {"lora": "lora", "full": "unet"}  # by --finetune; early stopping adds "_best"
+SAMPLES, TENSORBOARD, REWARD_CURVE = "samples", "tensorboard", "reward_curve.png"
 # everything a run writes: what --overwrite clears, so nothing of the old run is mistaken for the new one's
-RUN_OUTPUTS = (*RUN_FILES, "lora", "lora_best", "unet", "unet_best", "samples", "tensorboard", "reward_curve.png")
+RUN_OUTPUTS = (*RUN_FILES, *(f"{name}{best}" for name in WEIGHT_FOLDERS.values() for best in ("", "_best")),
+               SAMPLES, TENSORBOARD, REWARD_CURVE)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -160,7 +163,7 @@ class Trainer:
                 self._rewrite_metrics()
             else:
                 self._write_config()
-        self.tracker = Tracker(self.output / "tensorboard", enabled=cfg.tensorboard and self.world.is_main)
+        self.tracker = Tracker(self.output / TENSORBOARD, enabled=cfg.tensorboard and self.world.is_main)
         return self
 
     def _setup_data(self):
@@ -424,7 +427,7 @@ class Trainer:
 
     def weights_folder(self, suffix: str = "") -> Path:
         """lora/ (peft) or unet/ (diffusers: config.json + safetensors); ``suffix`` "best" gives lora_best/."""
-        name = "lora" if self.config.finetune == "lora" else "unet"
+        name = WEIGHT_FOLDERS[self.config.finetune]
         return self.output / (f"{name}_{suffix}" if suffix else name)
 
     def save_weights(self, suffix: str = "") -> Path:
@@ -540,7 +543,7 @@ class Trainer:
 
     def write_samples(self, after_latents: list[torch.Tensor]) -> list[Path]:
         """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts."""
-        folder = self.output / "samples"
+        folder = self.output / SAMPLES
         folder.mkdir(exist_ok=True)
         written = []
         for i, pair in enumerate(zip(self.before_latents, after_latents)):
@@ -562,7 +565,7 @@ class Trainer:
         self.save_weights()
         after_latents = self.sample_latents() if self.runs_model else None
         if self.world.is_main:
-            media.plot_rewards(self.records, self.output / "reward_curve.png", title=f"reward ({cfg.reward.split(':')[0]})")
+            media.plot_rewards(self.records, self.output / REWARD_CURVE, title=f"reward ({cfg.reward.split(':')[0]})")
             self.write_samples(after_latents)
             self.tracker.reward_curve(self.records, self.step)
             self.tracker.close()
