@@ -32,7 +32,9 @@ from torch import nn
 
 from engine.errors import UserError, cli_entry
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, lora_layers
+from engine.models import BUILTIN_MODELS
 from engine.sample import apply_lora, check_lora_folder, load_model, resolve_device
+from engine.world_assets import MODEL_DIR
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -122,7 +124,7 @@ def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Pat
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="the base model: diffusers text-to-video folder or 'tiny'")
+    parser.add_argument("--model", default="world", help="the base model: diffusers text-to-video folder, 'world' or 'tiny'")
     parser.add_argument("--lora", required=True, help="LoRA folder (adapter_model.safetensors + adapter_config.json)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="strength baked into the export")
     parser.add_argument("--output", required=True, help="export folder (merged/ and/or peft/ are written in it)")
@@ -138,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     lora = check_lora_folder(args.lora)
-    if args.model != "tiny" and not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model} is not a folder; pass the base model's diffusers folder or 'tiny'")
+    if args.model not in BUILTIN_MODELS and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model} is not a folder; pass the base model's diffusers folder, 'world' or 'tiny'")
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; pass a folder")
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{out / taken[0]} already exists; pass another --output or --overwrite")
     device = resolve_device(args.device)
     written = {}
-    base = args.model if args.model == "tiny" else str(Path(args.model).resolve())
+    base = "tiny" if args.model == "tiny" else str(Path(MODEL_DIR if args.model == "world" else args.model).resolve())
     for form in forms:  # each form starts from a fresh base model: merging changes the weights in place
         if (out / form).exists():
             shutil.rmtree(out / form)

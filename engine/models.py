@@ -94,7 +94,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VideoDif
     root = Path(path)
     if not root.exists():
         raise UserError(f"model folder {root} does not exist; pass --model a diffusers text-to-video folder "
-                        "(e.g. text-to-video-ms-1.7b) or 'tiny'")
+                        "(e.g. text-to-video-ms-1.7b), 'world' or 'tiny'")
     if not root.is_dir():
         raise UserError(f"--model {root} is a file; pass the folder that holds unet/ vae/ text_encoder/ tokenizer/ scheduler/")
     missing = [c for c in COMPONENTS if not (root / c).is_dir()]
@@ -158,5 +158,18 @@ def tiny_model(seed: int = 0, device: str | torch.device = "cpu") -> VideoDiffus
     return VideoDiffusion(unet, vae, text_encoder, _tiny_tokenizer(), scheduler, name="tiny").to(device)
 
 
+BUILTIN_MODELS = ("world", "tiny")
+
+
 def build_model(spec: str, seed: int = 0, device: str | torch.device = "cpu") -> VideoDiffusion:
-    return tiny_model(seed, device) if spec == "tiny" else load_model(spec, device)
+    """'world': the built-in model trained on engine.world (shipped in engine/assets); 'tiny': random weights;
+    anything else: a diffusers folder."""
+    if spec == "tiny":
+        return tiny_model(seed, device)
+    if spec == "world":
+        from engine.world_assets import MODEL_DIR
+
+        model = load_model(MODEL_DIR, device)
+        model.name = "world"
+        return model
+    return load_model(spec, device)

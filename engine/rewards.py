@@ -9,7 +9,7 @@ Where a reward needs two files, PATH is ``FIRST;SECOND`` (quote it in a shell) o
 | name         | PATH                                                             | score (typical range)           |
 |--------------|------------------------------------------------------------------|---------------------------------|
 | colorfulness | none                                                             | colourfulness, prompt-blind     |
-| hpsv2        | HPS_v2_compressed.pt or HPS_v2.1_compressed.pt                   | cosine(image, text), ~0.25-0.30 |
+| hpsv2        | HPS_v2_compressed.pt or HPS_v2.1_compressed.pt[;ARCH] (ARCH: open_clip name, default ViT-H-14 or the file's 'architecture'); `world`: the built-in reward | cosine(image, text), ~0.25-0.30 |
 | pickscore    | MODEL_DIR[;PROCESSOR_DIR]: transformers CLIPModel folder (PickScore_v1) and, when that folder has no tokenizer files, the processor folder (CLIP-ViT-H-14-laion2B-s32B-b79K) | logit_scale * cosine, ~18-23 |
 | aesthetic    | CLIP_FILE;HEAD_FILE or a folder with both: OpenAI CLIP ViT-L/14 (``ViT-L-14.pt`` from the ``clip`` package, a TorchScript archive, or an open_clip state dict such as ``open_clip_model.safetensors``) and the LAION head ``sac+logos+ava1-l14-linearMSE.pth`` | aesthetic rating, ~4-7 of 10 |
 
@@ -24,7 +24,9 @@ that model and mapping its keys without a real file to check against.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -77,24 +79,44 @@ def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     return (images - mean) / std
 
 
-def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file (a plain state dict or one under 'state_dict')."""
+def read_checkpoint(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A state dict from .safetensors or a torch file (a plain state dict or one under 'state_dict'), and the
+    file's other entries (e.g. 'architecture') when it has them."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} checkpoint {p} does not exist; pass the path of the weights file")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(p))
+            return load_file(str(p)), {}
         data = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{what} checkpoint {p} cannot be read ({reason}); check the file is a complete torch or safetensors state dict") from None
+    extras = {}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        extras = {k: v for k, v in data.items() if k != "state_dict"}
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise UserError(f"{what} checkpoint {p} holds no state dict; expected tensors by name, or a dict with 'state_dict'")
-    return data
+    return data, extras
+
+
+def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path, what)[0]
+
+
+# open_clip configs shipped with the engine (the built-in reward's WorldCLIP-XS)
+OPEN_CLIP_CONFIGS = Path(__file__).parent / "assets"
+
+
+def register_open_clip_configs() -> None:
+    """Let open_clip build the architectures whose configs the engine ships (idempotent)."""
+    import open_clip
+    from open_clip import factory
+
+    if OPEN_CLIP_CONFIGS not in factory._MODEL_CONFIG_PATHS:
+        open_clip.add_model_config(OPEN_CLIP_CONFIGS)
 
 
 def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str, target: str) -> None:
@@ -109,34 +131,65 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.T
                         f"{len(wrong)} mis-shaped weights; {detail}); pass a checkpoint of that architecture")
 
 
+@contextmanager
+def _no_pretrained_warning():
+    """open_clip logs "No pretrained weights loaded" for every pretrained=None build; here the weights come next."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 class HPSv2Reward(Reward):
-    """HPSv2: OpenCLIP ViT-H-14 with an HPS_v2 / HPS_v2.1 checkpoint; score = cosine(image, text), no logit scale."""
+    """HPSv2: an OpenCLIP model with an HPS_v2 / HPS_v2.1 checkpoint; score = cosine(image, text), no logit scale.
+
+    The architecture is ViT-H-14 (the released files) unless the spec (``hpsv2:PATH;ARCH``) or the file's
+    ``architecture`` entry names another open_clip model, such as the built-in reward's ``WorldCLIP-XS``."""
 
     name = "hpsv2"
 
-    def __init__(self, checkpoint: str | Path | None, arch: str = "ViT-H-14", device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint: str | Path | None, arch: str | None = None, device: str | torch.device = "cpu"):
         """``checkpoint=None`` builds the architecture with random weights (on ``device``, e.g. "meta" to count costs)."""
         super().__init__()
         import open_clip
 
+        register_open_clip_configs()
         if checkpoint is None:
-            self.model = open_clip.create_model(arch, pretrained=None, device=device)
+            arch = arch or "ViT-H-14"
+            with _no_pretrained_warning():
+                self.model = open_clip.create_model(arch, pretrained=None, device=device)
         else:
-            state = load_state_dict_file(checkpoint, "HPSv2")
+            state, extras = read_checkpoint(checkpoint, "HPSv2")
+            arch = arch or str(extras.get("architecture", "ViT-H-14"))
             state = {k.removeprefix("module."): v for k, v in state.items()}
             try:  # check names and shapes on the meta device first: a wrong file fails in a second, not after init
-                expected = open_clip.create_model(arch, pretrained=None, device="meta").state_dict()
+                with _no_pretrained_warning():
+                    expected = open_clip.create_model(arch, pretrained=None, device="meta").state_dict()
             except RuntimeError as err:
                 raise UserError(f"unknown open_clip architecture {arch!r} ({err}); HPSv2 uses ViT-H-14") from None
             check_state_dict(state, expected, f"HPSv2 checkpoint {checkpoint}", f"open_clip {arch}")
-            self.model = open_clip.create_model(arch, pretrained=None)
-            self.model.load_state_dict(state, strict=True)
+            with _no_pretrained_warning():
+                self.model = open_clip.create_model(arch, pretrained=None)
+            self.model.load_state_dict(state, strict=True)  # copies into the model's dtype (files may hold fp16)
             self.model.to(device)
         self.model.requires_grad_(False).eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
         size = self.model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_spec(cls, path: str) -> "HPSv2Reward":
+        parts = _split_paths(path, "hpsv2", "hpsv2:PATH or hpsv2:PATH;ARCH")
+        if len(parts) > 2:
+            raise UserError(f"hpsv2 path {path!r} has {len(parts)} parts; use PATH[;ARCH]")
+        if parts[0] == "world":  # the built-in reward, trained on engine.world (engine.world_assets)
+            from engine.world_assets import REWARD_FILE
+
+            parts[0] = str(REWARD_FILE)
+        return cls(*parts)
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
@@ -351,7 +404,7 @@ class WeightedSum(Reward):
 # name -> (builder taking an optional path, needs a path)
 REWARDS: dict[str, tuple[Callable[[str | None], Reward], bool]] = {
     "colorfulness": (lambda path: ColorfulnessReward(), False),
-    "hpsv2": (lambda path: HPSv2Reward(path), True),
+    "hpsv2": (lambda path: HPSv2Reward.from_spec(path), True),
     "pickscore": (lambda path: PickScoreReward.from_spec(path), True),
     "aesthetic": (lambda path: AestheticReward.from_spec(path), True),
 }

@@ -1,6 +1,6 @@
-"""Generate videos from prompts: ``python -m engine.sample --model PATH|tiny --prompt TEXT [--lora FOLDER]``.
+"""Generate videos from prompts: ``python -m engine.sample --model PATH|world|tiny --prompt TEXT [--lora FOLDER]``.
 
-    python -m engine.sample --prompt "a red ball bouncing on a lawn" --output samples/   # tiny model, CPU
+    python -m engine.sample --prompt "a red circle moving left on a black background" --output samples/  # built-in
     python -m engine.sample --model /weights/text-to-video-ms-1.7b --lora runs/my-run/lora --lora-scale 0.8 \\
         --prompts prompts.txt --ddim-steps 50 --guidance 9 --seed 0 --output samples/
 
@@ -28,10 +28,10 @@ from tqdm import tqdm
 from engine.chain import EditChain
 from engine.errors import UserError, cli_entry
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, lora_layers
-from engine.models import VideoDiffusion
+from engine.models import BUILTIN_MODELS, VideoDiffusion
 from engine.runtime import autocast, resolve_device
 
-TINY_SIZE = (8, 32, 32)     # frames, height, width: engine.config.TINY_PRESET
+BUILTIN_SIZE = (8, 32, 32)  # frames, height, width of the built-in models (engine.config.PRESETS)
 REAL_SIZE = (16, 256, 256)  # ModelScope's training size
 
 
@@ -157,16 +157,17 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every generating command shares (sample, evaluate)."""
-    parser.add_argument("--model", default="tiny", help="diffusers text-to-video folder or 'tiny' (random, CPU)")
+    parser.add_argument("--model", default="world",
+                        help="diffusers text-to-video folder, 'world' (the built-in model) or 'tiny' (random, CPU)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = base model, 1 = as trained")
     parser.add_argument("--ddim-steps", type=positive_int, default=20, help="D: DDIM steps from noise")
     parser.add_argument("--guidance", type=float, default=3.0,
                         help="classifier-free guidance scale (training uses 3; diffusers' ModelScope pipeline 9)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="video k starts from CPU randn seeded seed + k")
-    parser.add_argument("--num-frames", type=positive_int, help="frames (default 8 for tiny, 16 otherwise)")
-    parser.add_argument("--height", type=positive_int, help="pixels (default 32 for tiny, 256 otherwise)")
-    parser.add_argument("--width", type=positive_int, help="pixels (default 32 for tiny, 256 otherwise)")
+    parser.add_argument("--num-frames", type=positive_int, help="frames (default 8 for world and tiny, 16 otherwise)")
+    parser.add_argument("--height", type=positive_int, help="pixels (default 32 for world and tiny, 256 otherwise)")
+    parser.add_argument("--width", type=positive_int, help="pixels (default 32 for world and tiny, 256 otherwise)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="videos generated together")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -180,9 +181,9 @@ def check_common(args: argparse.Namespace) -> tuple[int, int, int]:
         raise UserError(f"--guidance {args.guidance} must be at least 1 (1 = no guidance)")
     if args.eta < 0:
         raise UserError(f"--eta {args.eta} must be non-negative")
-    if args.model != "tiny" and not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model} is not a folder; pass a diffusers text-to-video folder or 'tiny'")
-    default = TINY_SIZE if args.model == "tiny" else REAL_SIZE
+    if args.model not in BUILTIN_MODELS and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model} is not a folder; pass a diffusers text-to-video folder, 'world' or 'tiny'")
+    default = BUILTIN_SIZE if args.model in BUILTIN_MODELS else REAL_SIZE
     size = tuple(v if v is not None else d for v, d in zip((args.num_frames, args.height, args.width), default))
     if size[1] % 8 or size[2] % 8:
         raise UserError(f"--height/--width {size[1]}x{size[2]} must be multiples of 8")
