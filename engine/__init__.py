@@ -3,7 +3,7 @@
 ``import engine`` gives the pieces for use with your own diffusers model, imported on first use:
 
     import engine
-    model = engine.load_model("/weights/text-to-video-ms-1.7b")      # or engine.tiny_model()
+    model = engine.load_model("/weights/text-to-video-ms-1.7b")      # or engine.build_model("world")
     engine.add_lora(model.unet, rank=4)
     handle = engine.accelerate(model.unet)                          # fused Triton kernels (CUDA)
     chain = engine.EditChain(model, ddim_steps=20, tau=0.6, grad_steps=1)
@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "accelerate": "engine.accelerate", "revert": "engine.accelerate",
-    "load_model": "engine.models", "tiny_model": "engine.models", "VideoDiffusion": "engine.models",
+    "load_model": "engine.models", "build_model": "engine.models", "tiny_model": "engine.models",
+    "VideoDiffusion": "engine.models", "gold_metrics": "engine.world",
     "EditChain": "engine.chain",
     "SegmentalReward": "engine.video_reward", "reward_loss": "engine.video_reward",
     "build_reward": "engine.rewards", "register_reward": "engine.rewards", "Reward": "engine.rewards",

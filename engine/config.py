@@ -1,7 +1,7 @@
 """The training configuration: one dataclass, YAML files and command-line overrides.
 
-Precedence, lowest first: the dataclass defaults (the official InstructVideo recipe), the tiny preset
-(when ``model == "tiny"``), a YAML file given with ``--config``, then command-line flags.
+Precedence, lowest first: the dataclass defaults (the official InstructVideo recipe), the built-in model's
+preset (when ``model`` is ``world`` or ``tiny``), a YAML file given with ``--config``, then command-line flags.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def _opt(default, help, **kw):
 @dataclass
 class TrainConfig:
     # Model and reward
-    model: str = _opt("tiny", "diffusers text-to-video folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) or 'tiny'")
+    model: str = _opt("tiny", "diffusers text-to-video folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), 'world' "
+                      "(the built-in model trained on engine.world, with its own reward and clips) or 'tiny' (random weights)")
     reward: str = _opt("colorfulness", "reward spec: NAME[:PATH][@WEIGHT], comma-separated to combine, e.g. hpsv2:HPS_v2.1_compressed.pt")
     backend: str = _opt("auto", "kernels: fused (Triton; on the CPU only under TRITON_INTERPRET=1), reference (PyTorch), auto = fused on CUDA, reference on the CPU", choices=("auto", "reference", "fused"))
     # Data: source videos to edit
@@ -155,11 +156,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# The built-in tiny preset: a small random model that trains visibly in about a minute on a CPU.
+# The tiny preset: a small random model and the colourfulness reward; exercises the machinery in a minute.
 TINY_PRESET: dict[str, Any] = dict(
     num_frames=8, height=32, width=32, batch_size=2, steps=30, lr=2e-3, warmup_steps=3,
     lora_rank=4, num_held_out=2, sample_steps=20,
 )
+# The built-in world model with its preference reward (engine/assets, see engine.world_assets). The chain is the
+# official one (D=20, tau=0.6, K=1, CFG 3); only the learning rate and batch are scaled to a small model.
+WORLD_PRESET: dict[str, Any] = dict(
+    num_frames=8, height=32, width=32, batch_size=2, steps=80, lr=3e-3, warmup_steps=5,
+    lora_rank=4, num_held_out=8, sample_steps=20, reward="hpsv2:world",
+)
+PRESETS = {"tiny": TINY_PRESET, "world": WORLD_PRESET}
 
 
 def _field_type(f: dataclasses.Field):
@@ -218,7 +226,7 @@ def saved_run_config(folder: str) -> dict[str, Any]:
 
 
 def resolve_config(argv: list[str] | None, description: str = "InstructVideo reward fine-tuning") -> TrainConfig:
-    """Defaults < tiny preset < the resumed run's options < YAML < flags, validated."""
+    """Defaults < built-in model preset < the resumed run's options < YAML < flags, validated."""
     args = vars(build_parser(description).parse_args(argv))
     yaml_path = args.pop("config", None)
     from_yaml = load_yaml(yaml_path) if yaml_path else {}
@@ -226,9 +234,7 @@ def resolve_config(argv: list[str] | None, description: str = "InstructVideo rew
     chosen = {**resumed, **from_yaml, **args}
     if chosen.get("resume"):
         chosen |= {"output": chosen["resume"], "overwrite": True}
-    values: dict[str, Any] = {}
-    if chosen.get("model", TrainConfig.model) == "tiny":
-        values.update(TINY_PRESET)
+    values: dict[str, Any] = dict(PRESETS.get(chosen.get("model", TrainConfig.model), {}))
     values.update(chosen)
     if "grad_steps" in values:
         values["grad_steps"] = str(values["grad_steps"])

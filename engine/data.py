@@ -1,5 +1,6 @@
-"""Source videos for the edit: a video-text folder (PyAV), prompts for the base model to generate, or the
-tiny preset's synthetic clips. Each source is a prompt plus a way to get its latent, cached after first use."""
+"""Source videos for the edit: a video-text folder (PyAV), prompts for the base model to generate, or a built-in
+model's own clips (the world's rendered clips, the tiny preset's synthetic ones). Each source is a prompt plus a
+way to get its latent, cached after first use."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from engine import world
 from engine.errors import UserError
 
 TINY_PROMPTS = [
@@ -127,14 +129,23 @@ def synthetic_video(index: int, num_frames: int, height: int, width: int) -> tor
 
 @dataclass
 class Source:
-    """A prompt and, for real or synthetic clips, a loader of its frames [F, 3, H, W] in [-1, 1]."""
+    """A prompt and, for real or synthetic clips, a loader of its frames [F, 3, H, W] in [-1, 1]; world clips
+    carry their rendering parameters, from which the gold metrics are measured."""
 
     prompt: str
     frames: Callable[[], torch.Tensor] | None = None  # None: the base model generates it from the prompt
+    clip: "world.Clip | None" = None
 
 
-def build_sources(prompts: str | None, videos: str | None, tiny: bool, num_frames: int, fps: float,
-                  height: int, width: int) -> list[Source]:
+def world_sources(held_out: int, seed: int, train_count: int = 256) -> list[Source]:
+    """The world model's fine-tuning sources: in-domain clips of mixed quality, the last ``held_out`` of them
+    with captions no training source has (prompts never fine-tuned on)."""
+    train, evaluation = world.finetune_split(train_count, held_out, seed)
+    return [Source(c.caption, lambda c=c: world.render(c) * 2 - 1, c) for c in train + evaluation]
+
+
+def build_sources(prompts: str | None, videos: str | None, builtin: str | None, num_frames: int, fps: float,
+                  height: int, width: int, held_out: int = 0, seed: int = 0) -> list[Source]:
     if videos:
         pairs = read_captions(videos)
         for path, _ in pairs:
@@ -142,9 +153,14 @@ def build_sources(prompts: str | None, videos: str | None, tiny: bool, num_frame
         return [Source(caption, lambda p=path: read_video(p, num_frames, fps, height, width)) for path, caption in pairs]
     if prompts:
         return [Source(p) for p in read_prompts(prompts)]
-    if tiny:
+    if builtin == "world":
+        if (num_frames, height, width) != (world.FRAMES, world.SIZE, world.SIZE):
+            raise UserError(f"the world model's clips are {world.FRAMES} frames of {world.SIZE}x{world.SIZE}; drop "
+                            "--num-frames/--height/--width or pass --videos/--prompts")
+        return world_sources(held_out, seed)
+    if builtin == "tiny":
         return [Source(p, lambda i=i: synthetic_video(i, num_frames, height, width)) for i, p in enumerate(TINY_PROMPTS)]
-    raise UserError("no source videos: pass --videos FOLDER or --prompts FILE (the tiny preset brings its own)")
+    raise UserError("no source videos: pass --videos FOLDER or --prompts FILE (the built-in models bring their own)")
 
 
 def split_held_out(sources: list[Source], held_out: int) -> tuple[list[Source], list[Source]]:

@@ -1,6 +1,7 @@
 """Score prompt sets for the base model and LoRA checkpoints: ``python -m engine.evaluate``.
 
     python -m engine.evaluate --output eval/                                          # tiny model, CPU
+    python -m engine.evaluate --model world --lora runs/x/lora --samples-per-prompt 3 --output eval/
     python -m engine.evaluate --model /weights/text-to-video-ms-1.7b \\
         --lora early=runs/a/checkpoint-5000/lora --lora runs/a/lora \\
         --reward hpsv2:/weights/HPS_v2.1_compressed.pt \\
@@ -13,11 +14,15 @@ segments, frames 0, 4, 8, 12 of 16). A video's score is the mean of its S frame 
 frames are weighted as in training (TAR, exp(-lambda |g - F//2|)), which matches the trainer's held-out metric
 but shrinks the numbers (the centre frame dominates), so it is off by default: Table 1's HPSv2 values
 (~0.25-0.27) are plain frame means. Per (model, prompt set): mean and standard deviation over videos
-(population std, ddof 0).
+(population std, ddof 0); with several samples per prompt (video k of a prompt starts from seed + k), also the
+spread over seeds: the standard deviation of the set's mean across the sampling seeds, which the table shows.
 
 Writes ``results.md`` (a Markdown table, rows = models, columns = prompt sets, mean ± std), ``results.json``
 (settings, prompts, every video's score) and ``results.png`` (a bar chart with std error bars).
-The tiny preset has three built-in prompt sets modelled on Table 1; real models need ``--prompt-set``.
+The built-in models have three built-in prompt sets modelled on Table 1; real models need ``--prompt-set``. For the
+world model these are engine.world's splits (in-domain categories, new categories held out of fine-tuning,
+captions of another template), and every video also gets the world's gold metrics, read from its pixels with the
+world's renderer (caption faithfulness, quality, motion), which never look at the reward model.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from engine.errors import UserError, cli_entry
 from engine.lora import adapters_disabled
 from engine.sample import (add_model_arguments, apply_lora, activate_adapter, autocast, check_common,
                            check_lora_folder, generate, load_model, positive_int, resolve_device)
+from engine import world
+from engine.models import BUILTIN_MODELS
 from engine.video_reward import SegmentalReward
 
 # Table 1's three kinds of prompts, at tiny size: the tiny preset trains on engine.data.TINY_PROMPTS.
@@ -45,14 +52,24 @@ TINY_PROMPT_SETS = {
 }
 
 
-def parse_prompt_sets(specs: list[str] | None, tiny: bool) -> dict[str, list[str]]:
+WORLD_PROMPTS_PER_SET = 12
+
+
+def world_prompt_sets() -> dict[str, list[world.Clip]]:
+    """The world's Table-1 splits, fixed (seeded by the split's position)."""
+    return {name: world.prompt_set(name, WORLD_PROMPTS_PER_SET, seed=100 + i) for i, name in enumerate(world.PROMPT_SETS)}
+
+
+def parse_prompt_sets(specs: list[str] | None, builtin: str | None) -> dict[str, list[str]]:
     from engine.data import read_prompts
 
     if not specs:
-        if tiny:
+        if builtin == "world":
+            return {name: [c.caption for c in clips] for name, clips in world_prompt_sets().items()}
+        if builtin == "tiny":
             return dict(TINY_PROMPT_SETS)
         raise UserError("pass at least one --prompt-set NAME=FILE (e.g. in_domain=animals.txt); "
-                        "only the tiny preset has built-in prompt sets")
+                        "only the built-in models have built-in prompt sets")
     sets: dict[str, list[str]] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -81,17 +98,43 @@ def parse_checkpoints(specs: list[str] | None) -> list[tuple[str, Path]]:
     return checkpoints
 
 
-def summarise(scores: list[float]) -> dict:
+def summarise(scores: list[float], seeds: list[int] | None = None) -> dict:
+    """Mean and population std over videos; with ``seeds`` (one per video) and more than one seed, also the std
+    of the per-seed means (``seed_std``)."""
     t = torch.tensor(scores, dtype=torch.float64)
-    return {"mean": t.mean().item(), "std": t.std(unbiased=False).item(), "n": len(scores)}
+    summary = {"mean": t.mean().item(), "std": t.std(unbiased=False).item(), "n": len(scores)}
+    if seeds is not None and len(set(seeds)) > 1:
+        means = torch.stack([t[torch.tensor([s == k for s in seeds])].mean() for k in sorted(set(seeds))])
+        summary["seed_std"] = means.std(unbiased=False).item()
+    return summary
+
+
+def cell(summary: dict, digits: int = 4) -> str:
+    return f"{summary['mean']:.{digits}f} ± {summary.get('seed_std', summary['std']):.{digits}f}"
 
 
 def markdown_table(results: dict[str, dict[str, dict]], sets: list[str], reward: str) -> str:
     lines = [f"| model ({reward}) | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for model, row in results.items():
-        cells = [f"{row[s]['mean']:.4f} ± {row[s]['std']:.4f}" for s in sets]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} | " + " | ".join(cell(row[s]) for s in sets) + " |")
     return "\n".join(lines) + "\n"
+
+
+GOLD_COLUMNS = {"quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3), "shape_acc": ("shape right", 3),
+                "sharpness": ("sharpness", 3), "bg_noise": ("bg noise", 4), "direction_acc": ("direction right", 3),
+                "motion": ("motion (px/frame)", 2)}
+
+
+def gold_tables(gold: dict[str, dict[str, dict[str, dict]]], sets: list[str]) -> str:
+    """One Markdown table per prompt set: rows = models, columns = gold metrics (mean ± spread)."""
+    out = []
+    for name in sets:
+        out.append(f"\n{name}, gold metrics (from pixels):\n")
+        out.append("| model | " + " | ".join(label for label, _ in GOLD_COLUMNS.values()) + " |")
+        out.append("|---|" + "---|" * len(GOLD_COLUMNS))
+        for model, per_set in gold.items():
+            out.append(f"| {model} | " + " | ".join(cell(per_set[name][k], d) for k, (_, d) in GOLD_COLUMNS.items()) + " |")
+    return "\n".join(out) + "\n"
 
 
 def bar_chart(results: dict[str, dict[str, dict]], sets: list[str], path: Path, ylabel: str) -> Path:
@@ -107,10 +150,11 @@ def bar_chart(results: dict[str, dict[str, dict]], sets: list[str], path: Path, 
     x = np.arange(len(sets))
     for i, model in enumerate(models):
         means = [results[model][s]["mean"] for s in sets]
-        stds = [results[model][s]["std"] for s in sets]
+        stds = [results[model][s].get("seed_std", results[model][s]["std"]) for s in sets]
         ax.bar(x + (i - (len(models) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=model)
-    lows = [results[m][s]["mean"] - results[m][s]["std"] for m in models for s in sets]
-    highs = [results[m][s]["mean"] + results[m][s]["std"] for m in models for s in sets]
+    spread = {(m, s): results[m][s].get("seed_std", results[m][s]["std"]) for m in models for s in sets}
+    lows = [results[m][s]["mean"] - spread[m, s] for m in models for s in sets]
+    highs = [results[m][s]["mean"] + spread[m, s] for m in models for s in sets]
     if min(lows) > 0:  # rewards such as HPSv2 live in a narrow band far from 0: zoom to show the differences
         margin = 0.15 * (max(highs) - min(lows) or abs(max(highs)) or 1)
         ax.set_ylim(min(lows) - margin, max(highs) + margin)
@@ -144,14 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     size = check_common(args)
-    tiny = args.model == "tiny"
-    sets = parse_prompt_sets(args.prompt_set, tiny)
+    builtin = args.model if args.model in BUILTIN_MODELS else None
+    sets = parse_prompt_sets(args.prompt_set, builtin)
+    clips = {c.caption: c for group in world_prompt_sets().values() for c in group} if builtin == "world" else {}
     checkpoints = parse_checkpoints(args.lora)
     if args.segments > size[0]:
         raise UserError(f"--segments {args.segments} must not exceed --num-frames {size[0]}")
     if args.tar_lambda < 0:
         raise UserError(f"--tar-lambda {args.tar_lambda} must be non-negative")
-    reward_spec = args.reward or ("colorfulness" if tiny else None)
+    reward_spec = args.reward or {"world": "hpsv2:world", "tiny": "colorfulness"}.get(builtin)
     if reward_spec is None:
         raise UserError("pass --reward, e.g. --reward hpsv2:/weights/HPS_v2.1_compressed.pt")
     device = resolve_device(args.device)
@@ -168,33 +213,43 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(name, p) for name, prompts in sets.items() for p in prompts for _ in range(args.samples_per_prompt)]
     models = [("base", None)] + [(label, f"checkpoint{i}") for i, (label, _) in enumerate(checkpoints)]
     results: dict[str, dict[str, dict]] = {}
+    gold: dict[str, dict[str, dict[str, dict]]] = {}
     per_video: dict[str, list[dict]] = {}
+    seeds = [args.seed + k for k in range(len(jobs))]
+    sample_index = [k % args.samples_per_prompt for k in range(len(jobs))]  # which sampling seed of its prompt
     bar = tqdm(total=len(models) * len(jobs) * args.ddim_steps, desc="evaluating", unit="step", dynamic_ncols=True)
     for label, adapter in models:
         if adapter is not None:
             activate_adapter(model.unet, adapter)
         switch = adapters_disabled(model.unet) if adapter is None and checkpoints else nullcontext()
         scores: list[float] = []
+        metrics: list[dict] = []
         with switch:
             for start in range(0, len(jobs), args.batch_size):
                 batch = jobs[start:start + args.batch_size]
                 prompts = [p for _, p in batch]
-                seeds = [args.seed + start + i for i in range(len(batch))]
                 with autocast(device, args.precision), torch.no_grad():
-                    latents = generate(model, prompts, seeds, size, args.ddim_steps, args.guidance, args.eta, bar.update)
+                    latents = generate(model, prompts, seeds[start:start + len(batch)], size, args.ddim_steps, args.guidance, args.eta, bar.update)
                     video_rewards, _ = scorer(model, latents, prompts, train=False)
                 scores += video_rewards.float().cpu().tolist()
+                if all(p in clips for p in prompts):
+                    metrics += world.gold_scores(model, latents, [clips[p] for p in prompts])
         if not all(math.isfinite(s) for s in scores):
             raise UserError(f"model {label!r} produced non-finite rewards; try --precision fp32")
-        results[label] = {name: summarise([s for (n, _), s in zip(jobs, scores) if n == name]) for name in sets}
-        per_video[label] = [{"set": n, "prompt": p, "seed": args.seed + k, "reward": s}
+        in_set = {name: [k for k, (n, _) in enumerate(jobs) if n == name] for name in sets}
+        results[label] = {name: summarise([scores[k] for k in ks], [sample_index[k] for k in ks])
+                          for name, ks in in_set.items()}
+        per_video[label] = [{"set": n, "prompt": p, "seed": seeds[k], "reward": s} | (metrics[k] if metrics else {})
                             for k, ((n, p), s) in enumerate(zip(jobs, scores))]
+        if metrics:
+            gold[label] = {name: {m: summarise([metrics[k][m] for k in ks], [sample_index[k] for k in ks])
+                                  for m in GOLD_COLUMNS} for name, ks in in_set.items()}
     bar.close()
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     reward_name = reward_spec.split(":")[0].split("@")[0] if "," not in reward_spec else "weighted reward"
-    table = markdown_table(results, list(sets), reward_name)
+    table = markdown_table(results, list(sets), reward_name) + (gold_tables(gold, list(sets)) if gold else "")
     (out / "results.md").write_text(table)
     report = {
         "settings": {"model": args.model, "reward": reward_spec, "checkpoints": {l: str(f) for l, f in checkpoints},
@@ -202,13 +257,18 @@ def main(argv: list[str] | None = None) -> dict:
                      "eta": args.eta, "seed": args.seed, "samples_per_prompt": args.samples_per_prompt,
                      "num_frames": size[0], "height": size[1], "width": size[2], "segments": args.segments,
                      "frames_scored": "first of each segment (SegVR evaluation)", "tar": args.tar,
-                     "tar_lambda": args.tar_lambda if args.tar else None, "std": "population (ddof 0) over videos"},
+                     "tar_lambda": args.tar_lambda if args.tar else None, "std": "population (ddof 0) over videos",
+                     "seed_std": "population std of the per-seed means (several samples per prompt)"},
         "prompt_sets": sets,
         "results": results,
+        "gold": gold,
         "videos": per_video,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2))
     bar_chart(results, list(sets), out / "results.png", f"{reward_name} (mean ± std)")
+    if gold:
+        bar_chart({label: {name: per_set[name]["quality"] for name in sets} for label, per_set in gold.items()},
+                  list(sets), out / "gold_quality.png", "gold quality, dB (mean ± std)")
     print(table, end="")
     print(f"results in {out}/results.md, results.json, results.png")
     return report

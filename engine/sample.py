@@ -1,6 +1,6 @@
 """Generate videos from prompts: ``python -m engine.sample --model PATH|world|tiny --prompt TEXT [--lora FOLDER]``.
 
-    python -m engine.sample --prompt "a red circle moving left on a black background" --output samples/  # built-in
+    python -m engine.sample --model world --prompt "a red circle moving left on a black background" --output samples/
     python -m engine.sample --model /weights/text-to-video-ms-1.7b --lora runs/my-run/lora --lora-scale 0.8 \\
         --prompts prompts.txt --ddim-steps 50 --guidance 9 --seed 0 --output samples/
 
@@ -157,7 +157,7 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every generating command shares (sample, evaluate)."""
-    parser.add_argument("--model", default="world",
+    parser.add_argument("--model", default="tiny",
                         help="diffusers text-to-video folder, 'world' (the built-in model) or 'tiny' (random, CPU)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = base model, 1 = as trained")
     parser.add_argument("--ddim-steps", type=positive_int, default=20, help="D: DDIM steps from noise")

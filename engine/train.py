@@ -44,12 +44,13 @@ from engine.data import BatchSampler, Source, build_sources, split_held_out
 from engine.distributed import ShardedGenerator
 from engine.errors import UserError, cli_entry
 from engine.lora import add_lora, adapters_disabled, load_lora, lora_state_dict, save_lora
-from engine.models import VideoDiffusion, build_model
+from engine.models import BUILTIN_MODELS, VideoDiffusion, build_model
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import build_reward
 from engine.runtime import autocast, autocast_dtype, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.video_reward import SegmentalReward, reward_loss
+from engine.world import gold_scores, mean_metrics
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt")
 WEIGHT_FOLDERS = {"lora": "lora", "full": "unet"}  # by --finetune; early stopping adds "_best"
@@ -171,8 +172,8 @@ class Trainer:
         down = self.model.vae_downsample
         if cfg.height % down or cfg.width % down:
             raise UserError(f"--height/--width must be multiples of the VAE's factor {down}")
-        sources = build_sources(cfg.prompts, cfg.videos, cfg.model == "tiny", cfg.num_frames, cfg.fps,
-                                cfg.height, cfg.width)
+        sources = build_sources(cfg.prompts, cfg.videos, cfg.model if cfg.model in BUILTIN_MODELS else None,
+                                cfg.num_frames, cfg.fps, cfg.height, cfg.width, held_out=cfg.num_held_out)
         self.train_sources, held_out = split_held_out(sources, cfg.num_held_out)
         self.eval_sources = held_out or self.train_sources[:2]
         self.latent_shape = (self.model.unet.config.in_channels, cfg.num_frames, cfg.height // down, cfg.width // down)
@@ -389,10 +390,11 @@ class Trainer:
         return loss, terms
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean held-out video reward: fixed noise, SegVR evaluation frames (first of each segment)."""
+    def evaluate(self) -> dict[str, float]:
+        """Mean held-out video reward (fixed noise, SegVR evaluation frames: first of each segment) and, for the
+        world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels)."""
         generator = torch.Generator(self.device).manual_seed(self.config.seed + 7)
-        values = []
+        values, gold = [], []
         for start in range(0, len(self.eval_sources), self.config.batch_size):
             indices = list(range(start, min(start + self.config.batch_size, len(self.eval_sources))))
             latents, prompts, context = self.batch(self.eval_sources, indices)
@@ -400,7 +402,11 @@ class Trainer:
                 edited = self.chain.edit(latents, context, self.uncond.expand(len(prompts), -1, -1), generator)
                 rewards, _ = self.reward(self.model, edited, prompts, train=False)
             values.append(rewards.float())
-        return torch.cat(values).mean().item()
+            clips = [self.eval_sources[i].clip for i in indices]
+            if all(clips):
+                gold += gold_scores(self.model, edited, clips, against_source=True)
+        result = {"eval_reward": torch.cat(values).mean().item()}
+        return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold else {})
 
     def log(self, record: dict):
         self.records.append(record)
@@ -415,12 +421,12 @@ class Trainer:
         Returns True when early stopping says stop."""
         stop = False
         if self.runs_model:
-            value = self.evaluate()
+            values = self.evaluate()
             if self.sharded:  # one value on every rank, so every rank takes the same early-stopping decisions
-                value = dist_utils.mean_over_ranks({"eval_reward": value}, self.world)["eval_reward"]
+                values = dist_utils.mean_over_ranks(values, self.world)
             if self.world.is_main:
-                self.log({"kind": "eval", "step": self.step, "eval_reward": value})
-            stop = self.early_stopping.update(value, self.step).stop
+                self.log({"kind": "eval", "step": self.step, **values})
+            stop = self.early_stopping.update(values["eval_reward"], self.step).stop
             if self.early_stopping.improved and self.step > 0:
                 self.save_weights("best")
         return not dist_utils.all_ranks_agree(not stop, self.world)
@@ -545,7 +551,7 @@ class Trainer:
         """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts."""
         folder = self.output / SAMPLES
         folder.mkdir(exist_ok=True)
-        written = []
+        written, rows = [], []
         for i, pair in enumerate(zip(self.before_latents, after_latents)):
             videos = {}
             for label, latent in zip(("before", "after"), pair):
@@ -555,6 +561,8 @@ class Trainer:
                 written.append(media.write_gif(videos[label], folder / f"{i:02d}_{label}.gif", self.config.fps))
                 self.tracker.video(f"samples/{i:02d}_{label}", videos[label], self.step, self.config.fps)
             written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
+            rows += [videos["before"], videos["after"]]
+        written.append(media.write_grid(rows, folder / "before_after.png"))  # every prompt: before, after, ...
         (folder / "prompts.txt").write_text("".join(f"{i:02d}: {s.prompt}\n" for i, s in enumerate(self.eval_sources)))
         return written
 
@@ -569,9 +577,22 @@ class Trainer:
             self.write_samples(after_latents)
             self.tracker.reward_curve(self.records, self.step)
             self.tracker.close()
-            evals = [r["eval_reward"] for r in self.records if r["kind"] == "eval"]
-            summary |= {"eval_reward_start": evals[0], "eval_reward_end": evals[-1]}
-            print(f"held-out reward {evals[0]:.4f} -> {evals[-1]:.4f}; outputs in {self.output}")
+            evals = [r for r in self.records if r["kind"] == "eval"]
+            first, last = evals[0], evals[-1]
+            summary |= {f"{k}_start": first[k] for k in first if k.startswith(("eval_", "gold_"))}
+            summary |= {f"{k}_end": last[k] for k in last if k.startswith(("eval_", "gold_"))}
+            print(f"held-out reward {first['eval_reward']:.4f} -> {last['eval_reward']:.4f}")
+            if "gold_quality" in first:
+                print(f"held-out gold metrics (from pixels, no reward model), before -> after fine-tuning:\n"
+                      f"  quality (PSNR to the clean render) {first['gold_quality']:.2f} -> {last['gold_quality']:.2f} dB\n"
+                      f"  colour right {first['gold_colour_acc']:.1%} -> {last['gold_colour_acc']:.1%}, "
+                      f"shape right {first['gold_shape_acc']:.1%} -> {last['gold_shape_acc']:.1%}\n"
+                      f"  sharpness {first['gold_sharpness']:.3f} -> {last['gold_sharpness']:.3f}, "
+                      f"background noise {first['gold_bg_noise']:.4f} -> {last['gold_bg_noise']:.4f}\n"
+                      f"  motion kept: distance to the source's path {first['gold_motion_error']:.2f} -> "
+                      f"{last['gold_motion_error']:.2f} px/frame, speed {first['gold_motion']:.2f} -> "
+                      f"{last['gold_motion']:.2f} px/frame")
+            print(f"outputs in {self.output}")
         dist_utils.shutdown(self.world)
         return summary
 

@@ -11,7 +11,7 @@ from engine.rewards import ColorfulnessReward
 from engine.sample import generate
 from engine.video_reward import SegmentalReward
 
-QUICK = ["--ddim-steps", "2", "--num-frames", "4", "--height", "16", "--width", "16", "--segments", "2"]
+QUICK = ["--model", "tiny", "--ddim-steps", "2", "--num-frames", "4", "--height", "16", "--width", "16", "--segments", "2"]
 
 
 def test_evaluate_scores_sets_for_base_and_checkpoints(tmp_path, lora_folder, _tiny_model_session):

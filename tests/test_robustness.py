@@ -17,7 +17,7 @@ from engine.train import Trainer, main
 
 
 def quick(out, *extra):
-    return ["--output", str(out), "--steps", "6", "--ddim-steps", "4", "--sample-steps", "2", *extra]
+    return ["--model", "tiny", "--output", str(out), "--steps", "6", "--ddim-steps", "4", "--sample-steps", "2", *extra]
 
 
 def lora_of(run):

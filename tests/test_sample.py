@@ -63,7 +63,7 @@ def test_sample_cli_writes_videos_grids_and_manifest(tmp_path, lora_folder):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball bouncing\n\n")
     out = tmp_path / "samples"
-    summary = main(["--prompts", str(prompts), "--prompt", "a blue car!", "--lora", str(lora_folder),
+    summary = main(["--model", "tiny", "--prompts", str(prompts), "--prompt", "a blue car!", "--lora", str(lora_folder),
                     "--lora-scale", "0.5", "--ddim-steps", "2", "--num-frames", "4", "--height", "16", "--width", "16",
                     "--batch-size", "2", "--output", str(out)])
     assert [v["prompt"] for v in summary["videos"]] == ["a blue car!", "a red ball bouncing"]  # --prompt first
@@ -114,7 +114,7 @@ def test_sample_rejects_output_file_and_broken_lora(tmp_path, capsys, lora_folde
                           (["--output", str(tmp_path / "o"), "--lora", str(broken), "--ddim-steps", "1"],
                            "not a peft LoRA config")]:
         with pytest.raises(SystemExit) as exit_info:
-            main(["--prompt", "x", *argv])
+            main(["--model", "tiny", "--prompt", "x", *argv])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 

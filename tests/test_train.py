@@ -42,10 +42,11 @@ def test_default_cli_run_trains_and_writes_every_output(tmp_path):
             assert (out / "samples" / f"{i:02d}_{label}.mp4").stat().st_size > 0
             assert (out / "samples" / f"{i:02d}_{label}.gif").stat().st_size > 0
         assert (out / "samples" / f"{i:02d}_before_after.png").exists()
+    assert (out / "samples" / "before_after.png").stat().st_size > 1000
 
 
 def quick(out, *extra):
-    return ["--output", str(out), "--steps", "2", "--ddim-steps", "4", "--sample-steps", "2", *extra]
+    return ["--model", "tiny", "--output", str(out), "--steps", "2", "--ddim-steps", "4", "--sample-steps", "2", *extra]
 
 
 def test_cpu_run_is_repeatable_with_one_seed(tmp_path):
