@@ -1,0 +1,141 @@
+"""The procedural world, its gold metrics, and the built-in model and reward trained on it (engine/assets)."""
+
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import world
+from engine.world_assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE, world_words
+
+
+def clips(count, seed=0, **kw):
+    rng = random.Random(seed)
+    return [world.random_clip(rng, **kw) for _ in range(count)]
+
+
+def gold(clip, frames=None):
+    return world.gold_metrics(world.render(clip) if frames is None else frames, clip.clean(), world.intended_path(clip))
+
+
+# ---------------------------------------------------------------------------------- gold metrics
+def test_gold_metrics_rank_rendered_ground_truth():
+    """Clean renders score best on every metric each degradation spoils; the right caption beats a wrong one."""
+    for clip in clips(12):
+        clean = gold(clip)
+        assert clean["quality"] > 28 and clean["colour_acc"] == clean["shape_acc"] == clean["direction_acc"] == 1.0
+        assert clean["motion_error"] < 0.05 and clean["jitter"] < 0.05 and abs(clean["motion"] - world.SPEED) < 0.05
+        degraded = {d: gold(world.Clip(**{**clip.__dict__, "degradation": d})) for d in world.DEGRADATIONS}
+        for d in ("blur", "noise", "washed", "wrong_colour"):
+            assert degraded[d]["quality"] < clean["quality"] - 3, (clip.caption, d)
+        assert degraded["blur"]["sharpness"] < 0.7 * clean["sharpness"]
+        assert degraded["washed"]["sharpness"] < 0.5 * clean["sharpness"]
+        assert degraded["noise"]["bg_noise"] > 0.1 > 0.01 > clean["bg_noise"]
+        assert degraded["wrong_colour"]["colour_acc"] == 0.0
+        assert degraded["jitter"]["jitter"] > 1.0 and degraded["jitter"]["motion_error"] > 1.0
+        frames = world.render(clip)
+        other_colour = world.Clip(**{**clip.__dict__, "colour": next(c for c in world.COLOURS if c != clip.colour)})
+        assert world.gold_metrics(frames, other_colour)["colour_acc"] == 0.0
+        other_shape = world.Clip(**{**clip.__dict__, "shape": next(s for s in world.SHAPES if s != clip.shape)})
+        assert world.gold_metrics(frames, other_shape)["shape_acc"] == 0.0
+        static = frames[:1].expand_as(frames)
+        assert world.gold_metrics(static, clip)["direction_acc"] == 0.0 and gold(clip, static)["motion_error"] > 3
+
+
+def test_splits_hold_out_what_they_say():
+    train, held_out = world.finetune_split(200, 8, seed=0)
+    assert not {c.caption for c in train} & {c.caption for c in held_out}
+    assert all(c.shape in world.FINETUNE_SHAPES and c.colour in world.FINETUNE_COLOURS for c in train + held_out)
+    assert {c.degradation for c in train} == {None, *world.DEGRADATIONS}  # mixed quality, as in pre-training
+    new = world.prompt_set("new_categories", 20, seed=1)
+    assert all(c.shape not in world.FINETUNE_SHAPES or c.colour not in world.FINETUNE_COLOURS for c in new)
+    unrelated = world.prompt_set("unrelated", 5, seed=2)
+    assert all(c.template == "B" and "backdrop" in c.caption for c in unrelated)
+    assert all(c.degradation is None for name in world.PROMPT_SETS for c in world.prompt_set(name, 5, seed=3))
+
+
+def test_clips_stay_inside_the_frame():
+    for clip in clips(200, seed=5):
+        path = clip.trajectory()
+        assert path.min() >= world.RADIUS and path.max() <= world.SIZE - world.RADIUS
+
+
+# ---------------------------------------------------------------------------------- the shipped assets
+def test_shipped_assets_are_small_and_complete():
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 1024 ** 2
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (MODEL_DIR / part).is_dir()
+    assert all(p.suffix != ".bin" for p in files)  # weights as safetensors (the reward: HPS_v2's torch format)
+    data = torch.load(REWARD_FILE, weights_only=True)
+    assert data["architecture"] == REWARD_ARCH and isinstance(data["state_dict"], dict)
+
+
+def test_stock_pipeline_loads_the_built_in_model_and_the_engine_samples_it():
+    """A stock TextToVideoSDPipeline loads the folder and generates; the engine samples it and the gold metrics
+    read its videos (how faithful they are is measured, not asserted: see the README's world section)."""
+    from diffusers import TextToVideoSDPipeline
+
+    from engine.models import build_model
+    from engine.sample import decode_video, generate
+
+    pipe = TextToVideoSDPipeline.from_pretrained(str(MODEL_DIR))
+    frames = pipe("a red circle moving left on a black background", num_inference_steps=2, height=32, width=32,
+                  num_frames=8, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape[-3:] == (3, 32, 32) and torch.isfinite(frames).all()
+
+    model = build_model("world")
+    prompts = world.prompt_set("in_domain", 2, seed=11)
+    latents = generate(model, [c.caption for c in prompts], [0, 1], (8, 32, 32), ddim_steps=4)
+    assert latents.shape == (2, 4, 8, 8, 8) and torch.isfinite(latents).all()
+    scores = world.mean_metrics([world.gold_metrics(decode_video(model, v), c) for v, c in zip(latents, prompts)])
+    assert set(scores) == set(world.GOLD_METRICS)
+
+
+def test_world_words_are_single_tokens():
+    from engine.models import build_model
+
+    tokenizer = build_model("world").tokenizer
+    assert all(len(tokenizer.tokenize(w)) == 1 for w in world_words())
+    assert tokenizer.tokenize("zebra")  # anything else still tokenizes (bytes)
+
+
+def test_built_in_reward_loads_through_hpsv2_and_prefers_clean_faithful_frames():
+    from engine.rewards import HPSv2Reward, build_reward
+
+    reward = build_reward("hpsv2:world")
+    assert isinstance(reward, HPSv2Reward) and reward.image_size == world.SIZE
+    wins, total = 0, 0
+    for clip in clips(24, seed=7):
+        frame = lambda c: world.render(c)[3:4]
+        score = lambda c, caption=clip.caption: reward(frame(c), [caption]).item()
+        clean = score(clip)
+        worse = [world.Clip(**{**clip.__dict__, "degradation": d}) for d in ("blur", "noise", "washed", "wrong_colour")]
+        worse.append(world.Clip(**{**clip.__dict__, "shape": next(s for s in world.SHAPES if s != clip.shape)}))
+        wins += sum(clean > score(c) for c in worse)
+        total += len(worse)
+    assert wins / total > 0.85, (wins, total)
+
+
+def test_world_assets_command_writes_loadable_files(tmp_path):
+    """The regeneration command, run for a few steps: a pipeline folder and an HPS-format reward that load."""
+    result = subprocess.run([sys.executable, "-m", "engine.world_assets", "--vae-steps", "2", "--unet-steps", "2",
+                             "--reward-steps", "2", "--output", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from engine.models import load_model
+    from engine.rewards import HPSv2Reward
+
+    model = load_model(tmp_path / MODEL_DIR.name)
+    assert model.vae_downsample == 4 and model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+    reward = HPSv2Reward(tmp_path / REWARD_FILE.name)
+    assert reward(torch.rand(2, 3, 32, 32), ["a", "b"]).shape == (2,)
+
+
+@pytest.mark.parametrize("steps", ["0"])
+def test_world_assets_bad_steps_exit_2(tmp_path, steps):
+    result = subprocess.run([sys.executable, "-m", "engine.world_assets", "--unet-steps", steps, "--output",
+                             str(tmp_path / "o")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "o").exists()
