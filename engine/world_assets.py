@@ -1,6 +1,6 @@
 """The built-in model and reward, trained by the project on its procedural world (engine.world):
 
-    python -m engine.world_assets --seed 0            # about 50 minutes on 2 CPU cores; writes engine/assets/
+    python -m engine.world_assets --seed 0            # about an hour on 2 CPU cores; writes engine/assets/
 
 1. a base text-to-video model with ModelScope's diffusers classes (``UNet3DConditionModel``, ``AutoencoderKL``,
    ``CLIPTextModel`` + ``CLIPTokenizer``, ``DDIMScheduler``, epsilon prediction), saved in the pipeline layout
@@ -181,7 +181,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed: 
         a = alphas[t].view(-1, 1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=min_snr) / snr
+        weight = snr.clamp(max=min_snr) / snr if min_snr > 0 else torch.ones_like(snr)
         error = (unet(noisy, t, encoder_hidden_states=context).sample - noise).pow(2).mean((1, 2, 3, 4))
         loss = (weight * error).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -253,7 +253,8 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, batch: int = 32, 
 
 
 # ---------------------------------------------------------------------------------- the command
-def build_and_train(seed: int, vae_steps: int, unet_steps: int, reward_steps: int, output: Path) -> None:
+def build_and_train(seed: int, vae_steps: int, unet_steps: int, reward_steps: int, output: Path,
+                    unet_lr: float = 1e-3, min_snr: float = 5.0) -> None:
     import open_clip
     from diffusers import TextToVideoSDPipeline
 
@@ -265,7 +266,7 @@ def build_and_train(seed: int, vae_steps: int, unet_steps: int, reward_steps: in
         unet, vae, text_encoder, scheduler = world_model_components(tokenizer, seed)
         train_vae(vae, vae_steps, seed)
         vae.requires_grad_(False)
-        train_unet(unet, vae, text_encoder, tokenizer, scheduler, unet_steps, seed + 1)
+        train_unet(unet, vae, text_encoder, tokenizer, scheduler, unet_steps, seed + 1, lr=unet_lr, min_snr=min_snr)
         model_dir = output / MODEL_DIR.name
         TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               scheduler=scheduler).save_pretrained(str(model_dir))
@@ -288,13 +289,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=2500)
     parser.add_argument("--unet-steps", type=int, default=2400)
     parser.add_argument("--reward-steps", type=int, default=1000)
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak learning rate of the UNet stage")
+    parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR loss weighting gamma (0 = uniform weights)")
     parser.add_argument("--output", default=str(ASSETS), help="folder for world-t2v/ and world-hps.pt")
     args = parser.parse_args(argv)
     if min(args.vae_steps, args.unet_steps, args.reward_steps) < 1:
         raise UserError("--vae-steps, --unet-steps and --reward-steps must be at least 1")
+    if not (0 < args.unet_lr < float("inf")) or not (0 <= args.min_snr < float("inf")):
+        raise UserError("--unet-lr must be a positive number and --min-snr a non-negative one (0 = uniform weights)")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    build_and_train(args.seed, args.vae_steps, args.unet_steps, args.reward_steps, output)
+    build_and_train(args.seed, args.vae_steps, args.unet_steps, args.reward_steps, output, args.unet_lr, args.min_snr)
 
 
 if __name__ == "__main__":
