@@ -312,8 +312,6 @@ def gold_metrics(frames: torch.Tensor, clip: Clip, source_trajectory: torch.Tens
 
 
 GOLD_METRICS = ("quality", "colour_acc", "shape_acc", "sharpness", "bg_noise", "motion", "jitter", "direction_acc")
-HIGHER_IS_BETTER = {"quality": True, "colour_acc": True, "shape_acc": True, "sharpness": True, "bg_noise": False,
-                    "jitter": False, "direction_acc": True, "motion_error": False}
 
 
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
