@@ -145,6 +145,15 @@ def bench_lora(m, width, rank, dtype, peaks, shape):
 
 
 # -- temporal attention -----------------------------------------------------------------------------------------------
+def xformers_ops():
+    """xformers.ops where it imports (the temporal-attention rows then include its memory-efficient attention)."""
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return None
+    return xops
+
+
 def bench_attention(bhw, heads, dtype, peaks, shape, frames=16, head_dim=64):
     dev = DEVICE
     width = heads * head_dim
@@ -164,13 +173,10 @@ def bench_attention(bhw, heads, dtype, peaks, shape, frames=16, head_dim=64):
         return out.transpose(1, 2).reshape(bhw, frames, width)  # a view: the kernel wrote [B, F, heads, D]
 
     providers = {"sdpa": sdpa}
-    try:
-        import xformers.ops as xops
-
+    xops = xformers_ops()
+    if xops is not None:
         providers["xformers"] = lambda qq, kk, vv: xops.memory_efficient_attention(
             *(t.view(bhw, frames, heads, head_dim) for t in (qq, kk, vv))).reshape(bhw, frames, width)
-    except ImportError:
-        pass
     providers["fused"] = fused
 
     io = bhw * frames * width * q.element_size()  # one [B*h*w, F, C] tensor
@@ -313,6 +319,9 @@ def main(argv=None) -> int:
     print(markdown(rows))
     if None in peaks:
         print("\n% peak: unknown device; pass --peak-tflops and --peak-tbs")
+    if xformers_ops() is None:
+        print("\nxformers does not import here: the temporal-attention rows compare the fused kernel with SDPA only "
+              "(pip install xformers to add its memory-efficient attention)")
     if args.out is not None:
         env = dict(device=name, dtype=args.dtype, torch=torch.__version__, triton=triton.__version__,
                    peak_flops=peaks[0], peak_bytes_per_s=peaks[1])

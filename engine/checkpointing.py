@@ -660,9 +660,10 @@ class ChainMemory:
             largest = max((max(a, x) for a, x in zip(act, inp)), default=0)
             self.store.set_max_inflight_bytes(max(1, self.prefetch_depth * largest))
         if not self.plan.feasible:
-            self._warn("budget", f"memory budget {budget} B is below what {self.grad_steps} gradient steps need at "
-                                 f"least ({self.plan.device_bytes} B with this model and shape); running the "
-                                 "least-memory plan")
+            self._warn("budget", f"warning: memory budget {budget} B is below the {self.plan.device_bytes} B "
+                                 f"({self.plan.device_bytes / 2 ** 20:.1f} MiB) that {self.grad_steps} gradient step(s) "
+                                 f"need at least with this model and shape; running the least-memory plan (a "
+                                 f"--memory-budget of at least {self.plan.device_bytes} B fits it)")
 
     # -- running ---------------------------------------------------------------------------------------------
     def _run(self, unit: int, original, args, kwargs):

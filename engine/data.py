@@ -5,6 +5,7 @@ way to get its latent, cached after first use."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -30,13 +31,17 @@ def read_prompts(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"prompts file {p} does not exist; pass --prompts a text file with one prompt per line")
-    try:
-        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise UserError(f"prompts file {p} is not UTF-8 text; save it as plain text, one prompt per line") from None
+    prompts = [line.strip() for line in read_utf8(p).splitlines() if line.strip()]
     if not prompts:
         raise UserError(f"prompts file {p} is empty; write one prompt per line")
     return prompts
+
+
+def read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 (e.g. iconv -t UTF-8)") from None
 
 
 def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
@@ -44,17 +49,19 @@ def read_captions(folder: str | Path) -> list[tuple[Path, str]]:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"video folder {root} does not exist; pass --videos a folder with videos and captions.csv")
-    if (root / "captions.csv").is_file():
-        with open(root / "captions.csv", newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
-                raise UserError(f"{root / 'captions.csv'} needs a header with columns video,caption")
-            rows = [(r["video"], r["caption"]) for r in reader]
-    elif (root / "captions.jsonl").is_file():
+    csv_path, jsonl_path = root / "captions.csv", root / "captions.jsonl"
+    if csv_path.is_file():
+        reader = csv.DictReader(io.StringIO(read_utf8(csv_path), newline=""))
+        if not reader.fieldnames or not {"video", "caption"} <= set(reader.fieldnames):
+            raise UserError(f"{csv_path} needs a header with columns video,caption")
+        rows = [(r["video"], r["caption"]) for r in reader]
+    elif jsonl_path.is_file():
         try:
-            rows = [(d["video"], d["caption"]) for d in map(json.loads, filter(str.strip, (root / "captions.jsonl").read_text().splitlines()))]
+            lines = filter(str.strip, read_utf8(jsonl_path).splitlines())
+            rows = [(d["video"], d["caption"]) for d in map(json.loads, lines)]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{root / 'captions.jsonl'} must hold one {{\"video\": ..., \"caption\": ...}} object per line ({err})") from None
+            raise UserError(f"{jsonl_path} must hold one {{\"video\": ..., \"caption\": ...}} object per line "
+                            f"({err})") from None
     else:
         raise UserError(f"video folder {root} has no captions.csv or captions.jsonl; add one mapping each video to its caption")
     pairs = [(root / v, c.strip()) for v, c in rows if c and c.strip()]

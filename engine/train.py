@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import kernels
 from engine import distributed as dist_utils
@@ -485,52 +486,54 @@ class Trainer:
             self.log_eval()
         progress = tqdm(total=cfg.steps, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True,
                         disable=not self.world.is_main)
-        try:
-            while self.step < cfg.steps:
-                self.step += 1
-                started = time.perf_counter()
-                # data: this process's share of the global batch (latents cached), prompts, text embeddings
-                indices = self.world.shard(next(self.sampler))
-                latents, prompts, context = self.batch(self.train_sources, indices)
-                # forward: edit -> decode SegVR frames -> reward with TAR
-                loss, terms = self.loss_step(latents, prompts, context)
-                # backward through the last K steps, average over ranks, clip, update (skipped if non-finite)
-                outcome, grad_norm = self.optimizer_step(loss)
-                # log (reading the loss is a device sync point)
-                seconds = time.perf_counter() - started
-                values = dist_utils.mean_over_ranks(
-                    {"loss": loss.item(), **{k: v.float().mean().item() for k, v in terms.items()}}, self.world)
-                record = {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step, **values,
-                          "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
-                self.bad_in_row = self.bad_in_row + 1 if outcome == "skipped" else 0
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps or outcome == "skipped":
-                    self.log(record)
-                progress.update(1)
-                progress.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4f}",
-                                     s_step=f"{seconds:.2f}")
-                if self.bad_in_row >= cfg.max_bad_steps:
-                    # skipped steps left weights and optimizer as they were: this is the last good state
-                    bad, self.bad_in_row = self.bad_in_row, 0
-                    self.save_checkpoint()
-                    raise Stop(f"stopping at step {self.step}: {bad} non-finite losses or gradients in a row; the "
-                               f"weights of the last good step are saved in {self.output} (lower --lr or set "
-                               f"--max-grad-norm, then --resume {self.output})", 3)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.log_eval():
-                    print(f"early stop at step {self.step}: held-out reward {self.early_stopping.best:.4f} at step "
-                          f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "
-                          f"best weights in {self.weights_folder('best')}", file=sys.stderr)
-                    break
-                if not dist_utils.all_ranks_agree(self.signal_received is None, self.world):
-                    self.save_checkpoint()  # every rank stops at the same step (sharded saving is collective)
-                    name = signal.Signals(self.signal_received or signal.SIGTERM).name
-                    raise Stop(f"{name} at step {self.step}: checkpoint saved; continue with --resume {self.output}",
-                               128 + (self.signal_received or signal.SIGTERM))
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.bad_in_row == 0:
-                    self.save_checkpoint()
-        finally:
-            progress.close()
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+        # warnings (the memory planner's, once its first step is measured) print on their own line, not in the bar
+        with logging_redirect_tqdm():
+            try:
+                while self.step < cfg.steps:
+                    self.step += 1
+                    started = time.perf_counter()
+                    # data: this process's share of the global batch (latents cached), prompts, text embeddings
+                    indices = self.world.shard(next(self.sampler))
+                    latents, prompts, context = self.batch(self.train_sources, indices)
+                    # forward: edit -> decode SegVR frames -> reward with TAR
+                    loss, terms = self.loss_step(latents, prompts, context)
+                    # backward through the last K steps, average over ranks, clip, update (skipped if non-finite)
+                    outcome, grad_norm = self.optimizer_step(loss)
+                    # log (reading the loss is a device sync point)
+                    seconds = time.perf_counter() - started
+                    values = dist_utils.mean_over_ranks(
+                        {"loss": loss.item(), **{k: v.float().mean().item() for k, v in terms.items()}}, self.world)
+                    record = {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step, **values,
+                              "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
+                    self.bad_in_row = self.bad_in_row + 1 if outcome == "skipped" else 0
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or outcome == "skipped":
+                        self.log(record)
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4f}",
+                                         s_step=f"{seconds:.2f}")
+                    if self.bad_in_row >= cfg.max_bad_steps:
+                        # skipped steps left weights and optimizer as they were: this is the last good state
+                        bad, self.bad_in_row = self.bad_in_row, 0
+                        self.save_checkpoint()
+                        raise Stop(f"stopping at step {self.step}: {bad} non-finite losses or gradients in a row; the "
+                                   f"weights of the last good step are saved in {self.output} (lower --lr or set "
+                                   f"--max-grad-norm, then --resume {self.output})", 3)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.log_eval():
+                        print(f"early stop at step {self.step}: held-out reward {self.early_stopping.best:.4f} at step "
+                              f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "
+                              f"best weights in {self.weights_folder('best')}", file=sys.stderr)
+                        break
+                    if not dist_utils.all_ranks_agree(self.signal_received is None, self.world):
+                        self.save_checkpoint()  # every rank stops at the same step (sharded saving is collective)
+                        name = signal.Signals(self.signal_received or signal.SIGTERM).name
+                        raise Stop(f"{name} at step {self.step}: checkpoint saved; continue with --resume {self.output}",
+                                   128 + (self.signal_received or signal.SIGTERM))
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.bad_in_row == 0:
+                        self.save_checkpoint()
+            finally:
+                progress.close()
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
         self.log_eval()
         self.save_checkpoint()
         return self

@@ -261,6 +261,8 @@ def bad_inputs(tmp):
     (tmp / "clips").mkdir()
     write(tmp / "clips" / "broken.mp4", "not a video")
     write(tmp / "clips" / "captions.csv", "video,caption\nbroken.mp4,a cat\n")
+    (tmp / "latin1_clips").mkdir()
+    (tmp / "latin1_clips" / "captions.csv").write_bytes("video,caption\na.mp4,un caf\u00e9\n".encode("latin-1"))
     (tmp / "taken").mkdir()
     write(tmp / "taken" / "metrics.jsonl", "{}\n")
     (tmp / "a_model").mkdir()
@@ -279,6 +281,7 @@ def bad_inputs(tmp):
         ("wrong reward checkpoint", ["--reward", f"hpsv2:{tmp / 'wrong_hps.pt'}"], "does not match open_clip ViT-H-14"),
         ("empty prompts file", ["--prompts", str(write(tmp / "empty.txt", "\n"))], "is empty"),
         ("unreadable video", ["--videos", str(tmp / "clips")], "cannot be decoded"),
+        ("captions file that is not UTF-8", ["--videos", str(tmp / "latin1_clips")], "is not UTF-8 text"),
         ("LoRA of the wrong shape", ["--init-lora", str(tmp / "lora8")], "does not fit this model"),
         ("corrupt LoRA folder", ["--init-lora", str(tmp / "corrupt_lora")], "is corrupt"),
         ("option out of range", ["--tau", "0"], "--tau 0.0 is out of range"),
