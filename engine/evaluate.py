@@ -1,7 +1,6 @@
 """Score prompt sets for the base model and LoRA checkpoints: ``python -m engine.evaluate``.
 
-    python -m engine.evaluate --output eval/                                          # tiny model, CPU
-    python -m engine.evaluate --model world --lora runs/x/lora --samples-per-prompt 3 --output eval/
+    python -m engine.evaluate --lora runs/x/lora --samples-per-prompt 3 --output eval/   # the built-in world model
     python -m engine.evaluate --model /weights/text-to-video-ms-1.7b \\
         --lora early=runs/a/checkpoint-5000/lora --lora runs/a/lora \\
         --reward hpsv2:/weights/HPS_v2.1_compressed.pt \\
@@ -173,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--lora", action="append",
                         help="[LABEL=]FOLDER of a LoRA checkpoint (repeatable); the base model is always scored")
-    parser.add_argument("--reward", help="reward spec NAME[:PATH][@WEIGHT],... (default colorfulness for tiny)")
+    parser.add_argument("--reward", help="reward spec NAME[:PATH][@WEIGHT],... (default: hpsv2:world for world, colorfulness for tiny)")
     parser.add_argument("--prompt-set", action="append", help="NAME=FILE, one prompt per line (repeatable)")
     parser.add_argument("--samples-per-prompt", type=positive_int, default=1, help="videos per prompt and model")
     parser.add_argument("--segments", type=positive_int, default=4, help="SegVR segments S (frames scored per video)")

@@ -124,7 +124,7 @@ def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Pat
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="the base model: diffusers text-to-video folder, 'world' or 'tiny'")
+    parser.add_argument("--model", default="world", help="the base model: diffusers text-to-video folder, 'world' or 'tiny'")
     parser.add_argument("--lora", required=True, help="LoRA folder (adapter_model.safetensors + adapter_config.json)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="strength baked into the export")
     parser.add_argument("--output", required=True, help="export folder (merged/ and/or peft/ are written in it)")

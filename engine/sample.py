@@ -157,8 +157,8 @@ def positive_int(text: str) -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every generating command shares (sample, evaluate)."""
-    parser.add_argument("--model", default="tiny",
-                        help="diffusers text-to-video folder, 'world' (the built-in model) or 'tiny' (random, CPU)")
+    parser.add_argument("--model", default="world",
+                        help="diffusers text-to-video folder, 'world' (the built-in model) or 'tiny' (random, for tests)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = base model, 1 = as trained")
     parser.add_argument("--ddim-steps", type=positive_int, default=20, help="D: DDIM steps from noise")
     parser.add_argument("--guidance", type=float, default=3.0,

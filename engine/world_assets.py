@@ -1,6 +1,6 @@
 """The built-in model and reward, trained by the project on its procedural world (engine.world):
 
-    python -m engine.world_assets --seed 0            # about an hour on 2 CPU cores; writes engine/assets/
+    python -m engine.world_assets --seed 0            # 68 min on 2 CPU cores; writes engine/assets/
 
 1. a base text-to-video model with ModelScope's diffusers classes (``UNet3DConditionModel``, ``AutoencoderKL``,
    ``CLIPTextModel`` + ``CLIPTokenizer``, ``DDIMScheduler``, epsilon prediction), saved in the pipeline layout
