@@ -147,6 +147,30 @@ def test_exact_relations(report):
 
 
 # ------------------------------------------------------------------------------------------ tiny, CPU time
+def test_official_step_checkpoint_recomputes_the_gradient_step_once():
+    """The official recipe's outer checkpoint adds exactly one forward of the gradient step (with its blocks
+    checkpointed too, that step's UNet runs three times: forward, the step's recomputation, each block's)."""
+    from engine.models import tiny_model
+    from engine.rewards import ColorfulnessReward
+
+    shape, context = (4, 4, 8, 8), (77, 32)
+
+    def flops(recipe):
+        torch.manual_seed(0)
+        step = Step(tiny_model(), ColorfulnessReward(), recipe, shape, context, batch=2)
+        with FlopCount() as counter:
+            step("cpu")
+        return step, counter.total
+
+    official = BY_KEY["official"]
+    step, with_outer = flops(official)
+    _, blocks_only = flops(dataclasses.replace(official, step_checkpoint=False))
+    x = torch.randn(2, *shape)
+    with FlopCount() as one_step, torch.no_grad():
+        step.chain.guided_step(x, step.chain.timesteps[-1], torch.randn(2, *context), torch.randn(2, *context), None)
+    assert with_outer - blocks_only == one_step.total > 0
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     from engine.models import tiny_model
