@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 HEADER = "# Benchmark results\n\nEvery figure below was measured by the run that wrote its section; each section names its device, versions and date.\n"
+
+
+def measured_line() -> str:
+    """When and on what a section was measured."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU)"
+    return (f"Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {device} with torch "
+            f"{torch.__version__}, Python {platform.python_version()}.")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,0 +1,199 @@
+"""The method's effect on the built-in world model: Table 1 and the paper's ablations, in miniature.
+
+    python -m bench.world_study                          # Table 1 (3 fine-tuning seeds) and the ablations
+    python -m bench.world_study --part table1 --seeds 3
+    python -m bench.world_study --part ablations --seeds 1
+
+Every fine-tune is the default job (``python -m engine.train`` = the world preset) with one option changed.
+Every model is then scored the way engine.evaluate scores Table 1: videos generated from the same noise through
+the full DDIM chain, rewarded with the built-in reward, and measured with the world's gold metrics (from pixels,
+never from the reward model). Fine-tuned rows are mean ± std over fine-tuning seeds; the base row's spread is
+over sampling seeds. FLOPs per training step are counted with ``torch.utils.flop_counter`` on one step.
+
+Writes the sections "world: Table 1" and "world: ablations" of bench/RESULTS.md, plots in bench/world/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench.report import markdown_table, measured_line, update_section
+from engine import evaluate, train
+from engine.config import resolve_config
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+PLOTS = Path(__file__).parent / "world"
+METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3),
+           "shape_acc": ("shape right", 3), "motion": ("speed (px/frame)", 2), "jitter": ("jitter (px)", 2),
+           "direction_acc": ("direction right", 3)}
+# The paper's ablations, each one option of the default job changed (tau = 0.6, S = 4, TAR on, K = 1).
+STEPS: list[str] = []  # --steps N for every fine-tune, when given
+ABLATIONS = {
+    "tau": [("tau 0.2", ["--tau", "0.2"]), ("tau 0.4", ["--tau", "0.4"]), ("tau 0.6 (default)", []),
+            ("tau 0.8", ["--tau", "0.8"]), ("tau 1.0", ["--tau", "1.0"])],
+    "segments": [("S 1", ["--segments", "1"]), ("S 2", ["--segments", "2"]), ("S 4 (default)", [])],
+    "tar": [("TAR on (default)", []), ("TAR off", ["--no-tar"])],
+    "grad_steps": [("K 1 (default)", []), ("K all", ["--grad-steps", "all"])],
+}
+
+
+def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
+    """The default job with ``options``; returns its LoRA folder."""
+    train.main(["--model", "world", "--seed", str(seed), "--output", str(folder), "--overwrite",
+                "--no-tensorboard", *STEPS, *options])
+    return folder / "lora"
+
+
+def step_flops(options: list[str], folder: Path) -> float:
+    """FLOPs of one training step (edit, decode, reward, backward) of the default job with ``options``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = train.Trainer(resolve_config(["--model", "world", "--output", str(folder), "--overwrite",
+                                            "--no-tensorboard", *options])).setup()
+    latents, prompts, context = trainer.batch(trainer.train_sources, list(range(trainer.config.batch_size)))
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = trainer.loss_step(latents, prompts, context)
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def score(loras: dict[str, Path], folder: Path, samples: int) -> dict:
+    """engine.evaluate on the world's prompt sets: per model and set, every video's reward and gold metrics."""
+    argv = ["--model", "world", "--samples-per-prompt", str(samples), "--batch-size", "8", "--output", str(folder)]
+    for label, lora in loras.items():
+        argv += ["--lora", f"{label}={lora}"]
+    return evaluate.main(argv)
+
+
+def set_means(report: dict, label: str, name: str) -> dict[str, list[float]]:
+    """Per sampling seed, the set's mean of each metric (for the base model's spread)."""
+    videos = [v for v in report["videos"][label] if v["set"] == name]
+    by_seed: dict[int, list[dict]] = {}
+    for k, v in enumerate(videos):
+        by_seed.setdefault(k % report["settings"]["samples_per_prompt"], []).append(v)
+    return {m: [statistics.fmean(v[m] for v in vs) for vs in by_seed.values()] for m in METRICS}
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}"
+
+
+def table1(seeds: int, samples: int, work: Path) -> str:
+    loras = {f"seed{s}": fine_tune(work / f"table1-seed{s}", s, []) for s in range(seeds)}
+    report = score(loras, work / "table1-eval", samples)
+    sets = list(report["prompt_sets"])
+    rows = []
+    for name in sets:
+        base = set_means(report, "base", name)
+        tuned = {m: [statistics.fmean(set_means(report, label, name)[m]) for label in loras] for m in METRICS}
+        rows.append([name, "base"] + [mean_std(base[m], d) for m, (_, d) in METRICS.items()])
+        rows.append([name, f"fine-tuned ({seeds} seeds)"] + [mean_std(tuned[m], d) for m, (_, d) in METRICS.items()])
+    plot_table1(report, sets, list(loras))
+    return markdown_table(["prompt set", "model"] + [label for label, _ in METRICS.values()], rows)
+
+
+def plot_table1(report: dict, sets: list[str], labels: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=120)
+    for ax, metric in zip(axes, ("reward", "quality", "colour_acc")):
+        for i, name in enumerate(sets):
+            base = set_means(report, "base", name)[metric]
+            tuned = [statistics.fmean(set_means(report, label, name)[metric]) for label in labels]
+            for j, values in enumerate((base, tuned)):
+                ax.bar(i + (j - 0.5) * 0.38, statistics.fmean(values), 0.38, color=f"C{j}",
+                       yerr=statistics.pstdev(values) if len(values) > 1 else 0, capsize=3,
+                       label=("base", "fine-tuned")[j] if i == 0 else None)
+        ax.set_xticks(range(len(sets)), [s.replace("_", " ") for s in sets], fontsize=8)
+        ax.set_title(METRICS[metric][0], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    PLOTS.mkdir(exist_ok=True)
+    fig.savefig(PLOTS / "table1.png")
+    plt.close(fig)
+
+
+def ablations(seeds: int, samples: int, work: Path) -> str:
+    variants = {label: options for group in ABLATIONS.values() for label, options in group}
+    runs = {tuple(options): "default" if not options else "".join(options).replace("--", "_").strip("_")
+            for options in variants.values()}  # the default job is run once for all four groups
+    loras, flops = {}, {}
+    for options, key in runs.items():
+        flops[key] = step_flops(list(options), work / f"flops-{key}")
+        for s in range(seeds):
+            loras[f"{key}-s{s}"] = fine_tune(work / f"ablation-{key}-s{s}", s, list(options))
+    report = score(loras, work / "ablations-eval", samples)
+    base = {m: statistics.fmean(set_means(report, "base", "in_domain")[m]) for m in METRICS}
+    gains = {key: {m: [statistics.fmean(set_means(report, f"{key}-s{s}", "in_domain")[m]) - base[m]
+                       for s in range(seeds)] for m in METRICS} for key in runs.values()}
+    sections = []
+    for group, members in ABLATIONS.items():
+        rows = [[label, f"{flops[runs[tuple(options)]] / 1e9:.2f}"] +
+                [mean_std(gains[runs[tuple(options)]][m], d) for m, (_, d) in METRICS.items()]
+                for label, options in members]
+        sections.append(f"**{group}** (gain over the base model on the in-domain prompts, mean ± std over "
+                        f"{seeds} fine-tuning seed(s))\n\n" + markdown_table(
+                            ["variant", "GFLOP / step"] + [f"Δ {label}" for label, _ in METRICS.values()], rows))
+    plot_tau({label: gains[runs[tuple(options)]] for label, options in ABLATIONS["tau"]},
+             {label: flops[runs[tuple(options)]] for label, options in ABLATIONS["tau"]})
+    return "\n\n".join(sections)
+
+
+def plot_tau(gains: dict, flops: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label, _ in ABLATIONS["tau"]]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=120)
+    for ax, metric in zip(axes, ("reward", "quality")):
+        x = [flops[label] / 1e9 for label in labels]
+        y = [statistics.fmean(gains[label][metric]) for label in labels]
+        ax.plot(x, y, "o-")
+        for xi, yi, label in zip(x, y, labels):
+            ax.annotate(label.split(" (")[0], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("GFLOP per training step")
+        ax.set_ylabel(f"gain in {METRICS[metric][0]}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    PLOTS.mkdir(exist_ok=True)
+    fig.savefig(PLOTS / "ablation_tau.png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("all", "table1", "ablations"), default="all")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model")
+    parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
+    args = parser.parse_args(argv)
+    STEPS[:] = ["--steps", str(args.steps)] if args.steps else []
+    torch.set_num_threads(torch.get_num_threads())
+    command = (f"python -m bench.world_study --part {{}} --seeds {args.seeds} --samples-per-prompt "
+               f"{args.samples_per_prompt}" + (f" --steps {args.steps}" if args.steps else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("all", "table1"):
+            body = table1(args.seeds, args.samples_per_prompt, Path(tmp))
+            update_section(RESULTS, "world: Table 1", f"{measured_line()}\n\n`{command.format('table1')}`\n\n"
+                           f"{body}\n\n![Table 1](world/table1.png)")
+        if args.part in ("all", "ablations"):
+            body = ablations(args.seeds, args.samples_per_prompt, Path(tmp))
+            update_section(RESULTS, "world: ablations", f"{measured_line()}\n\n`{command.format('ablations')}`\n\n"
+                           f"{body}\n\n![tau against cost](world/ablation_tau.png)")
+    print(f"written to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
