@@ -90,6 +90,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VideoDif
     """Load every component from a diffusers text-to-video folder; one clear error for anything missing."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
 
     root = Path(path)
     if not root.exists():
@@ -109,12 +110,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VideoDif
         "scheduler": lambda p: DDIMScheduler.from_pretrained(p),
     }
     parts = {}
-    for name, load in loaders.items():
-        try:
-            parts[name] = load(str(root / name))
-        except Exception as err:  # diffusers/transformers raise many types; the user needs the component and reason
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise UserError(f"cannot load {name}/ from {root} ({reason}); re-download or re-save that component") from None
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' per-file "Loading weights" bar: noise before every run's own
+    try:
+        for name, load in loaders.items():
+            try:
+                parts[name] = load(str(root / name))
+            except Exception as err:  # diffusers/transformers raise many types; the user needs the component and reason
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise UserError(f"cannot load {name}/ from {root} ({reason}); re-download or re-save that "
+                                "component") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return VideoDiffusion(**parts, name=root.name).to(device)
 
 
