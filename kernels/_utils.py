@@ -112,6 +112,6 @@ def device_context(tensor: torch.Tensor):
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast would run a matmul in here, or None. Custom Functions are invisible to autocast, so the
     fused ops cast their inputs themselves, as F.linear and SDPA do."""
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None

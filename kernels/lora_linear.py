@@ -106,16 +106,14 @@ def _lora_gemm_kernel(
 
 # %% Launcher -------------------------------------------------------------------------------------------------------
 def default_tiles(inp: torch.Tensor, n: int, k: int) -> dict:
-    """Tile sizes. GPU: 128-row tiles; BLOCK_N 64 or 128, whichever pads N less (320 = 5 x 64, 640 = 5 x 128);
-    BLOCK_K 64 (32 for fp32, to keep 3 pipeline stages in shared memory); 8 warps, since ptxas (Triton 3.6 and
-    3.8, sm_90) spills registers at 4 warps for 128 x 64 bf16 tiles. The interpreter pays ~0.1 ms per tl op
-    whatever the tile size, so it gets a few big tiles."""
+    """Tile sizes. GPU: 128 x 64 tiles, BLOCK_K 32, 8 warps, 3 stages: the largest tiles that compile without
+    register spills on both sm_80 and sm_90 for every dtype, rank (up to 64) and pass (``python -m kernels.aot``;
+    BLOCK_N 128 or BLOCK_K 64 spill on sm_80 when T is stored or the rank is 64). The interpreter pays ~0.1 ms
+    per tl op whatever the tile size, so it gets a few big tiles."""
     if _utils.is_interpreted(inp):
         return dict(BLOCK_M=512, BLOCK_N=min(256, _utils.next_pow2(n)), BLOCK_K=min(256, _utils.next_pow2(k)),
                     GROUP_M=8, num_warps=4, num_stages=1)
-    block_n = 64 if -n % 128 > -n % 64 or n <= 64 else 128
-    block_k = 32 if inp.dtype == torch.float32 else 64
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def lora_gemm(inp, p, q, r, bias, scale: float, store_t: bool, tiles: dict | None = None):
@@ -190,6 +188,9 @@ def _unsupported(x, weight, bias, lora_A, lora_B, scale) -> str | None:
         return f"dtypes {sorted(map(str, dtypes))} (supported: one of fp32, fp16, bf16 for all)"
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return "the base weight or bias needs a gradient (the kernel treats the base layer as frozen)"
+    if x.is_cuda and x.dtype == torch.float32 and autocast is None and _utils.dot_precision(x.dtype) == "ieee":
+        return ("fp32 without TF32 (torch.backends.cuda.matmul.allow_tf32 is False): cuBLAS runs it, since "
+                "Triton's FMA GEMM spills registers at every tile size")
     if not 1 <= rank <= MAX_RANK:
         return f"rank {rank} (supported: 1..{MAX_RANK})"
     if x.numel() == 0:

@@ -139,8 +139,8 @@ _BLHD = (0, 2, 1, 3)  # memory order of outputs and gradients: heads merge back 
 def _settings(x: torch.Tensor, seq_len: int, head_dim: int, backward: bool) -> dict:
     """BLOCK_G sequences per program: about 4096 (forward) / 2048 (backward, seven live tiles) elements per
     [G, L, D] tile on a GPU. At 16 frames, head dim 64 that is G = 4 / 2 and 80 / 122 registers with 4 warps,
-    no spills (ptxas, sm_90). Past 32 frames the [L, L] score tiles spill even at G = 1 and 8 warps: correct,
-    slower. The interpreter gets 64K-element tiles, since it runs programs one at a time."""
+    no spills (ptxas, sm_80 and sm_90). From 32 frames the 16-bit backward spills 56-64 bytes even at G = 1,
+    with 4, 8 or 16 warps (``python -m kernels.aot``): correct, slower. The interpreter gets 64K-element tiles, since it runs programs one at a time."""
     block_l, block_d = _utils.next_pow2(seq_len), _utils.next_pow2(head_dim)
     budget = 1 << 16 if _utils.is_interpreted(x) else (2048 if backward else 4096)
     block_g = max(1, min(256, budget // (block_l * block_d)))
