@@ -175,6 +175,7 @@ class HPSv2Reward(Reward):
             self.model.load_state_dict(state, strict=True)  # copies into the model's dtype (files may hold fp16)
             self.model.to(device)
         self.model.requires_grad_(False).eval()
+        self.arch = arch
         self.tokenizer = open_clip.get_tokenizer(arch)
         size = self.model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -189,7 +190,10 @@ class HPSv2Reward(Reward):
             from engine.world_assets import REWARD_FILE
 
             parts[0] = str(REWARD_FILE)
-        return cls(*parts)
+        reward = cls(*parts)
+        # open_clip's "No pretrained weights loaded ... initialized randomly" is silenced: say what was loaded
+        print(f"reward hpsv2: open_clip {reward.arch} with the weights of {parts[0]}")
+        return reward
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:

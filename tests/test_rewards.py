@@ -103,3 +103,12 @@ def test_reward_specs():
                           ("colorfulness@x", "not a number"), ("", "empty")]:
         with pytest.raises(UserError, match=message):
             build_reward(spec)
+
+
+def test_hpsv2_says_which_file_it_loaded(hps_checkpoint, tiny_clip_arch, capsys, caplog):
+    """open_clip's "No pretrained weights loaded ... initialized randomly" would say the opposite of what happens."""
+    path, _ = hps_checkpoint
+    build_reward(f"hpsv2:{path};{tiny_clip_arch}")
+    out, err = capsys.readouterr()
+    assert out.strip() == f"reward hpsv2: open_clip {tiny_clip_arch} with the weights of {path}"
+    assert "initialized randomly" not in err + caplog.text
