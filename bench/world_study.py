@@ -80,8 +80,10 @@ def set_means(report: dict, label: str, name: str) -> dict[str, list[float]]:
 
 
 def mean_std(values: list[float], digits: int) -> str:
-    spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}"
+    """Mean ± population std; a single value is printed alone (a spread of one run is not a spread)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.pstdev(values):.{digits}f}"
 
 
 def table1(seeds: int, samples: int, work: Path) -> str:
@@ -133,7 +135,8 @@ def ablations(seeds: int, samples: int, work: Path) -> str:
         for s in range(seeds):
             loras[f"{key}-s{s}"] = fine_tune(work / f"ablation-{key}-s{s}", s, list(options))
     report = score(loras, work / "ablations-eval", samples)
-    base = {m: statistics.fmean(set_means(report, "base", "in_domain")[m]) for m in METRICS}
+    base_by_sample = set_means(report, "base", "in_domain")
+    base = {m: statistics.fmean(base_by_sample[m]) for m in METRICS}
     gains = {key: {m: [statistics.fmean(set_means(report, f"{key}-s{s}", "in_domain")[m]) - base[m]
                        for s in range(seeds)] for m in METRICS} for key in runs.values()}
     sections = []
@@ -146,6 +149,9 @@ def ablations(seeds: int, samples: int, work: Path) -> str:
                             ["variant", "GFLOP / step"] + [f"Δ {label}" for label, _ in METRICS.values()], rows))
     plot_tau({label: gains[runs[tuple(options)]] for label, options in ABLATIONS["tau"]},
              {label: flops[runs[tuple(options)]] for label, options in ABLATIONS["tau"]})
+    noise = ", ".join(f"{METRICS[m][0]} {mean_std(base_by_sample[m], METRICS[m][1])}" for m in ("reward", "quality"))
+    sections.append(f"Base model on the same prompts, spread over sampling seeds: {noise}; gains smaller than that "
+                    "spread are evaluation noise.")
     return "\n\n".join(sections)
 
 
