@@ -219,8 +219,11 @@ def _cfg_ddim(dtype, frames: int) -> None:
     cfg_ddim = importlib.import_module("kernels.cfg_ddim")
     shape = (1, 4, frames, LATENT_SIDE, LATENT_SIDE)
     for eta in (0.0, 1.0):
-        x, eps_u, eps_c = (_meta(*shape, dtype=dtype, grad=True) for _ in range(3))
-        cfg_ddim._fused(x, eps_u, eps_c, 9.0, 0.5, 0.6, eta, _meta(*shape, dtype=dtype)).sum().backward()
+        for prediction in ("epsilon", "v_prediction"):
+            x, eps_u, eps_c = (_meta(*shape, dtype=dtype, grad=True) for _ in range(3))
+            cfg_ddim._fused(x, eps_u, eps_c, 9.0, 0.5, 0.6, eta, _meta(*shape, dtype=dtype), prediction).sum().backward()
+    x, v_u, v_c = (_meta(*shape, dtype=dtype, grad=True) for _ in range(3))
+    cfg_ddim._fused_flow(x, v_u, v_c, 5.0, 0.5, 0.45).sum().backward()
 
 
 def modelscope_launches(dtypes=tuple(_DTYPE_NAMES.values()), frames=(16, 32), ranks=(4, 8, 16, 32, 64)) -> list[Launch]:

@@ -15,22 +15,29 @@ def cfg_ddim_step_ref(
     alpha_prev: float,
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
+    prediction: str = "epsilon",
 ) -> torch.Tensor:
     """Classifier-free guidance followed by one DDIM update, in fp32, returned in ``x.dtype``.
 
-    Notation (DDIM paper, eq. 12; diffusers' DDIMScheduler.step with epsilon prediction):
-      eps     = eps_u + w (eps_c - eps_u)
-      x0      = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                      (pred_original_sample)
+    Notation (DDIM paper, eq. 12; diffusers' DDIMScheduler.step), m the model output:
+      m       = m_u + w (m_c - m_u)
+      epsilon:       x0 = (x_t - sqrt(1 - a_t) m) / sqrt(a_t),  eps = m
+      v_prediction:  x0 = sqrt(a_t) x_t - sqrt(1 - a_t) m,  eps = sqrt(a_t) m + sqrt(1 - a_t) x_t
       sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))   (std_dev_t)
       x_prev  = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma_t^2) eps + sigma_t z
     ``alpha_*`` are cumulative products (alphas_cumprod).
     """
     xf, eu, ec = x.float(), eps_uncond.float(), eps_cond.float()
-    eps = eu + guidance * (ec - eu)
+    m = eu + guidance * (ec - eu)
     a_t = torch.tensor(alpha_t, dtype=torch.float32, device=x.device)
     a_prev = torch.tensor(alpha_prev, dtype=torch.float32, device=x.device)
     beta_t, beta_prev = 1 - a_t, 1 - a_prev
-    pred_x0 = (xf - beta_t ** 0.5 * eps) / a_t ** 0.5
+    if prediction == "v_prediction":
+        pred_x0 = a_t ** 0.5 * xf - beta_t ** 0.5 * m
+        eps = a_t ** 0.5 * m + beta_t ** 0.5 * xf
+    else:
+        pred_x0 = (xf - beta_t ** 0.5 * m) / a_t ** 0.5
+        eps = m
     variance = (beta_prev / beta_t) * (1 - a_t / a_prev)
     std = eta * variance ** 0.5
     x_prev = a_prev ** 0.5 * pred_x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
@@ -39,6 +46,16 @@ def cfg_ddim_step_ref(
             raise ValueError("eta > 0 needs the noise tensor z; draw it with the chain's generator")
         x_prev = x_prev + std * noise.float()
     return x_prev.to(x.dtype)
+
+
+def cfg_flow_step_ref(x: torch.Tensor, v_uncond: torch.Tensor, v_cond: torch.Tensor, guidance: float, sigma: float,
+                      sigma_next: float) -> torch.Tensor:
+    """Classifier-free guidance followed by one flow-matching Euler step (FlowMatchEulerDiscreteScheduler.step):
+    x_next = x + (sigma_next - sigma) (v_u + w (v_c - v_u)), in fp32, returned in ``x.dtype``."""
+    v = v_uncond.float() + guidance * (v_cond.float() - v_uncond.float())
+    dt = torch.tensor(sigma_next, dtype=torch.float32, device=x.device) - torch.tensor(sigma, dtype=torch.float32,
+                                                                                       device=x.device)
+    return (x.float() + dt * v).to(x.dtype)
 
 
 def lora_linear_ref(
