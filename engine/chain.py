@@ -1,7 +1,12 @@
-"""The DDIM editing chain: noise a source latent to fraction tau of a D-step schedule, then denoise.
+"""The editing chain: noise a source latent to fraction tau of a D-step schedule, then denoise.
 
-Only the last K steps run with gradient; the earlier ones run under ``no_grad``. The timesteps and
-cumulative alphas come from the model's own diffusers scheduler, so the arithmetic is DDIMScheduler's.
+Only the last K steps run with gradient; the earlier ones run under ``no_grad``. The timesteps and the schedule's
+values come from the model's own diffusers scheduler, so the arithmetic is its ``step``'s:
+
+- ``DDIMScheduler`` with epsilon prediction (ModelScope, zeroscope) or v-prediction (CogVideoX): noising is
+  q_sample, x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, at the first timestep run;
+- ``FlowMatchEulerDiscreteScheduler`` (Wan 2.1): noising interpolates to the sigma of the first step run
+  (its shift included), x = (1 - sigma) x_0 + sigma noise, and each step is x + (sigma_next - sigma) v.
 """
 
 from __future__ import annotations
@@ -13,6 +18,13 @@ import torch
 import kernels
 from engine.distributed import randn
 from engine.models import VideoDiffusion
+from engine.runtime import NoGradPath
+
+
+def is_flow_matching(scheduler) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 class EditChain:
@@ -27,8 +39,17 @@ class EditChain:
         self.ddim_steps = ddim_steps
         self.schedule = type(model.scheduler).from_config(model.scheduler.config)
         self.schedule.set_timesteps(ddim_steps)
+        self.flow = is_flow_matching(self.schedule)
+        self.prediction = "flow" if self.flow else self.schedule.config.prediction_type
+        if self.flow and eta > 0:
+            raise ValueError(f"eta={eta}: flow-matching Euler steps are deterministic; eta applies to DDIM only")
         self.steps_run = max(1, round(tau * ddim_steps))
-        self.timesteps = [int(t) for t in self.schedule.timesteps[-self.steps_run:]]
+        if self.flow:  # float timesteps; step i goes from sigmas[i] to sigmas[i + 1]
+            self.timesteps = [float(t) for t in self.schedule.timesteps[-self.steps_run:]]
+            self.sigmas = [float(s) for s in self.schedule.sigmas]
+            self._step_index = {float(t): i for i, t in enumerate(self.schedule.timesteps)}
+        else:
+            self.timesteps = [int(t) for t in self.schedule.timesteps[-self.steps_run:]]
         self.grad_steps = grad_steps
         if not 1 <= grad_steps <= self.steps_run:
             raise ValueError(f"grad_steps={grad_steps} must be in [1, {self.steps_run}]")
@@ -36,6 +57,8 @@ class EditChain:
         self.step_context = lambda index: nullcontext()
         # What calls the UNet: the trainer's DistributedDataParallel wrapper under torchrun; None = model.unet.
         self.denoiser: torch.nn.Module | None = None
+        # How the no-grad steps call it (bf16 autocast, compiled, ...; engine.runtime.NoGradPath): set by the trainer.
+        self.no_grad_path: NoGradPath | None = None
 
     # -- schedule ---------------------------------------------------------------------------------
     def alpha(self, t: int) -> float:
@@ -56,25 +79,37 @@ class EditChain:
         return noise
 
     def noise_to_start(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """q_sample: x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise at the first timestep run."""
-        a_t = self.alpha(self.timesteps[0])
+        """q_sample, x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise at the first timestep run; for flow matching
+        x = (1 - sigma) x_0 + sigma noise at its sigma (FlowMatchEulerDiscreteScheduler.scale_noise, in fp32)."""
         noise = self.draw_noise(latents.shape, generator, latents.device)
+        if self.flow:
+            sigma = torch.tensor(self.sigmas[self._step_index[self.timesteps[0]]], dtype=torch.float32)
+            return (float(sigma) * noise + float(1.0 - sigma) * latents.float()).to(latents.dtype)
+        a_t = self.alpha(self.timesteps[0])
         return (a_t ** 0.5 * latents.float() + (1 - a_t) ** 0.5 * noise).to(latents.dtype)
 
     # -- denoising --------------------------------------------------------------------------------
     def guided_step(self, x: torch.Tensor, t: int, context: torch.Tensor, uncond: torch.Tensor,
                     generator: torch.Generator | None) -> torch.Tensor:
-        """One UNet evaluation (both CFG halves in one batched call) and one fused CFG + DDIM update."""
-        unet = self.model.unet if self.denoiser is None else self.denoiser
-        if self.guidance == 1.0:
-            eps_c = unet(x, t, encoder_hidden_states=context).sample
-            eps_u = eps_c
-        else:
-            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample
-            eps_u, eps_c = eps.chunk(2)
+        """One UNet evaluation (both CFG halves in one batched call) and one fused CFG + sampler update; without
+        gradient, through ``no_grad_path`` when the trainer set one."""
+        unet, timestep, path_context = self.model.unet if self.denoiser is None else self.denoiser, t, nullcontext()
+        if self.no_grad_path is not None and not torch.is_grad_enabled():
+            path = self.no_grad_path
+            unet, timestep, path_context = path.denoiser(self.model.unet), path.timestep(t), path.context()
+        with path_context:
+            if self.guidance == 1.0:
+                eps_c = unet(x, timestep, encoder_hidden_states=context).sample
+                eps_u = eps_c
+            else:
+                eps = unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([uncond, context])).sample
+                eps_u, eps_c = eps.chunk(2)
+        if self.flow:
+            i = self._step_index[t]
+            return kernels.cfg_flow_step(x, eps_u, eps_c, self.guidance, self.sigmas[i], self.sigmas[i + 1])
         noise = randn(x.shape, generator, x.device) if self.eta > 0 else None
         return kernels.cfg_ddim_step(x, eps_u, eps_c, self.guidance, self.alpha(t), self.alpha(self.previous(t)),
-                                     self.eta, noise)
+                                     self.eta, noise, self.prediction)
 
     def denoise(self, x: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
                 generator: torch.Generator | None = None, timesteps: list[int] | None = None,
@@ -100,7 +135,7 @@ class EditChain:
         """Generate from pure noise with the full D-step chain (no gradient): sources and samples."""
         chain = self if ddim_steps in (None, self.ddim_steps) else EditChain(
             self.model, ddim_steps, 1.0, 1, self.guidance, self.eta, self.offset_noise)
-        timesteps = [int(t) for t in chain.schedule.timesteps]
+        timesteps = [(float if chain.flow else int)(t) for t in chain.schedule.timesteps]
         x = randn(shape, generator, context.device)
         for t in (progress(timesteps) if progress else timesteps):
             x = chain.guided_step(x, t, context, uncond, generator)

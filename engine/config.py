@@ -74,6 +74,9 @@ class TrainConfig:
     # Environment and outputs
     device: str = _opt("auto", "cuda, cpu, cuda:1... (auto = cuda when available)")
     precision: str = _opt("auto", "autocast dtype (auto = bf16 on CUDA, fp32 on CPU)", choices=("auto", "fp32", "bf16", "fp16"))
+    no_grad_path: str = _opt("auto", "how the chain's no-grad steps run: bf16 (autocast), compile (torch.compile; CUDA "
+                             "graphs on CUDA) or off (like the gradient steps); auto = bf16 on a CPU with bf16 units, "
+                             "else off", choices=("auto", "off", "bf16", "compile"))
     seed: int = _opt(0, "one seed for LoRA init, data order and noise: a CPU run repeats exactly")
     output: str | None = _opt(None, "output folder (default runs/<model>-<time>)")
     overwrite: bool = _opt(False, "allow writing into an output folder that holds another run")

@@ -34,10 +34,12 @@ class VideoDiffusion:
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
-        prediction = self.scheduler.config.prediction_type
-        if prediction != "epsilon":
-            raise UserError(f"scheduler predicts {prediction!r}; this engine supports epsilon-prediction models "
-                            "(ModelScope, zeroscope) only")
+        from engine.chain import is_flow_matching
+
+        prediction = self.scheduler.config.get("prediction_type", "epsilon")
+        if not is_flow_matching(self.scheduler) and prediction not in ("epsilon", "v_prediction"):
+            raise UserError(f"scheduler predicts {prediction!r}; this engine supports epsilon- and v-prediction DDIM "
+                            "models (ModelScope, zeroscope, CogVideoX) and flow matching (Wan)")
 
     @property
     def latent_scale(self) -> float:

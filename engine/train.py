@@ -48,7 +48,7 @@ from engine.lora import add_lora, adapters_disabled, load_lora, lora_state_dict,
 from engine.models import BUILTIN_MODELS, VideoDiffusion, build_model
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import build_reward
-from engine.runtime import autocast, autocast_dtype, resolve_device
+from engine.runtime import NoGradPath, autocast, autocast_dtype, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.video_reward import SegmentalReward, reward_loss
 from engine.world import gold_scores, mean_metrics
@@ -194,6 +194,9 @@ class Trainer:
                                 f"use at most {trained_steps}")
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance,
                                cfg.eta, cfg.offset_noise)
+        no_grad_path = NoGradPath(cfg.no_grad_path, self.device, cfg.precision)
+        if no_grad_path.mode != "off":
+            self.chain.no_grad_path = no_grad_path
         self.memory = None
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.unet)
@@ -262,6 +265,7 @@ class Trainer:
             "output": str(self.output),
             "derived": {"start_timestep": self.chain.timesteps[0], "steps_run": self.chain.steps_run,
                         "grad_steps": self.chain.grad_steps, "device": str(self.device), "backend": self.backend,
+                        "no_grad_path": self.chain.no_grad_path.mode if self.chain.no_grad_path else "off",
                         "processes": self.world.size,
                         "trainable_parameters": sum(p.numel() for p in self.trainable),
                         "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},

@@ -1,5 +1,7 @@
 """The editing chain against diffusers' DDIMScheduler, and where gradient flows."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -144,3 +146,127 @@ def test_block_checkpointing_keeps_gradients_and_reverts(tiny):
     assert all("forward" not in vars(b) for b in unet_blocks(tiny.unet))
     for a, b in zip(plain, checkpointed):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+# -- the no-grad steps' fast path (engine.runtime.NoGradPath) ---------------------------------------
+def _edit_with(tiny, path, k=1):
+    """One edit of the official schedule (12 steps, the last k with gradient), the LoRA weights' gradients."""
+    from engine.runtime import NoGradPath
+
+    torch.manual_seed(0)  # the same LoRA weights in every call
+    params = add_lora(tiny.unet, rank=4)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.05)
+    context, uncond = contexts(tiny)
+    chain = EditChain(tiny, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0)
+    if path is not None:
+        chain.no_grad_path = NoGradPath(*path) if isinstance(path, tuple) else path
+    out = chain.edit(torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0)), context, uncond,
+                     torch.Generator().manual_seed(1))
+    return out, torch.autograd.grad(out.square().mean(), params)
+
+
+def test_bf16_no_grad_steps_change_results_by_bf16_rounding_only(tiny):
+    exact, exact_grads = _edit_with(copy.deepcopy(tiny), None)
+    fast, fast_grads = _edit_with(tiny, ("bf16", torch.device("cpu")))
+    relative = ((fast - exact).norm() / exact.norm()).item()
+    assert 0 < relative < 2 ** -6  # they did run in bf16 (8 mantissa bits), and nothing more than its rounding
+    fast_grads, exact_grads = torch.cat([g.flatten() for g in fast_grads]), torch.cat([g.flatten() for g in exact_grads])
+    print(f"relative change: edit {relative:.2e}, LoRA gradient {((fast_grads - exact_grads).norm() / exact_grads.norm()).item():.2e}")
+    assert ((fast_grads - exact_grads).norm() / exact_grads.norm()).item() < 2 ** -5
+
+
+def test_compiled_no_grad_steps_equal_eager_and_share_one_graph_over_the_timesteps(tiny):
+    from engine.runtime import NoGradPath
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):  # records each graph dynamo hands over, runs it eagerly
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    exact, exact_grads = _edit_with(copy.deepcopy(tiny), None, k=2)
+    compiled, grads = _edit_with(tiny, NoGradPath("compile", torch.device("cpu"), compile_backend=backend), k=2)
+    torch._dynamo.reset()
+    assert graphs and len(graphs) == len({id(g) for g in graphs})
+    first = len(graphs)
+    assert torch.equal(compiled, exact)
+    for a, b in zip(grads, exact_grads):
+        assert torch.equal(a, b)
+    assert len(graphs) == first  # ten timesteps, no recompilation
+
+
+def test_no_grad_path_auto_is_bf16_only_on_a_fp32_cpu_run_with_bf16_units(monkeypatch):
+    from engine import runtime
+    from engine.errors import UserError
+
+    for native in (True, False):
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        assert runtime.NoGradPath("auto", torch.device("cpu")).mode == ("bf16" if native else "off")
+        # on CUDA, --precision auto already runs every step in bf16; an fp32 CUDA run keeps its precision
+        assert runtime.NoGradPath("auto", torch.device("cuda"), "auto").mode == "off"
+        assert runtime.NoGradPath("auto", torch.device("cuda"), "fp32").mode == "off"
+    with pytest.raises(UserError, match="--no-grad-path"):
+        runtime.NoGradPath("fast", torch.device("cpu"))
+
+
+# -- other samplers: DDIM with v-prediction (CogVideoX), flow-matching Euler (Wan) --------------------------------
+def with_scheduler(model, kind):
+    """The tiny model with a CogVideoX-style v-prediction DDIM or a Wan-style flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if kind == "v":
+        model.scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                        prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                        timestep_spacing="trailing")
+    else:
+        model.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["v", "flow"])
+def test_full_sampling_run_equals_the_diffusers_scheduler(tiny, kind):
+    """The chain and a plain diffusers loop (CFG + the scheduler's own step) give the same video."""
+    model, steps, guidance = with_scheduler(tiny, kind), 10, 5.0
+    context, uncond = contexts(model)
+    x = torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    chain = EditChain(model, ddim_steps=steps, tau=1.0, guidance=guidance)
+    with torch.no_grad():
+        ours = chain.sample(x.shape, context, uncond, torch.Generator().manual_seed(1))
+
+    scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps)
+    theirs = x.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out_u, out_c = model.unet(torch.cat([theirs] * 2), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
+            theirs = scheduler.step(out_u + guidance * (out_c - out_u), t, theirs).prev_sample
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["v", "flow"])
+def test_edit_noises_like_the_scheduler_and_runs_its_last_steps(tiny, kind):
+    model = with_scheduler(tiny, kind)
+    chain = EditChain(model, ddim_steps=20, tau=0.6, offset_noise=0.0)
+    scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    scheduler.set_timesteps(20)
+    assert chain.steps_run == 12 and chain.timesteps == [(float if kind == "flow" else int)(t) for t in scheduler.timesteps[-12:]]
+    x0 = torch.randn(1, 4, 8, 16, 16)
+    noisy = chain.noise_to_start(x0, torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    start = scheduler.timesteps[-12:][:1]
+    expected = scheduler.scale_noise(x0, start, noise) if kind == "flow" else scheduler.add_noise(x0, noise, start)
+    assert torch.allclose(noisy, expected, atol=1e-6)
+
+
+def test_flow_matching_rejects_eta_and_unknown_predictions_are_a_clear_error(tiny):
+    from engine.errors import UserError
+    from engine.models import VideoDiffusion
+
+    with pytest.raises(ValueError, match="deterministic"):
+        EditChain(with_scheduler(tiny, "flow"), eta=0.5)
+    sample_prediction = DDIMScheduler(prediction_type="sample")
+    with pytest.raises(UserError, match="supports epsilon- and v-prediction"):
+        VideoDiffusion(tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, sample_prediction)
