@@ -1,4 +1,5 @@
-"""Full-size ModelScope components (1.4B UNet3D, SD KL-f8 VAE, ViT-H-14 HPSv2) for cost counts.
+"""Full-size ModelScope components (1.4B UNet3D, SD KL-f8 VAE, ViT-H-14 HPSv2) for cost counts, and a mid-size
+variant that a CPU can run (time per phase, bench/test_phases.py).
 
 On the meta device they cost no memory and no time, and torch's FlopCounterMode and saved-tensor hooks give
 exact, machine-independent FLOPs and activation bytes. On CUDA the same builders give random-weight models
@@ -49,3 +50,24 @@ def modelscope(device: str | torch.device = "meta", dtype: torch.dtype = torch.f
 def hpsv2(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32) -> HPSv2Reward:
     """The HPSv2 reward architecture (OpenCLIP ViT-H-14) with random weights."""
     return HPSv2Reward(None, device=device).to(dtype)
+
+
+# Mid size: the ModelScope UNet at 2/5 width (246 M parameters), the VAE at half width, 16 frames of 128 x 128, and
+# HPSv2's loss on OpenCLIP ViT-B-16: the same architecture families, small enough to time a step on a CPU.
+MID_UNET = dict(UNET, block_out_channels=(128, 256, 512, 512), sample_size=16)
+MID_VAE = dict(VAE, block_out_channels=(64, 128, 256, 256), sample_size=128)
+MID_REWARD_ARCH = "ViT-B-16"
+MID_LATENT = (4, FRAMES, 16, 16)
+
+
+def midsize(device: str | torch.device = "cpu", seed: int = 0) -> tuple[VideoDiffusion, HPSv2Reward]:
+    """The mid-size model and reward with random weights (the same ones for every ``seed``)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet, vae = UNet3DConditionModel(**MID_UNET), AutoencoderKL(**MID_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**dict(TEXT, num_hidden_layers=1)))  # prompts come as random contexts
+    model = VideoDiffusion(unet, vae, text_encoder, _tiny_tokenizer(), DDIMScheduler(**SCHEDULER), name="modelscope-mid")
+    return model, HPSv2Reward(None, arch=MID_REWARD_ARCH, device=device)

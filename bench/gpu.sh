@@ -2,7 +2,10 @@
 # Everything that needs a GPU, in one call of under 10 minutes (the device tool's machine: Python 3.12,
 # torch 2.11, Triton 3.6, peft, transformers, timm; no diffusers or open_clip, so they travel as wheels in .whl/).
 # Prepare the wheels once on the development machine (see bench/RESULTS.md, "How the GPU figures are made"), then:
-#     run(command="bash bench/gpu.sh", carry=[".whl"])
+#     run(command="bash bench/gpu.sh", carry=[".whl"])            # every part: about 11 minutes, too long for one call
+#     run(command="bash bench/gpu.sh kernels costs", carry=[".whl"]), then the same with "phases"
+PARTS=${*:-kernels costs phases}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
@@ -12,11 +15,20 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-# 1. kernels on CUDA against their references (the same tests the CPU runs through the interpreter)
-TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x tests/test_kernels_cfg_ddim.py tests/test_kernels_lora_linear.py \
-  tests/test_kernels_temporal_attention.py tests/test_accelerate.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -5
-# 2. the kernel micro-benchmark at ModelScope shapes
-timeout 180 python3 -m bench.bench_kernels --out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.md" | tail -40
-# 3. cost comparisons with the CUDA rows (full size, random weights) side by side
-timeout 240 python3 -m pytest -q -s bench/test_costs.py -k "cuda or fullsize" 2>&1 | tee "$OUT/costs.log" | tail -40
-cp bench/RESULTS.md bench/results_costs.json "$OUT"/ 2>/dev/null || true
+if want kernels; then
+  # 1. kernels on CUDA against their references (the same tests the CPU runs through the interpreter)
+  TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x tests/test_kernels_cfg_ddim.py tests/test_kernels_lora_linear.py \
+    tests/test_kernels_temporal_attention.py tests/test_accelerate.py 2>&1 | tee "$OUT/kernel_tests.log" | tail -5
+  # 2. the kernel micro-benchmark at ModelScope shapes
+  timeout 180 python3 -m bench.bench_kernels --out "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.md" | tail -40
+fi
+if want costs; then
+  # 3. cost comparisons with the CUDA rows (full size, random weights) side by side
+  timeout 240 python3 -m pytest -q -s bench/test_costs.py -k "cuda or fullsize" 2>&1 | tee "$OUT/costs.log" | tail -40
+fi
+if want phases; then
+  # 4. time per phase at mid size, the plain diffusers + peft loop beside the engine, the no-grad paths compared
+  #    (FLOP shares are counted on the meta device by the CPU run: minutes of Python, not GPU work)
+  timeout 300 python3 -m pytest -q -s bench/test_phases.py -k time 2>&1 | tee "$OUT/phases.log" | tail -30
+fi
+cp bench/RESULTS.md bench/results_costs.json bench/results_phases_cuda.json "$OUT"/ 2>/dev/null || true

@@ -11,11 +11,16 @@
               handled by the chain-memory planner (keep / spill to host / recompute within a budget), fused
               kernels where a GPU is present.
 5. engine_k4, engine_kall: the engine with gradient through 4 and all 12 steps.
+
+Beside them, ``PlainLoop``: the loop a user would otherwise write with diffusers + peft, the way public VADER- and
+DRaFT-style code does it. ``PhaseClock`` splits a step's time (and FLOPs) into its phases (bench/test_phases.py).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +31,76 @@ from engine.checkpointing import checkpoint_blocks
 from engine.lora import add_lora
 from engine.models import VideoDiffusion
 from engine.rewards import Reward
-from engine.video_reward import SegmentalReward, reward_loss
+from engine.runtime import NoGradPath
+from engine.video_reward import SegmentalReward, gather_frames, reward_loss, segment_frame_indices
+
+PHASES = ("no-grad steps", "gradient steps, forward", "decode", "reward", "backward", "optimizer",
+          "planner and store")
+
+
+class PhaseClock:
+    """Wall time and FLOPs of a step, per phase. Phases nest: a phase entered inside another is taken out of it
+    (the planner's and the host store's calls inside the gradient steps count as "planner and store" only).
+
+    ``counter`` (a running ``bench.counters.FlopCount``) attributes FLOPs the same way; ``sync`` waits for the
+    GPU at every boundary, so that CUDA times land in the phase that launched the work."""
+
+    def __init__(self, counter=None, sync: bool = False):
+        self.counter, self.sync = counter, sync
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.flops: dict[str, int] = defaultdict(int)
+        self._stack: list[list] = []  # [name, start time, start flops, time of children, flops of children]
+
+    def _now(self) -> tuple[float, int]:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter(), self.counter.total if self.counter is not None else 0
+
+    @contextmanager
+    def __call__(self, name: str):
+        self._stack.append([name, *self._now(), 0.0, 0])
+        try:
+            yield
+        finally:
+            _, start, start_flops, child_s, child_flops = self._stack.pop()
+            now, flops = self._now()
+            self.seconds[name] += now - start - child_s
+            self.flops[name] += flops - start_flops - child_flops
+            if self._stack:
+                self._stack[-1][3] += now - start
+                self._stack[-1][4] += flops - start_flops
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            with self(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    @contextmanager
+    def patched(self, owner, attribute: str, name: str):
+        """``owner.attribute`` timed as ``name`` for the duration (an instance attribute, removed afterwards)."""
+        had_own = attribute in vars(owner)
+        original = getattr(owner, attribute)
+        setattr(owner, attribute, self.wrap(name, original))
+        try:
+            yield
+        finally:
+            if had_own:
+                setattr(owner, attribute, original)
+            else:
+                delattr(owner, attribute)
+
+
+class _Timed:
+    """Every method call of ``target`` timed as ``name`` (the chain memory's host store)."""
+
+    def __init__(self, target, clock: PhaseClock, name: str):
+        self._target, self._clock, self._name = target, clock, name
+
+    def __getattr__(self, attribute):
+        value = getattr(self._target, attribute)
+        return self._clock.wrap(self._name, value) if callable(value) else value
 
 
 @dataclass(frozen=True)
@@ -80,16 +154,20 @@ class Step:
     """One fine-tuning step of ``recipe`` on ``model``: edit (or sample), decode, reward, backward."""
 
     def __init__(self, model: VideoDiffusion, reward: Reward, recipe: Recipe, latent_shape, context_shape,
-                 batch: int = 1, guidance: float = 3.0, memory_budget: int | str = "auto"):
+                 batch: int = 1, guidance: float = 3.0, memory_budget: int | str = "auto", optimizer: bool = False,
+                 no_grad_path: str = "off"):
         self.model, self.recipe, self.batch = model, recipe, batch
         self.latent_shape, self.context_shape = latent_shape, context_shape
         self.params = make_trainable(model, recipe)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if optimizer else None
         self.chain = EditChain(model, recipe.ddim_steps, recipe.tau, 1, guidance)
         self.chain.grad_steps = recipe.grad_steps or self.chain.steps_run
         self.scorer = SegmentalReward(reward, recipe.segments)
         self.memory = self._memory_policy(memory_budget)
         if recipe.step_checkpoint:
             self.chain.guided_step = checkpointed(self.chain.guided_step)
+        path = NoGradPath(no_grad_path, next(model.unet.parameters()).device)
+        self.chain.no_grad_path = path if path.mode != "off" else None
 
     def _memory_policy(self, budget):
         if self.recipe.memory == "blocks":
@@ -101,17 +179,40 @@ class Step:
 
         return ChainMemory(self.model.unet, self.chain.grad_steps, budget).attach(self.chain)
 
-    def __call__(self, device) -> torch.Tensor:
-        """Run forward and backward; returns the (detached) loss."""
+    def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
+        """Run forward and backward (and the optimizer, when it has one); returns the (detached) loss."""
+        clock = clock or PhaseClock()
+        with (clock.patched(self.model, "decode_latents", "decode"), clock.patched(self.scorer.reward, "forward", "reward"),
+              self._bookkeeping_timed(clock)):
+            return self._step(device, clock)
+
+    @contextmanager
+    def _bookkeeping_timed(self, clock: PhaseClock):
+        """The planner's solve and the host store's calls, timed as "planner and store"."""
+        if self.memory is None:
+            yield
+            return
+        import csrc
+
+        store, self.memory.store = self.memory.store, _Timed(self.memory.store, clock, "planner and store")
+        try:
+            with clock.patched(csrc, "make_plan", "planner and store"):
+                yield
+        finally:
+            self.memory.store = store
+
+    def _step(self, device, clock: PhaseClock) -> torch.Tensor:
         b, dtype = self.batch, self.model.unet.dtype
         latents = torch.randn(b, *self.latent_shape, device=device, dtype=dtype)
         context = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
         uncond = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
         prompts = ["a corgi running on the beach"] * b
-        if self.recipe.from_noise:
-            edited = self.chain.denoise(latents, context, uncond)
-        else:
-            edited = self.chain.edit(latents, context, uncond)
+        x = latents if self.recipe.from_noise else self.chain.noise_to_start(latents)
+        first_grad = len(self.chain.timesteps) - self.chain.grad_steps
+        with clock("no-grad steps"):
+            x = self.chain.denoise(x, context, uncond, timesteps=self.chain.timesteps[:first_grad], grad_steps=0)
+        with clock("gradient steps, forward"):
+            edited = self.chain.denoise(x, context, uncond, timesteps=self.chain.timesteps[first_grad:])
         if self.recipe.decode_all:  # the official code: decode all frames with gradient, then pick
             frames_total = edited.shape[2]
             indices = self.scorer.frame_indices(b, frames_total, train=True)
@@ -123,7 +224,68 @@ class Step:
             with self.memory.region(self.model.vae, self.scorer.reward) if self.memory else nullcontext():
                 rewards, _ = self.scorer(self.model, edited, prompts)
         loss = reward_loss(rewards)
-        loss.backward()
+        with clock("backward"):
+            loss.backward()
+        if self.optimizer is not None:
+            with clock("optimizer"):
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+class PlainLoop:
+    """The loop a user would write with diffusers + peft, as public VADER / DRaFT-style code does: peft LoRA on the
+    attention projections, the scheduler's own ``step`` after classifier-free guidance, the gradient step's UNet call
+    under ``torch.utils.checkpoint``, ``vae.decode`` of the frames the reward looks at (the SegVR frames, or all of
+    them), the image reward, AdamW. The edit is recipe 3's: tau 0.6 of 20 DDIM steps, gradient through the last."""
+
+    def __init__(self, model: VideoDiffusion, reward: Reward, latent_shape, context_shape, batch: int = 1,
+                 guidance: float = 3.0, decode_all: bool = False, segments: int = 4, lora_rank: int = 4):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.model, self.reward, self.batch, self.guidance = model, reward, batch, guidance
+        self.latent_shape, self.context_shape, self.decode_all, self.segments = latent_shape, context_shape, decode_all, segments
+        model.unet.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model.unet)
+        self.params = [p for name, p in model.unet.named_parameters() if "lora_" in name]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
+        self.scheduler = type(model.scheduler).from_config(model.scheduler.config)
+        self.scheduler.set_timesteps(20)
+        self.timesteps = self.scheduler.timesteps[-round(0.6 * 20):]
+
+    def _guided_step(self, x, t, context, uncond):
+        eps_u, eps_c = self.model.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
+        return self.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, x).prev_sample
+
+    def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
+        clock = clock or PhaseClock()
+        b, dtype = self.batch, self.model.unet.dtype
+        latents = torch.randn(b, *self.latent_shape, device=device, dtype=dtype)
+        context = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
+        uncond = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
+        x = self.scheduler.add_noise(latents, torch.randn_like(latents), self.timesteps[:1])
+        with clock("no-grad steps"), torch.no_grad():
+            for t in self.timesteps[:-1]:
+                x = self._guided_step(x, t, context, uncond)
+        with clock("gradient steps, forward"):
+            x = checkpoint(self._guided_step, x, self.timesteps[-1], context, uncond, use_reentrant=False)
+        frames_total = x.shape[2]
+        indices = torch.arange(frames_total).expand(b, -1) if self.decode_all else \
+            segment_frame_indices(b, frames_total, self.segments)
+        with clock("decode"):
+            vae = self.model.vae
+            frames = (vae.decode(gather_frames(x, indices) / vae.config.scaling_factor).sample * 0.5 + 0.5).clamp(0, 1)
+        with clock("reward"):
+            scores = self.reward(frames, ["a corgi running on the beach"] * len(frames))
+        loss = -scores.mean()
+        with clock("backward"):
+            loss.backward()
+        with clock("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
 
