@@ -150,6 +150,13 @@ def make_trainable(model: VideoDiffusion, recipe: Recipe) -> list[torch.nn.Param
     return add_lora(model.unet, recipe.lora_rank)
 
 
+def random_inputs(batch: int, latent_shape, context_shape, device, dtype) -> tuple[torch.Tensor, ...]:
+    """Source latents, prompt context and empty-prompt context of one step (random: costs do not depend on values)."""
+    return (torch.randn(batch, *latent_shape, device=device, dtype=dtype),
+            torch.randn(batch, *context_shape, device=device, dtype=dtype),
+            torch.randn(batch, *context_shape, device=device, dtype=dtype))
+
+
 class Step:
     """One fine-tuning step of ``recipe`` on ``model``: edit (or sample), decode, reward, backward."""
 
@@ -166,8 +173,7 @@ class Step:
         self.memory = self._memory_policy(memory_budget)
         if recipe.step_checkpoint:
             self.chain.guided_step = checkpointed(self.chain.guided_step)
-        path = NoGradPath(no_grad_path, next(model.unet.parameters()).device)
-        self.chain.no_grad_path = path if path.mode != "off" else None
+        self.chain.no_grad_path = NoGradPath.resolve(no_grad_path, next(model.unet.parameters()).device)
 
     def _memory_policy(self, budget):
         if self.recipe.memory == "blocks":
@@ -202,10 +208,8 @@ class Step:
             self.memory.store = store
 
     def _step(self, device, clock: PhaseClock) -> torch.Tensor:
-        b, dtype = self.batch, self.model.unet.dtype
-        latents = torch.randn(b, *self.latent_shape, device=device, dtype=dtype)
-        context = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
-        uncond = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
+        b = self.batch
+        latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.unet.dtype)
         prompts = ["a corgi running on the beach"] * b
         x = latents if self.recipe.from_noise else self.chain.noise_to_start(latents)
         first_grad = len(self.chain.timesteps) - self.chain.grad_steps
@@ -262,10 +266,8 @@ class PlainLoop:
 
     def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
         clock = clock or PhaseClock()
-        b, dtype = self.batch, self.model.unet.dtype
-        latents = torch.randn(b, *self.latent_shape, device=device, dtype=dtype)
-        context = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
-        uncond = torch.randn(b, *self.context_shape, device=device, dtype=dtype)
+        b = self.batch
+        latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.unet.dtype)
         x = self.scheduler.add_noise(latents, torch.randn_like(latents), self.timesteps[:1])
         with clock("no-grad steps"), torch.no_grad():
             for t in self.timesteps[:-1]:

@@ -71,6 +71,12 @@ class NoGradPath:
         self.mode, self.device, self.compile_backend = mode, device, compile_backend
         self._compiled: dict[int, torch.nn.Module] = {}
 
+    @classmethod
+    def resolve(cls, mode: str, device: torch.device, precision: str = "auto") -> "NoGradPath | None":
+        """The path for ``mode``, or None where it resolves to off (the no-grad steps then run as the others)."""
+        path = cls(mode, device, precision)
+        return None if path.mode == "off" else path
+
     def context(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mode == "bf16" else nullcontext()
 

@@ -194,9 +194,7 @@ class Trainer:
                                 f"use at most {trained_steps}")
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance,
                                cfg.eta, cfg.offset_noise)
-        no_grad_path = NoGradPath(cfg.no_grad_path, self.device, cfg.precision)
-        if no_grad_path.mode != "off":
-            self.chain.no_grad_path = no_grad_path
+        self.chain.no_grad_path = NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision)
         self.memory = None
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.unet)
