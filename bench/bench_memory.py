@@ -68,7 +68,7 @@ def gradient_part(model, k: int, memory: ChainMemory | None, latent, context, au
     chain = EditChain(model, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0, eta=0.0)
     if memory is not None:
         memory.attach(chain)
-    meter = SavedTensorMeter(model.unet)
+    meter = SavedTensorMeter(model.denoiser)
     with FlopCount() as flops:
         with meter, (autocast or torch.autocast("cpu", enabled=False)):
             out = chain.denoise(latent, context, context, None, chain.timesteps[-k:], k)
@@ -88,7 +88,7 @@ def meta_model():
 def meta_profile(meta_model):
     """The per-unit measurement ChainMemory makes on its first two gradient steps, done once for all K."""
     latent, context = torch.empty(LATENT, device="meta"), torch.empty(CONTEXT, device="meta")
-    memory = ChainMemory(meta_model.unet, 2, BUDGET)
+    memory = ChainMemory(meta_model.denoiser, 2, BUDGET)
     gradient_part(meta_model, 2, memory, latent, context)
     return memory.profile
 
@@ -110,11 +110,11 @@ def meta_rows(meta_model, meta_profile):
     for k in K_VALUES:
         plain_bytes, forward, plain_flops = gradient_part(meta_model, k, None, latent, context)
 
-        today = ChainMemory(meta_model.unet, k, granularity="blocks", decisions=2)  # RECOMPUTE every block
+        today = ChainMemory(meta_model.denoiser, k, granularity="blocks", decisions=2)  # RECOMPUTE every block
         today_bytes, _, today_flops = gradient_part(meta_model, k, today, latent, context)
         today_transient = today.stats()["peak_transient_bytes"]
 
-        planned = ChainMemory(meta_model.unet, k, BUDGET, profile=meta_profile)
+        planned = ChainMemory(meta_model.denoiser, k, BUDGET, profile=meta_profile)
         planned_bytes, _, planned_flops = gradient_part(meta_model, k, planned, latent, context)
         stats = planned.stats()
         rows.append(dict(
@@ -185,9 +185,9 @@ def test_gpu_peak_memory_and_step_time():
         for policy in ("plain", "planned"):
             memory = None
             if policy == "planned":
-                memory = ChainMemory(model.unet, k, BUDGET)
+                memory = ChainMemory(model.denoiser, k, BUDGET)
                 gradient_part(model, k, memory, latent, context, autocast)  # first iteration measures the units
-                memory = ChainMemory(model.unet, k, BUDGET, profile=memory.profile)
+                memory = ChainMemory(model.denoiser, k, BUDGET, profile=memory.profile)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -207,7 +207,7 @@ def test_gpu_peak_memory_and_step_time():
             except torch.OutOfMemoryError:
                 row = dict(k=k, policy=policy, peak_gib=None, seconds=None, error="out of memory")
             finally:
-                for p in model.unet.parameters():
+                for p in model.denoiser.parameters():
                     p.grad = None
                 torch.cuda.empty_cache()
             rows.append(row)

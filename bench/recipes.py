@@ -145,9 +145,9 @@ def checkpointed(guided_step):
 def make_trainable(model: VideoDiffusion, recipe: Recipe) -> list[torch.nn.Parameter]:
     """LoRA (rank ``recipe.lora_rank``) or every UNet weight for full fine-tuning."""
     if recipe.full_finetune:
-        model.unet.requires_grad_(True)
-        return list(model.unet.parameters())
-    return add_lora(model.unet, recipe.lora_rank)
+        model.denoiser.requires_grad_(True)
+        return list(model.denoiser.parameters())
+    return add_lora(model.denoiser, recipe.lora_rank)
 
 
 def random_inputs(batch: int, latent_shape, context_shape, device, dtype) -> tuple[torch.Tensor, ...]:
@@ -173,17 +173,17 @@ class Step:
         self.memory = self._memory_policy(memory_budget)
         if recipe.step_checkpoint:
             self.chain.guided_step = checkpointed(self.chain.guided_step)
-        self.chain.no_grad_path = NoGradPath.resolve(no_grad_path, next(model.unet.parameters()).device)
+        self.chain.no_grad_path = NoGradPath.resolve(no_grad_path, next(model.denoiser.parameters()).device)
 
     def _memory_policy(self, budget):
         if self.recipe.memory == "blocks":
-            checkpoint_blocks(self.model.unet)
+            checkpoint_blocks(self.model.denoiser)
             return None
         if self.recipe.memory == "none":
             return None
         from engine.checkpointing import ChainMemory
 
-        return ChainMemory(self.model.unet, self.chain.grad_steps, budget).attach(self.chain)
+        return ChainMemory(self.model.denoiser, self.chain.grad_steps, budget).attach(self.chain)
 
     def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
         """Run forward and backward (and the optimizer, when it has one); returns the (detached) loss."""
@@ -209,7 +209,7 @@ class Step:
 
     def _step(self, device, clock: PhaseClock) -> torch.Tensor:
         b = self.batch
-        latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.unet.dtype)
+        latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.denoiser.dtype)
         prompts = ["a corgi running on the beach"] * b
         x = latents if self.recipe.from_noise else self.chain.noise_to_start(latents)
         first_grad = len(self.chain.timesteps) - self.chain.grad_steps
@@ -249,10 +249,10 @@ class PlainLoop:
 
         self.model, self.reward, self.batch, self.guidance = model, reward, batch, guidance
         self.latent_shape, self.context_shape, self.decode_all, self.segments = latent_shape, context_shape, decode_all, segments
-        model.unet.requires_grad_(False)
+        model.denoiser.requires_grad_(False)
         inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_rank,
-                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model.unet)
-        self.params = [p for name, p in model.unet.named_parameters() if "lora_" in name]
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]), model.denoiser)
+        self.params = [p for name, p in model.denoiser.named_parameters() if "lora_" in name]
         for p in self.params:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
@@ -261,13 +261,13 @@ class PlainLoop:
         self.timesteps = self.scheduler.timesteps[-round(0.6 * 20):]
 
     def _guided_step(self, x, t, context, uncond):
-        eps_u, eps_c = self.model.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
+        eps_u, eps_c = self.model.denoiser(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
         return self.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, x).prev_sample
 
     def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
         clock = clock or PhaseClock()
         b = self.batch
-        latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.unet.dtype)
+        latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.denoiser.dtype)
         x = self.scheduler.add_noise(latents, torch.randn_like(latents), self.timesteps[:1])
         with clock("no-grad steps"), torch.no_grad():
             for t in self.timesteps[:-1]:

@@ -50,7 +50,7 @@ def count_fullsize(recipe) -> dict:
         step("meta")  # the planner measures its units on the first gradient step; count a planned one
     if step.memory is not None:
         step.memory.store.reset_peaks()
-    saved = SavedTensorMeter(model.unet, model.vae, model.text_encoder, reward)
+    saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
     with FlopCount() as counter, saved:
         step("meta")
     host = dict(zip(STAT_NAMES, step.memory.store.stats()))["peak_host_bytes"] if step.memory is not None else 0
@@ -64,7 +64,7 @@ def test_flop_count_equals_flop_counter_mode():
 
     from engine.models import tiny_model
 
-    unet = tiny_model().unet.requires_grad_(True)
+    unet = tiny_model().denoiser.requires_grad_(True)
     latent, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
 
     def forward_backward():
@@ -222,7 +222,7 @@ def test_cuda_fullsize(key, report):
     if key == "engine":
         from engine.accelerate import accelerate
 
-        accelerate(model.unet)
+        accelerate(model.denoiser)
     else:
         kernels.set_backend("reference")
     # model FLOPs: forward + backward of the configuration without recomputation, counted on the meta device

@@ -4,8 +4,8 @@
 
     import engine
     model = engine.load_model("/weights/text-to-video-ms-1.7b")      # or engine.build_model("world")
-    engine.add_lora(model.unet, rank=4)
-    handle = engine.accelerate(model.unet)                          # fused Triton kernels (CUDA)
+    engine.add_lora(model.denoiser, rank=4)
+    handle = engine.accelerate(model.denoiser)                          # fused Triton kernels (CUDA)
     chain = engine.EditChain(model, ddim_steps=20, tau=0.6, grad_steps=1)
 """
 

@@ -17,6 +17,7 @@ import torch
 
 import kernels
 from engine.distributed import randn
+from engine.errors import UserError
 from engine.models import VideoDiffusion
 from engine.runtime import NoGradPath
 
@@ -25,6 +26,36 @@ def is_flow_matching(scheduler) -> bool:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def editing_scheduler(scheduler):
+    """A fresh scheduler whose schedule the chain runs, from a model's own:
+
+    - DDIM (``DDIMScheduler``, ``CogVideoXDDIMScheduler``; epsilon or v) and ``FlowMatchEulerDiscreteScheduler``:
+      the same class and config;
+    - a multistep solver on flow sigmas (Wan 2.1 ships ``UniPCMultistepScheduler`` with ``use_flow_sigmas``):
+      flow-matching Euler with its ``flow_shift``;
+    - ``CogVideoXDPMScheduler`` (CogVideoX-5B): DDIM on its noise schedule (``CogVideoXDDIMScheduler``).
+    Anything else is a clear error."""
+    import diffusers
+
+    config = scheduler.config
+    name = type(scheduler).__name__
+    prediction = config.get("prediction_type", "epsilon")
+    if name in ("DDIMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
+        if prediction not in ("epsilon", "v_prediction"):
+            raise UserError(f"scheduler predicts {prediction!r}; this engine supports epsilon- and v-prediction DDIM "
+                            "models (ModelScope, zeroscope, CogVideoX) and flow matching (Wan)")
+        cls = diffusers.CogVideoXDDIMScheduler if name == "CogVideoXDPMScheduler" else type(scheduler)
+        return cls.from_config(config)
+    if is_flow_matching(scheduler):
+        return type(scheduler).from_config(config)
+    if config.get("use_flow_sigmas") and prediction == "flow_prediction":
+        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
+                                                         shift=float(config.get("flow_shift") or 1.0))
+    raise UserError(f"scheduler {name} ({prediction}) is not supported; the chain runs DDIM (epsilon or v-prediction), "
+                    "CogVideoX's DDIM/DPM schedules and flow matching (FlowMatchEulerDiscreteScheduler, or a "
+                    "solver with use_flow_sigmas)")
 
 
 class EditChain:
@@ -37,7 +68,7 @@ class EditChain:
         self.eta = eta
         self.offset_noise = offset_noise
         self.ddim_steps = ddim_steps
-        self.schedule = type(model.scheduler).from_config(model.scheduler.config)
+        self.schedule = editing_scheduler(model.scheduler)
         self.schedule.set_timesteps(ddim_steps)
         self.flow = is_flow_matching(self.schedule)
         self.prediction = "flow" if self.flow else self.schedule.config.prediction_type
@@ -55,7 +86,7 @@ class EditChain:
             raise ValueError(f"grad_steps={grad_steps} must be in [1, {self.steps_run}]")
         # Memory policy for the gradient steps (see engine.checkpointing): set by the trainer.
         self.step_context = lambda index: nullcontext()
-        # What calls the UNet: the trainer's DistributedDataParallel wrapper under torchrun; None = model.unet.
+        # What calls the denoiser: the trainer's DistributedDataParallel wrapper under torchrun; None = model.denoiser.
         self.denoiser: torch.nn.Module | None = None
         # How the no-grad steps call it (bf16 autocast, compiled, ...; engine.runtime.NoGradPath): set by the trainer.
         self.no_grad_path: NoGradPath | None = None
@@ -91,18 +122,19 @@ class EditChain:
     # -- denoising --------------------------------------------------------------------------------
     def guided_step(self, x: torch.Tensor, t: int, context: torch.Tensor, uncond: torch.Tensor,
                     generator: torch.Generator | None) -> torch.Tensor:
-        """One UNet evaluation (both CFG halves in one batched call) and one fused CFG + sampler update; without
+        """One denoiser evaluation (both CFG halves in one batched call) and one fused CFG + sampler update; without
         gradient, through ``no_grad_path`` when the trainer set one."""
-        unet, timestep, path_context = self.model.unet if self.denoiser is None else self.denoiser, t, nullcontext()
+        model = self.model
+        denoiser, timestep, path_context = model.denoiser if self.denoiser is None else self.denoiser, t, nullcontext()
         if self.no_grad_path is not None and not torch.is_grad_enabled():
             path = self.no_grad_path
-            unet, timestep, path_context = path.denoiser(self.model.unet), path.timestep(t), path.context()
+            denoiser, timestep, path_context = path.denoiser(model.denoiser), path.timestep(t), path.context()
         with path_context:
             if self.guidance == 1.0:
-                eps_c = unet(x, timestep, encoder_hidden_states=context).sample
+                eps_c = model.predict(denoiser, x, timestep, context)
                 eps_u = eps_c
             else:
-                eps = unet(torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([uncond, context])).sample
+                eps = model.predict(denoiser, torch.cat([x, x]), timestep, torch.cat([uncond, context]))
                 eps_u, eps_c = eps.chunk(2)
         if self.flow:
             i = self._step_index[t]

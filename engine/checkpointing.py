@@ -22,7 +22,7 @@ Two policies:
   autocast state are captured per unit call and restored for the rerun, so dropout (or any random op inside a
   unit) draws the same numbers and gradients equal plain autograd's bit for bit.
 
-      memory = ChainMemory(model.unet, grad_steps=K, budget="8GiB")     # or "auto"
+      memory = ChainMemory(model.denoiser, grad_steps=K, budget="8GiB")     # or "auto"
       chain.step_context = memory.step_context                          # or memory.attach(chain)
       with memory.region(model.vae, reward):                            # decode + reward: same budget
           rewards = ...
@@ -69,17 +69,29 @@ from csrc import DECISION_NAMES, KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD, ST
 logger = logging.getLogger(__name__)
 
 __all__ = ["ChainMemory", "ChainProfile", "DEFAULT_RATES", "SavedTensorMeter", "UnitCost", "checkpoint_blocks",
-           "parse_budget", "unet_blocks", "unet_units"]
+           "denoiser_blocks", "denoiser_units", "parse_budget"]
 
 
-def unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    """The UNet's top-level blocks in call order."""
-    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+def _transformer_blocks(denoiser: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """A video transformer's block list and its name (Wan ``blocks``, CogVideoX ``transformer_blocks``)."""
+    for name in ("blocks", "transformer_blocks"):
+        blocks = getattr(denoiser, name, None)
+        if isinstance(blocks, nn.ModuleList) and not hasattr(denoiser, "down_blocks"):
+            return name, blocks
+    return None
 
 
-def checkpoint_blocks(unet: nn.Module) -> Callable[[], None]:
-    """Recompute every top-level UNet block in backward; returns a function that reverts the change."""
-    blocks = unet_blocks(unet)
+def denoiser_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The top-level blocks in call order: a UNet's down, mid and up blocks, or a transformer's blocks."""
+    transformer = _transformer_blocks(denoiser)
+    if transformer is not None:
+        return list(transformer[1])
+    return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+
+
+def checkpoint_blocks(denoiser: nn.Module) -> Callable[[], None]:
+    """Recompute every top-level block in backward; returns a function that reverts the change."""
+    blocks = denoiser_blocks(denoiser)
     for block in blocks:
         original = block.forward
 
@@ -120,16 +132,27 @@ def parse_budget(value: int | float | str | None) -> int | str:
     return size
 
 
-def unet_units(unet: nn.Module, granularity: str = "layers") -> list[tuple[str, nn.Module]]:
+def denoiser_units(unet: nn.Module, granularity: str = "layers") -> list[tuple[str, nn.Module]]:
     """The modules ChainMemory plans for, named as in ``unet.named_modules()``.
 
     ``layers``: each resnet, temporal conv, spatial and temporal transformer, down/upsampler of every block, plus
     the stem (time embedding, conv_in, transformer_in) and the head (norm, activation, conv_out): one layer
     rematerialised at a time keeps the transient small. ``blocks``: the top-level blocks (as checkpoint_blocks)
-    plus the stem and head modules.
+    plus the stem and head modules. A video transformer's units are its blocks at either granularity (each is one
+    attention + MLP layer), plus the top-level modules around them that hold weights (patch and condition
+    embedders, output norm and projection).
     """
     if granularity not in ("layers", "blocks"):
         raise ValueError(f"granularity {granularity!r}: use 'layers' or 'blocks'")
+    transformer = _transformer_blocks(unet)
+    if transformer is not None:
+        units = []
+        for name, child in unet.named_children():
+            if child is transformer[1]:
+                units += [(f"{name}.{j}", block) for j, block in enumerate(child)]
+            elif any(True for _ in child.parameters()):
+                units.append((name, child))
+        return units
     units: list[tuple[str, nn.Module]] = []
 
     def add(name: str):
@@ -430,7 +453,7 @@ class ChainMemory:
         unet: the UNet3DConditionModel (LoRA may be injected before or after).
         grad_steps: K, the gradient steps the chain runs.
         budget: device bytes for saved activations ("8GiB", an int) or "auto" (today's K=1 footprint).
-        granularity: "layers" (default) or "blocks"; see ``unet_units``.
+        granularity: "layers" (default) or "blocks"; see ``denoiser_units``.
         backend: "extension", "python" or None (the extension when built; see ``csrc.backend``).
         host_offload: allow spilling to host memory (pinned on CUDA); off, the plan only keeps or recomputes.
         rates: the cost model's machine; default ``DEFAULT_RATES`` for the UNet's device.
@@ -463,7 +486,7 @@ class ChainMemory:
         if max_inflight_bytes is None:
             max_inflight_bytes = 1 << 30 if self.budget == "auto" else max(1, min(1 << 30, self.budget // 4))
         self.store = self.backend.Store(max_inflight_bytes, prefetch_depth, self.device.type == "cuda")
-        self.units = unet_units(unet, granularity)
+        self.units = denoiser_units(unet, granularity)
         self.profile = profile
         self.plan: Plan | None = None
         self._forced = self._forced_fn(decisions)

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = SegmentalReward(reward, args.segments, args.tar_lambda, segvr=True, tar=args.tar)
     model = load_model(args.model, device)
     for i, (label, folder) in enumerate(checkpoints):
-        apply_lora(model.unet, folder, args.lora_scale, adapter_name=f"checkpoint{i}")
+        apply_lora(model.denoiser, folder, args.lora_scale, adapter_name=f"checkpoint{i}")
 
     # (set, prompt, sample) in a fixed order; video k starts from seed + k for every model: paired comparisons
     jobs = [(name, p) for name, prompts in sets.items() for p in prompts for _ in range(args.samples_per_prompt)]
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=len(models) * len(jobs) * args.ddim_steps, desc="evaluating", unit="step", dynamic_ncols=True)
     for label, adapter in models:
         if adapter is not None:
-            activate_adapter(model.unet, adapter)
-        switch = adapters_disabled(model.unet) if adapter is None and checkpoints else nullcontext()
+            activate_adapter(model.denoiser, adapter)
+        switch = adapters_disabled(model.denoiser) if adapter is None and checkpoints else nullcontext()
         scores: list[float] = []
         metrics: list[dict] = []
         with switch:

@@ -5,19 +5,19 @@
 
 Two forms, both by default:
 
-``DIR/merged/``  a full ``TextToVideoSDPipeline`` folder (model_index.json, unet/ vae/ text_encoder/
-    tokenizer/ scheduler/) whose UNet has the LoRA merged in (W <- W + scale * alpha/r * B A on every adapted
-    projection, then the peft wrappers removed). ``TextToVideoSDPipeline.from_pretrained(DIR/merged)`` and
-    ``UNet3DConditionModel.from_pretrained(DIR/merged/unet)`` load it; nothing beyond diffusers is needed.
+``DIR/merged/``  a full pipeline folder of the model's family (``TextToVideoSDPipeline``, ``WanPipeline`` or
+    ``CogVideoXPipeline``: model_index.json and its components) whose denoiser (unet/ or transformer/) has the
+    LoRA merged in (W <- W + scale * alpha/r * B A on every adapted projection, then the peft wrappers removed).
+    The stock pipeline's ``from_pretrained(DIR/merged)`` loads it; nothing beyond diffusers is needed.
 
 ``DIR/peft/``  the adapter in peft format (adapter_model.safetensors + adapter_config.json, ``--lora-scale``
-    folded into lora_alpha) and a README with the peft calls that apply it to the stock pipeline's UNet.
-    diffusers' ``pipe.load_lora_weights`` cannot be used: UNet3DConditionModel has no peft adapter mixin
+    folded into lora_alpha) and a README with the peft calls that apply it to the stock pipeline's denoiser.
+    For UNet3D, diffusers' ``pipe.load_lora_weights`` cannot be used: UNet3DConditionModel has no peft adapter mixin
     (diffusers 0.42 raises ``AttributeError: 'UNet3DConditionModel' object has no attribute
     'load_lora_adapter'``), and ``unet.load_attn_procs`` reads Custom Diffusion weights only.
 
 Both give the frames the engine's sampler gives with the LoRA (tests/test_export.py checks this with the
-stock pipeline); the merged UNet differs from the unmerged one by float rounding of W + dW.
+stock pipeline); the merged denoiser differs from the unmerged one by float rounding of W + dW.
 """
 
 from __future__ import annotations
@@ -41,38 +41,44 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PEFT_README = """# LoRA adapter (peft format)
 
 Trained with InstructVideo reward fine-tuning for `{base}`{scale_note}. Apply it to the stock diffusers pipeline
-with peft (diffusers' `load_lora_weights` does not support `UNet3DConditionModel`):
+with peft (the same calls for every family; diffusers' `load_lora_weights` does not support
+`UNet3DConditionModel`):
 
 ```python
-from diffusers import TextToVideoSDPipeline
+from diffusers import {pipeline}
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-pipe = TextToVideoSDPipeline.from_pretrained("{base}")
+pipe = {pipeline}.from_pretrained("{base}")
 config = LoraConfig.from_pretrained("{folder}")
-inject_adapter_in_model(config, pipe.unet)
-set_peft_model_state_dict(pipe.unet, load_file("{folder}/adapter_model.safetensors"))
+inject_adapter_in_model(config, pipe.{denoiser})
+set_peft_model_state_dict(pipe.{denoiser}, load_file("{folder}/adapter_model.safetensors"))
 pipe.to("cuda")
 frames = pipe("a golden retriever playing in autumn leaves", num_inference_steps=20).frames
 ```
 
 To change the strength afterwards, call `layer.set_scale("default", s)` on every
-`peft.tuners.lora.LoraLayer` in `pipe.unet.modules()` (0 = base model, 1 = as exported).
+`peft.tuners.lora.LoraLayer` in `pipe.{denoiser}.modules()` (0 = base model, 1 = as exported).
 To fold the adapter into the weights, call `layer.merge()` on each of those layers.
 """
 
-MERGED_README = """# Merged UNet
+MERGED_README = """# Merged {denoiser}
 
-A full `TextToVideoSDPipeline` folder with the LoRA from `{lora}` merged into the UNet{scale_note}. Stock diffusers:
+A full `{pipeline}` folder with the LoRA from `{lora}` merged into the {denoiser}{scale_note}. Stock diffusers:
 
 ```python
-from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+from diffusers import {pipeline}, {denoiser_class}
 
-pipe = TextToVideoSDPipeline.from_pretrained("{folder}")
-# or only the UNet, into a pipeline of the base model:
-unet = UNet3DConditionModel.from_pretrained("{folder}/unet")
+pipe = {pipeline}.from_pretrained("{folder}")
+# or only the {denoiser}, into a pipeline of the base model:
+{denoiser} = {denoiser_class}.from_pretrained("{folder}/{denoiser}")
 ```
 """
+
+
+def _readme_names(model) -> dict[str, str]:
+    return {"pipeline": model.pipeline_class, "denoiser": model.denoiser_name,
+            "denoiser_class": type(model.denoiser).__name__}
 
 
 def merge_lora(unet: nn.Module) -> int:
@@ -95,20 +101,20 @@ def merge_lora(unet: nn.Module) -> int:
 
 
 def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dtype) -> Path:
-    apply_lora(model.unet, lora, scale)
-    merged = merge_lora(model.unet)
-    if lora_layers(model.unet) or merged == 0:
+    apply_lora(model.denoiser, lora, scale)
+    merged = merge_lora(model.denoiser)
+    if lora_layers(model.denoiser) or merged == 0:
         raise UserError(f"no LoRA layer of {lora} could be merged; check the adapter fits this model")
-    if dtype != next(model.unet.parameters()).dtype:
-        model.unet.to(dtype)
+    if dtype != next(model.denoiser.parameters()).dtype:
+        model.denoiser.to(dtype)
     model.save(folder)
     note = f" at scale {scale}" if scale != 1.0 else ""
-    (folder / "README.md").write_text(MERGED_README.format(lora=lora, folder=folder, scale_note=note))
+    (folder / "README.md").write_text(MERGED_README.format(lora=lora, folder=folder, scale_note=note, **_readme_names(model)))
     return folder
 
 
 def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Path:
-    apply_lora(model.unet, lora, 1.0)  # only to check the adapter fits the model
+    apply_lora(model.denoiser, lora, 1.0)  # only to check the adapter fits the model
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(lora / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = json.loads((lora / CONFIG_NAME).read_text())
@@ -117,7 +123,7 @@ def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Pat
         config["alpha_pattern"] = {k: v * scale for k, v in (config.get("alpha_pattern") or {}).items()}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     note = f" (strength {scale} folded into lora_alpha)" if scale != 1.0 else ""
-    (folder / "README.md").write_text(PEFT_README.format(base=base, folder=folder, scale_note=note))
+    (folder / "README.md").write_text(PEFT_README.format(base=base, folder=folder, scale_note=note, **_readme_names(model)))
     return folder
 
 
@@ -130,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="export folder (merged/ and/or peft/ are written in it)")
     parser.add_argument("--merged", action="store_true", help="write the merged pipeline (default: both forms)")
     parser.add_argument("--peft", action="store_true", help="write the peft adapter (default: both forms)")
-    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weight dtype of the merged UNet")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weight dtype of the merged denoiser")
     parser.add_argument("--overwrite", action="store_true", help="replace merged/ or peft/ if they exist")
     parser.add_argument("--device", default="cpu", help="where to merge (cpu is enough: merging is one GEMM per layer)")
     return parser

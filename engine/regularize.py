@@ -117,7 +117,7 @@ def base_model_edit(chain, latents: torch.Tensor, context: torch.Tensor, uncond:
     engine.distributed.ShardedGenerator. Costs one no-grad pass of the chain (steps_run CFG UNet calls).
     """
     state = generator.get_state() if generator is not None else None
-    with adapters_disabled(chain.model.unet):
+    with adapters_disabled(chain.model.denoiser):
         reference = chain.edit(latents, context, uncond, generator)
     if generator is not None:
         generator.set_state(state)

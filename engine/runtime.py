@@ -47,13 +47,13 @@ def native_bf16(device: torch.device) -> bool:
 
 
 class NoGradPath:
-    """How the edit chain's no-grad steps call the UNet. They are most of a step's work (11 of the 12 CFG steps of
+    """How the edit chain's no-grad steps call the denoiser. They are most of a step's work (11 of the 12 CFG steps of
     the official recipe) and need no autograd, so they may take a faster path than the gradient steps:
 
     - ``bf16``: under bf16 autocast (results change by bf16 rounding only); on a CPU with AMX the no-grad steps take
       well under the fp32 time (bench/RESULTS.md, "time per phase (CPU)"); on CUDA, ``--precision auto`` already
       runs every step in bf16.
-    - ``compile``: a ``torch.compile``d UNet (CUDA graphs on CUDA, where the chain's shapes are static); the timestep
+    - ``compile``: a ``torch.compile``d denoiser (CUDA graphs on CUDA, where the chain's shapes are static); the timestep
       goes in as a tensor so that the twelve timesteps share one graph.
     - ``off``: exactly like the gradient steps.
     - ``auto``: bf16 on a CPU with bf16 units when the run itself is fp32, otherwise off (compile stays opt-in: on
@@ -80,14 +80,14 @@ class NoGradPath:
     def context(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.mode == "bf16" else nullcontext()
 
-    def denoiser(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """``unet`` itself, or its compiled twin (made once; it shares the weights, so LoRA updates reach it)."""
+    def denoiser(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` itself, or its compiled twin (made once; it shares the weights, so LoRA updates reach it)."""
         if self.mode != "compile":
-            return unet
-        if id(unet) not in self._compiled:
+            return module
+        if id(module) not in self._compiled:
             mode = "reduce-overhead" if self.device.type == "cuda" and self.compile_backend == "inductor" else None
-            self._compiled[id(unet)] = torch.compile(unet, backend=self.compile_backend, mode=mode, dynamic=False)
-        return self._compiled[id(unet)]
+            self._compiled[id(module)] = torch.compile(module, backend=self.compile_backend, mode=mode, dynamic=False)
+        return self._compiled[id(module)]
 
     def timestep(self, t: int) -> int | torch.Tensor:
         """A tensor under compile (one graph for every timestep), the plain int otherwise."""

@@ -10,7 +10,7 @@ engine's own CFG + DDIM update, the arithmetic of diffusers' DDIMScheduler). The
 batch size (up to float rounding). Outputs in ``--output``, per prompt: ``NNN_<prompt>.mp4``, ``.gif`` and a
 PNG grid of the frames; ``samples.json`` records the settings, seeds and files.
 
-The helpers here (``apply_lora``, ``set_lora_scale``, ``generate``, ``decode_video``) are shared by
+The helpers here (``apply_lora``, ``set_lora_scale``, ``generate``) are shared by
 ``engine.evaluate`` and ``engine.export``.
 """
 
@@ -107,13 +107,6 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def latent_shape(model: VideoDiffusion, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    down = model.vae_downsample
-    if height % down or width % down:
-        raise UserError(f"--height/--width {height}x{width} must be multiples of the VAE's factor {down}")
-    return model.unet.config.in_channels, num_frames, height // down, width // down
-
-
 @torch.no_grad()
 def generate(model: VideoDiffusion, prompts: list[str], seeds: list[int], size: tuple[int, int, int],
              ddim_steps: int = 20, guidance: float = 3.0, eta: float = 0.0, progress=None) -> torch.Tensor:
@@ -122,7 +115,7 @@ def generate(model: VideoDiffusion, prompts: list[str], seeds: list[int], size: 
     ``progress(n)`` is called after each step with the number of videos it advanced. With ``eta > 0`` the
     per-step noise comes from one generator seeded with ``seeds[0]``, so it depends on how videos are batched.
     """
-    shape = latent_shape(model, *size)
+    shape = model.latent_shape(*size)
     chain = EditChain(model, ddim_steps, tau=1.0, grad_steps=1, guidance=guidance, eta=eta, offset_noise=0.0)
     device = model.device
     x = torch.stack([initial_noise(shape, s) for s in seeds]).to(device)
@@ -134,13 +127,6 @@ def generate(model: VideoDiffusion, prompts: list[str], seeds: list[int], size: 
         if progress:
             progress(len(prompts))
     return x.float()
-
-
-@torch.no_grad()
-def decode_video(model: VideoDiffusion, latent: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """One video's latent [C, F, h, w] -> frames [F, 3, H, W] in [0, 1], decoded ``chunk`` frames at a time."""
-    frames = latent.transpose(0, 1)
-    return torch.cat([model.decode_latents(frames[i:i + chunk]) for i in range(0, frames.shape[0], chunk)]).float().cpu()
 
 
 def slug(text: str, length: int = 40) -> str:
@@ -233,9 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--fps {args.fps} must be positive")
     device = resolve_device(args.device)
     model = load_model(args.model, device)
-    latent_shape(model, *size)  # the VAE factor check, before any work
+    model.latent_shape(*size)  # the VAE factor and frame-count checks, before any work
     if args.lora:
-        apply_lora(model.unet, args.lora, args.lora_scale)
+        apply_lora(model.denoiser, args.lora, args.lora_scale)
 
     from engine import media
 
@@ -249,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
             seeds = [args.seed + start + i for i in range(len(batch))]
             with autocast(device, args.precision):
                 latents = generate(model, batch, seeds, size, args.ddim_steps, args.guidance, args.eta, bar.update)
-                videos = [decode_video(model, latent) for latent in latents]
+                videos = [model.decode_video(latent) for latent in latents]
             for i, (prompt, seed, frames) in enumerate(zip(batch, seeds, videos)):
                 stem = f"{start + i:03d}_{slug(prompt)}"
                 files = [media.write_mp4(frames, out / f"{stem}.mp4", args.fps),

@@ -39,7 +39,7 @@ from engine import distributed as dist_utils
 from engine import media
 from engine.accelerate import accelerate
 from engine.chain import EditChain
-from engine.checkpointing import ChainMemory, checkpoint_blocks, unet_blocks
+from engine.checkpointing import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, Source, build_sources, split_held_out
 from engine.distributed import ShardedGenerator
@@ -170,14 +170,11 @@ class Trainer:
 
     def _setup_data(self):
         cfg = self.config
-        down = self.model.vae_downsample
-        if cfg.height % down or cfg.width % down:
-            raise UserError(f"--height/--width must be multiples of the VAE's factor {down}")
+        self.latent_shape = self.model.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # checks the sizes
         sources = build_sources(cfg.prompts, cfg.videos, cfg.model if cfg.model in BUILTIN_MODELS else None,
                                 cfg.num_frames, cfg.fps, cfg.height, cfg.width, held_out=cfg.num_held_out)
         self.train_sources, held_out = split_held_out(sources, cfg.num_held_out)
         self.eval_sources = held_out or self.train_sources[:2]
-        self.latent_shape = (self.model.unet.config.in_channels, cfg.num_frames, cfg.height // down, cfg.width // down)
         self._latent_cache: dict[int, torch.Tensor] = {}
         self.sampler = BatchSampler(len(self.train_sources), cfg.batch_size, cfg.seed)
         # Noise and SegVR draws are made for the global batch, so any number of processes gives one result.
@@ -197,13 +194,13 @@ class Trainer:
         self.chain.no_grad_path = NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision)
         self.memory = None
         if cfg.checkpoint == "blocks":
-            checkpoint_blocks(self.model.unet)
+            checkpoint_blocks(self.model.denoiser)
         elif cfg.checkpoint == "plan":
-            self.memory = ChainMemory(self.model.unet, self.chain.grad_steps, cfg.memory_budget).attach(self.chain)
+            self.memory = ChainMemory(self.model.denoiser, self.chain.grad_steps, cfg.memory_budget).attach(self.chain)
 
     def _setup_trainable_and_optimizer(self):
         cfg = self.config
-        unet = self.model.unet
+        unet = self.model.denoiser
         self.sharded = cfg.finetune == "full" and self.world.size > 1
         if cfg.finetune == "lora":
             self.trainable = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
@@ -215,7 +212,7 @@ class Trainer:
             self.unet_class = type(unet).__name__  # FSDP renames the class; the saved config keeps this one
             unet.requires_grad_(True)
             if self.sharded:
-                dist_utils.shard_model(unet, unet_blocks(unet), self.world, self.device)
+                dist_utils.shard_model(unet, denoiser_blocks(unet), self.world, self.device)
             self.trainable = list(unet.parameters())
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
@@ -236,7 +233,7 @@ class Trainer:
         self.backend = backend
         kernels.set_backend(backend)
         if backend == "fused":
-            accelerate(self.model.unet)
+            accelerate(self.model.denoiser)
 
     @property
     def runs_model(self) -> bool:
@@ -254,7 +251,7 @@ class Trainer:
                 self.source_latent(group, index)
         self.before_latents = None
         if self.runs_model:
-            with adapters_disabled(self.model.unet):
+            with adapters_disabled(self.model.denoiser):
                 self.before_latents = self.sample_latents()
 
     def _write_config(self):
@@ -275,8 +272,8 @@ class Trainer:
         """The trained weights and the optimizer state, whole: LoRA's are on every rank; a sharded model's are
         gathered (a collective) and arrive on rank 0 only."""
         if self.config.finetune == "lora":
-            return {"lora": lora_state_dict(self.model.unet), "optimizer": self.optimizer.state_dict()}
-        model, optimizer = dist_utils.full_state(self.model.unet, self.optimizer)
+            return {"lora": lora_state_dict(self.model.denoiser), "optimizer": self.optimizer.state_dict()}
+        model, optimizer = dist_utils.full_state(self.model.denoiser, self.optimizer)
         return {"unet": model, "optimizer": optimizer}
 
     def save_checkpoint(self) -> None:
@@ -308,10 +305,10 @@ class Trainer:
                             "or start again") from None
         try:
             if self.config.finetune == "lora":
-                set_peft_model_state_dict(self.model.unet, state["lora"])
+                set_peft_model_state_dict(self.model.denoiser, state["lora"])
                 self.optimizer.load_state_dict(state["optimizer"])
             else:
-                dist_utils.load_full_state(self.model.unet, self.optimizer, state["unet"], state["optimizer"])
+                dist_utils.load_full_state(self.model.denoiser, self.optimizer, state["unet"], state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as err:
             raise UserError(f"{path} does not fit this configuration ({str(err).splitlines()[0]}); "
                             "resume with the options the run was started with") from None
@@ -357,7 +354,7 @@ class Trainer:
                 else:
                     generator = torch.Generator(self.device).manual_seed(self.config.seed * 100_003 + index)
                     context = self.model.encode_prompts([source.prompt])
-                    with adapters_disabled(self.model.unet):
+                    with adapters_disabled(self.model.denoiser):
                         latent = self.chain.sample((1, *self.latent_shape), context, self.uncond, generator)[0]
             self._latent_cache[key] = latent.float()
         return self._latent_cache[key]
@@ -444,14 +441,14 @@ class Trainer:
         folder = self.weights_folder(suffix)
         if cfg.finetune == "lora":
             if self.world.is_main:
-                save_lora(self.model.unet, folder, cfg.lora_rank, cfg.lora_alpha)
+                save_lora(self.model.denoiser, folder, cfg.lora_rank, cfg.lora_alpha)
             return folder
-        weights, _ = dist_utils.full_state(self.model.unet)
+        weights, _ = dist_utils.full_state(self.model.denoiser)
         if self.world.is_main:
             from safetensors.torch import save_file
 
             folder.mkdir(parents=True, exist_ok=True)
-            self.model.unet.save_config(folder)
+            self.model.denoiser.save_config(folder)
             config_file = folder / "config.json"
             config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": self.unet_class},
                                               indent=2))
@@ -560,8 +557,7 @@ class Trainer:
         for i, pair in enumerate(zip(self.before_latents, after_latents)):
             videos = {}
             for label, latent in zip(("before", "after"), pair):
-                with torch.no_grad():
-                    videos[label] = self.model.decode_latents(latent[0].transpose(0, 1))
+                videos[label] = self.model.decode_video(latent[0])
                 written.append(media.write_mp4(videos[label], folder / f"{i:02d}_{label}.mp4", self.config.fps))
                 written.append(media.write_gif(videos[label], folder / f"{i:02d}_{label}.gif", self.config.fps))
                 self.tracker.video(f"samples/{i:02d}_{label}", videos[label], self.step, self.config.fps)

@@ -69,7 +69,7 @@ class SegmentalReward:
         """Video rewards R [B] and the per-frame scores [B, S]; decodes only the chosen frames."""
         b, _, f = latents.shape[:3]
         indices = self.frame_indices(b, f, train, generator)
-        frames = model.decode_latents(gather_frames(latents, indices))
+        frames = model.decode_frames(latents, indices)
         s = indices.shape[1]
         scores = self.reward(frames, [p for p in prompts for _ in range(s)]).view(b, s)
         weights = self.weights(indices, f).to(scores.device)

@@ -53,7 +53,7 @@ def lora_folder(tmp_path_factory, _tiny_model_session):
     """A saved peft LoRA checkpoint for the tiny UNet whose B matrices are non-zero, i.e. it changes the videos."""
     from engine.lora import add_lora, save_lora
 
-    unet = copy.deepcopy(_tiny_model_session.unet)
+    unet = copy.deepcopy(_tiny_model_session.denoiser)
     add_lora(unet, rank=4)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and not _utils.int
 @pytest.fixture
 def model(tiny):
     """The tiny model with LoRA whose B is trained away from zero (at zero the LoRA branch would not be tested)."""
-    add_lora(tiny.unet, rank=4)
-    for name, p in tiny.unet.named_parameters():
+    add_lora(tiny.denoiser, rank=4)
+    for name, p in tiny.denoiser.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     return tiny
@@ -51,7 +51,7 @@ def forward_and_grads(unet, x, context):
 
 
 def test_patches_every_lora_linear_and_temporal_attention_and_reverts_exactly(model):
-    unet = model.unet
+    unet = model.denoiser
     before = {name: p.processor for name, p in unet.named_modules() if hasattr(p, "processor")}
     keys = set(lora_state_dict(unet))
     handle = accelerate(unet, backend="fused")
@@ -71,7 +71,7 @@ def test_patches_every_lora_linear_and_temporal_attention_and_reverts_exactly(mo
 
 
 def test_whole_unet_forward_and_lora_gradients_match_the_untouched_model(model, monkeypatch):
-    unet = model.unet
+    unet = model.denoiser
     x, context = unet_inputs(frames=5)
     expected_out, expected_grads = forward_and_grads(unet, x, context)
     handle = accelerate(unet, backend="fused")
@@ -89,7 +89,7 @@ def test_whole_unet_forward_and_lora_gradients_match_the_untouched_model(model, 
 
 
 def test_disabled_adapters_run_the_base_model(model):
-    unet = model.unet
+    unet = model.denoiser
     x, context = unet_inputs()
     with torch.no_grad(), adapters_disabled(unet):
         expected = unet(x, 500, encoder_hidden_states=context).sample
@@ -103,7 +103,7 @@ def test_disabled_adapters_run_the_base_model(model):
 def test_one_training_step_gives_the_same_lora_gradients(model):
     """The edit chain (2 DDIM steps, CFG, gradient through the last, checkpointed UNet blocks as in training)
     with every op fused, against the reference."""
-    checkpoint_blocks(model.unet)
+    checkpoint_blocks(model.denoiser)
     context = model.encode_prompts(["a cat"])
     uncond = model.encode_prompts([""])
     latents = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -111,11 +111,11 @@ def test_one_training_step_gives_the_same_lora_gradients(model):
 
     def step():
         edited = chain.edit(latents, context, uncond, torch.Generator().manual_seed(2))
-        return edited, torch.autograd.grad(edited.square().mean(), lora_params(model.unet))
+        return edited, torch.autograd.grad(edited.square().mean(), lora_params(model.denoiser))
 
     with kernels.use_backend("reference"):
         expected_out, expected_grads = step()
-    handle = accelerate(model.unet, backend="fused")
+    handle = accelerate(model.denoiser, backend="fused")
     out, grads = step()
     handle.revert()
     torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-4)
@@ -124,8 +124,8 @@ def test_one_training_step_gives_the_same_lora_gradients(model):
 
 
 def test_deepcopy_of_an_accelerated_unet_is_bound_to_the_copy(model):
-    handle = accelerate(model.unet, backend="reference")
-    clone = copy.deepcopy(model.unet)
+    handle = accelerate(model.denoiser, backend="reference")
+    clone = copy.deepcopy(model.denoiser)
     handle.revert()
     layers = lora_layers(clone)
     assert all(layer.forward.__self__ is layer for layer in layers)
@@ -136,7 +136,7 @@ def test_deepcopy_of_an_accelerated_unet_is_bound_to_the_copy(model):
 def test_unsupported_processors_are_left_alone(model):
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = model.unet
+    unet = model.denoiser
     attn = unet.transformer_in.transformer_blocks[0].attn1
     attn.set_processor(AttnProcessor())
     handle = accelerate(unet, lora=False)

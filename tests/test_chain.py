@@ -55,7 +55,7 @@ def test_full_sampling_run_equals_ddim_scheduler(tiny, eta):
     theirs = x.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            eps = tiny.unet(torch.cat([theirs] * 2), t, encoder_hidden_states=torch.cat([uncond, context])).sample
+            eps = tiny.denoiser(torch.cat([theirs] * 2), t, encoder_hidden_states=torch.cat([uncond, context])).sample
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
             noise = torch.randn(theirs.shape, generator=g) if eta > 0 else None
@@ -66,7 +66,7 @@ def test_full_sampling_run_equals_ddim_scheduler(tiny, eta):
 
 def test_guidance_one_runs_a_single_unet_pass(tiny):
     calls = []
-    tiny.unet.register_forward_hook(lambda m, a, k, out: calls.append(a[0].shape[0]), with_kwargs=True)
+    tiny.denoiser.register_forward_hook(lambda m, a, k, out: calls.append(a[0].shape[0]), with_kwargs=True)
     chain = EditChain(tiny, ddim_steps=4, tau=1.0, guidance=1.0)
     context, uncond = contexts(tiny, ["x"])
     with torch.no_grad():
@@ -76,18 +76,18 @@ def test_guidance_one_runs_a_single_unet_pass(tiny):
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_gradient_flows_through_exactly_the_last_k_steps(tiny, k):
-    add_lora(tiny.unet, rank=4)
-    for name, p in tiny.unet.named_parameters():
+    add_lora(tiny.denoiser, rank=4)
+    for name, p in tiny.denoiser.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     grad_calls = []
-    tiny.unet.register_forward_hook(lambda m, a, out: grad_calls.append(torch.is_grad_enabled()))
+    tiny.denoiser.register_forward_hook(lambda m, a, out: grad_calls.append(torch.is_grad_enabled()))
     context, uncond = contexts(tiny)
     chain = EditChain(tiny, ddim_steps=8, tau=0.5, grad_steps=k, guidance=2.0)
     x = torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0))
     out = chain.edit(x, context, uncond, torch.Generator().manual_seed(1))
     assert grad_calls == [False] * (4 - k) + [True] * k
-    params = [p for n, p in tiny.unet.named_parameters() if "lora_" in n]
+    params = [p for n, p in tiny.denoiser.named_parameters() if "lora_" in n]
     grads = torch.autograd.grad(out.square().mean(), params)
 
     # The same by hand: the first steps as constants, the last k differentiated.
@@ -109,8 +109,8 @@ def test_gradient_reaches_only_lora_parameters(tiny):
     from engine.rewards import ColorfulnessReward
     from engine.video_reward import SegmentalReward, reward_loss
 
-    lora = add_lora(tiny.unet, rank=4)
-    revert = checkpoint_blocks(tiny.unet)
+    lora = add_lora(tiny.denoiser, rank=4)
+    revert = checkpoint_blocks(tiny.denoiser)
     context, uncond = contexts(tiny)
     chain = EditChain(tiny, ddim_steps=6, tau=0.5, grad_steps=2)
     edited = chain.edit(torch.randn(2, 4, 8, 16, 16), context, uncond)
@@ -119,31 +119,31 @@ def test_gradient_reaches_only_lora_parameters(tiny):
     revert()
     assert lora and all(p.grad is not None for p in lora)
     assert any(p.grad.abs().sum() > 0 for p in lora)
-    for module in (tiny.unet, tiny.vae, tiny.text_encoder):
+    for module in (tiny.denoiser, tiny.vae, tiny.text_encoder):
         for name, p in module.named_parameters():
             assert ("lora_" in name) == (p.grad is not None), name
 
 
 def test_block_checkpointing_keeps_gradients_and_reverts(tiny):
-    from engine.checkpointing import checkpoint_blocks, unet_blocks
+    from engine.checkpointing import checkpoint_blocks, denoiser_blocks
 
-    add_lora(tiny.unet, rank=2)
-    for name, p in tiny.unet.named_parameters():
+    add_lora(tiny.denoiser, rank=2)
+    for name, p in tiny.denoiser.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
-    params = [p for n, p in tiny.unet.named_parameters() if "lora_" in n]
+    params = [p for n, p in tiny.denoiser.named_parameters() if "lora_" in n]
     context, uncond = contexts(tiny, ["a"])
     x = torch.randn(1, 4, 8, 16, 16)
 
     def grads():
-        out = tiny.unet(x, 401, encoder_hidden_states=context).sample
+        out = tiny.denoiser(x, 401, encoder_hidden_states=context).sample
         return torch.autograd.grad(out.square().mean(), params)
 
     plain = grads()
-    revert = checkpoint_blocks(tiny.unet)
+    revert = checkpoint_blocks(tiny.denoiser)
     checkpointed = grads()
     revert()
-    assert all("forward" not in vars(b) for b in unet_blocks(tiny.unet))
+    assert all("forward" not in vars(b) for b in denoiser_blocks(tiny.denoiser))
     for a, b in zip(plain, checkpointed):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
@@ -153,7 +153,7 @@ def _edit_with(tiny, path, k=1, before=None):
     """One edit of the official schedule (12 steps, the last k with gradient), the LoRA weights' gradients;
     ``before(chain, context, uncond)`` runs first, on the same chain."""
     torch.manual_seed(0)  # the same LoRA weights in every call
-    params = add_lora(tiny.unet, rank=4)
+    params = add_lora(tiny.denoiser, rank=4)
     for p in params:
         torch.nn.init.normal_(p, std=0.05)
     context, uncond = contexts(tiny)
@@ -250,7 +250,7 @@ def test_full_sampling_run_equals_the_diffusers_scheduler(tiny, kind):
     theirs = x.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
-            out_u, out_c = model.unet(torch.cat([theirs] * 2), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
+            out_u, out_c = model.denoiser(torch.cat([theirs] * 2), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
             theirs = scheduler.step(out_u + guidance * (out_c - out_u), t, theirs).prev_sample
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5), (ours - theirs).abs().max()
 
@@ -278,4 +278,4 @@ def test_flow_matching_rejects_eta_and_unknown_predictions_are_a_clear_error(tin
         EditChain(with_scheduler(tiny, "flow"), eta=0.5)
     sample_prediction = DDIMScheduler(prediction_type="sample")
     with pytest.raises(UserError, match="supports epsilon- and v-prediction"):
-        VideoDiffusion(tiny.unet, tiny.vae, tiny.text_encoder, tiny.tokenizer, sample_prediction)
+        VideoDiffusion(tiny.denoiser, tiny.vae, tiny.text_encoder, tiny.tokenizer, sample_prediction)

@@ -14,8 +14,8 @@ import torch
 import csrc
 from csrc import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD
 from engine.chain import EditChain
-from engine.checkpointing import (ChainMemory, SavedTensorMeter, checkpoint_blocks, parse_budget, unet_blocks,
-                                  unet_units)
+from engine.checkpointing import (ChainMemory, SavedTensorMeter, checkpoint_blocks, parse_budget, denoiser_blocks,
+                                  denoiser_units)
 from engine.lora import add_lora
 
 STEPS = 6  # D=6, tau=1.0
@@ -38,7 +38,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def lora_model(_tiny_model_session):
     model = copy.deepcopy(_tiny_model_session)
-    params = add_lora(model.unet, rank=4)
+    params = add_lora(model.denoiser, rank=4)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in params:
@@ -59,10 +59,10 @@ def run(lora_model, inputs, k, eta=0.0, memory=None, policy=None):
     chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=k, guidance=3.0, eta=eta)
     if memory is not None:
         memory.attach(chain)
-    revert = policy(model.unet) if policy else None
+    revert = policy(model.denoiser) if policy else None
     for p in params:
         p.grad = None
-    meter = SavedTensorMeter(model.unet)
+    meter = SavedTensorMeter(model.denoiser)
     try:
         with meter:
             x = chain.edit(latents, context, uncond, torch.Generator().manual_seed(2))
@@ -96,7 +96,7 @@ def reference(lora_model, inputs):
 @pytest.fixture(scope="module")
 def profile(lora_model, inputs):
     """The per-unit measurement of the first two gradient steps (shared so later tests plan immediately)."""
-    memory = ChainMemory(lora_model[0].unet, 2, "auto")
+    memory = ChainMemory(lora_model[0].denoiser, 2, "auto")
     try:
         run(lora_model, inputs, 2, memory=memory)
     finally:
@@ -116,7 +116,7 @@ def tight_budget(profile, fraction=0.3):
 def test_grads_equal_plain_autograd(lora_model, inputs, reference, profile, k, eta):
     ref, ref_bytes = reference(k, eta)
     for budget in ("auto", tight_budget(profile)):
-        memory = ChainMemory(lora_model[0].unet, k, budget)  # first iteration measures, the second runs the plan
+        memory = ChainMemory(lora_model[0].denoiser, k, budget)  # first iteration measures, the second runs the plan
         try:
             for _ in range(2):
                 grads, saved = run(lora_model, inputs, k, eta, memory)
@@ -130,7 +130,7 @@ def test_grads_equal_plain_autograd(lora_model, inputs, reference, profile, k, e
 def test_every_decision_is_exact(lora_model, inputs, reference, decision):
     ref, _ = reference(3, 0.5)
     forced = (lambda step, call, name: (step + call) % 4) if decision == "mixed" else decision
-    memory = ChainMemory(lora_model[0].unet, 3, decisions=forced)
+    memory = ChainMemory(lora_model[0].denoiser, 3, decisions=forced)
     try:
         grads, _ = run(lora_model, inputs, 3, 0.5, memory)
     finally:
@@ -144,18 +144,18 @@ def test_every_decision_is_exact(lora_model, inputs, reference, decision):
 def test_recompute_replays_dropout_and_leaves_the_rng_alone(lora_model, inputs):
     """Dropout inside the units draws from the global RNG: the rerun must draw the same numbers."""
     model, _ = lora_model
-    dropouts = [m for m in model.unet.modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts
     for m in dropouts:
         m.p = 0.3
-    model.unet.train()
+    model.denoiser.train()
     try:
         torch.manual_seed(5)
         ref, _ = run(lora_model, inputs, 2)
         after_ref = torch.get_rng_state()
         for decision in (RECOMPUTE, RECOMPUTE_OFFLOAD):
             torch.manual_seed(5)
-            memory = ChainMemory(model.unet, 2, decisions=decision)
+            memory = ChainMemory(model.denoiser, 2, decisions=decision)
             try:
                 grads, _ = run(lora_model, inputs, 2, memory=memory)
             finally:
@@ -166,7 +166,7 @@ def test_recompute_replays_dropout_and_leaves_the_rng_alone(lora_model, inputs):
     finally:
         for m in dropouts:
             m.p = 0.0
-        model.unet.eval()
+        model.denoiser.eval()
 
 
 def test_auto_budget_at_k1_is_todays_policy(lora_model, inputs, reference, profile):
@@ -174,7 +174,7 @@ def test_auto_budget_at_k1_is_todays_policy(lora_model, inputs, reference, profi
     ref, _ = reference(1, 0.0)
     blocks, blocks_bytes = run(lora_model, inputs, 1, policy=checkpoint_blocks)
     assert_same_grads(blocks, ref)
-    memory = ChainMemory(lora_model[0].unet, 1, "auto", profile=profile)
+    memory = ChainMemory(lora_model[0].denoiser, 1, "auto", profile=profile)
     try:
         grads, _ = run(lora_model, inputs, 1, memory=memory)
     finally:
@@ -188,7 +188,7 @@ def test_auto_budget_at_k1_is_todays_policy(lora_model, inputs, reference, profi
 def test_extension_and_fallback_give_identical_results(lora_model, inputs, profile):
     results = {}
     for name in ("extension", "python"):
-        memory = ChainMemory(lora_model[0].unet, 3, tight_budget(profile), backend=name, profile=profile)
+        memory = ChainMemory(lora_model[0].denoiser, 3, tight_budget(profile), backend=name, profile=profile)
         try:
             grads, saved = run(lora_model, inputs, 3, 0.5, memory)
         finally:
@@ -205,7 +205,7 @@ def test_saved_bytes_do_not_grow_with_k(lora_model, inputs, profile):
     budget = tight_budget(profile)
     measured = {}
     for k in (1, STEPS):
-        memory = ChainMemory(lora_model[0].unet, k, budget, profile=profile)
+        memory = ChainMemory(lora_model[0].denoiser, k, budget, profile=profile)
         try:
             _, saved = run(lora_model, inputs, k, memory=memory)
         finally:
@@ -225,7 +225,7 @@ def test_saved_bytes_do_not_grow_with_k(lora_model, inputs, profile):
 def test_spills_in_flight_stay_within_the_plans_reserve(lora_model, inputs, profile):
     """A spilled tensor holds device memory until its copy lands; the store may let only what the plan
     reserves for copies (prefetch depth x the largest item) be in flight."""
-    memory = ChainMemory(lora_model[0].unet, 3, tight_budget(profile))  # measures, then plans
+    memory = ChainMemory(lora_model[0].denoiser, 3, tight_budget(profile))  # measures, then plans
     limits, store = [], memory.store
 
     class Recording:
@@ -248,7 +248,7 @@ def test_spills_in_flight_stay_within_the_plans_reserve(lora_model, inputs, prof
 
 def test_infeasible_budget_warns_and_runs_least_memory(lora_model, inputs, reference, profile, caplog):
     ref, _ = reference(3, 0.0)
-    memory = ChainMemory(lora_model[0].unet, 3, 1, profile=profile)
+    memory = ChainMemory(lora_model[0].denoiser, 3, 1, profile=profile)
     try:
         with caplog.at_level(logging.WARNING, logger="engine.checkpointing"):
             grads, saved = run(lora_model, inputs, 3, memory=memory)
@@ -264,12 +264,12 @@ def test_infeasible_budget_warns_and_runs_least_memory(lora_model, inputs, refer
 def test_no_grad_steps_and_revert_leave_the_model_untouched(lora_model, inputs):
     model, _ = lora_model
     latents, context, uncond = inputs
-    units = [m for _, m in unet_units(model.unet)]
+    units = [m for _, m in denoiser_units(model.denoiser)]
     chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=2)
     with torch.no_grad():
         before = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))
     original_context = chain.step_context
-    memory = ChainMemory(model.unet, 2, "auto").attach(chain)
+    memory = ChainMemory(model.denoiser, 2, "auto").attach(chain)
     with torch.no_grad():
         during = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))
     assert torch.equal(before, during)
@@ -277,23 +277,23 @@ def test_no_grad_steps_and_revert_leave_the_model_untouched(lora_model, inputs):
     memory.revert()
     assert chain.step_context is original_context
     assert all("forward" not in m.__dict__ for m in units)
-    assert not model.unet._forward_pre_hooks
+    assert not model.denoiser._forward_pre_hooks
 
 
 # %% Units and budgets ------------------------------------------------------------------------------------------
 def test_units_cover_the_unet_without_nesting(lora_model):
-    unet = lora_model[0].unet
+    unet = lora_model[0].denoiser
     for granularity in ("layers", "blocks"):
-        units = unet_units(unet, granularity)
+        units = denoiser_units(unet, granularity)
         modules = [m for _, m in units]
         assert len({id(m) for m in modules}) == len(modules)
         for m in modules:  # no unit inside another: each is rematerialised on its own
             assert not any(other is not m and any(sub is other for sub in m.modules()) for other in modules)
         names = [n for n, _ in units]
         assert names[:3] == ["time_embedding", "conv_in", "transformer_in"] and names[-1] == "conv_out"
-    assert [m for n, m in unet_units(unet, "blocks")][3:-3] == unet_blocks(unet)
+    assert [m for n, m in denoiser_units(unet, "blocks")][3:-3] == denoiser_blocks(unet)
     with pytest.raises(ValueError, match="granularity"):
-        unet_units(unet, "steps")
+        denoiser_units(unet, "steps")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -323,7 +323,7 @@ def reward_step(lora_model, inputs, memory=None):
         memory.attach(chain)
     for p in params:
         p.grad = None
-    meter = SavedTensorMeter(model.unet, model.vae)
+    meter = SavedTensorMeter(model.denoiser, model.vae)
     with meter:
         x = chain.edit(latents, context, uncond, torch.Generator().manual_seed(2))
         with memory.region(model.vae, scorer.reward) if memory is not None else contextlib.nullcontext():
@@ -338,7 +338,7 @@ def test_reward_region_is_kept_when_it_fits_and_spilled_when_not(lora_model, inp
     ref, ref_bytes = reward_step(lora_model, inputs)
     outcomes = {}
     for name, budget in (("roomy", "64GiB"), ("tight", tight_budget(profile))):
-        memory = ChainMemory(lora_model[0].unet, 1, budget, profile=profile)
+        memory = ChainMemory(lora_model[0].denoiser, 1, budget, profile=profile)
         try:
             for _ in range(2):
                 grads, saved = reward_step(lora_model, inputs, memory)
@@ -354,7 +354,7 @@ def test_reward_region_is_kept_when_it_fits_and_spilled_when_not(lora_model, inp
     assert tight_bytes + tight_plan > parse_budget(tight_budget(profile))  # it would not have fitted
     assert tight_saved < roomy_saved <= ref_bytes
     # the auto budget keeps today's behaviour: nothing of the reward side moves
-    memory = ChainMemory(lora_model[0].unet, 1, "auto", profile=profile)
+    memory = ChainMemory(lora_model[0].denoiser, 1, "auto", profile=profile)
     try:
         reward_step(lora_model, inputs, memory)
     finally:

@@ -136,9 +136,9 @@ def test_base_model_edit_uses_the_noise_of_the_next_edit(tiny):
     from engine.chain import EditChain
     from engine.lora import adapters_disabled
 
-    add_lora(tiny.unet, rank=4)
+    add_lora(tiny.denoiser, rank=4)
     with torch.no_grad():
-        for name, p in tiny.unet.named_parameters():
+        for name, p in tiny.denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     chain = EditChain(tiny, ddim_steps=4, tau=0.5, guidance=2.0)
@@ -147,7 +147,7 @@ def test_base_model_edit_uses_the_noise_of_the_next_edit(tiny):
     generator = torch.Generator().manual_seed(3)
     reference = base_model_edit(chain, latents, context, uncond, generator)
     edited = chain.edit(latents, context, uncond, generator)
-    with torch.no_grad(), adapters_disabled(tiny.unet):
+    with torch.no_grad(), adapters_disabled(tiny.denoiser):
         expected_reference = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected_edit = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))

@@ -9,7 +9,7 @@ import torch
 from engine.errors import UserError
 from engine.export import main, merge_lora
 from engine.lora import add_lora, lora_layers, save_lora
-from engine.sample import apply_lora, decode_video, generate, initial_noise
+from engine.sample import apply_lora, generate, initial_noise
 
 SIZE = (4, 16, 16)  # frames, height, width: latents 4x4x8x8 with the tiny VAE (factor 2)
 STEPS, GUIDANCE, SEED, PROMPT = 3, 3.0, 5, "a red ball bouncing on a lawn"
@@ -23,13 +23,13 @@ def exported(tmp_path_factory, _tiny_model_session):
     root = tmp_path_factory.mktemp("export")
     _tiny_model_session.save(root / "base")
     model = copy.deepcopy(_tiny_model_session)
-    add_lora(model.unet, rank=4)
+    add_lora(model.denoiser, rank=4)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in model.unet.named_parameters():
+        for name, p in model.denoiser.named_parameters():
             if "lora_" in name:
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-    save_lora(model.unet, root / "lora", rank=4, alpha=None)
+    save_lora(model.denoiser, root / "lora", rank=4, alpha=None)
     written = main(["--model", str(root / "base"), "--lora", str(root / "lora"), "--output", str(root / "out")])
     assert set(written) == {"merged", "peft"}
     return root
@@ -48,9 +48,9 @@ def engine_result(exported):
     from engine.models import load_model
 
     model = load_model(exported / "base")
-    apply_lora(model.unet, exported / "lora")
+    apply_lora(model.denoiser, exported / "lora")
     latents = generate(model, [PROMPT], [SEED], SIZE, STEPS, GUIDANCE)
-    return latents[0], decode_video(model, latents[0])
+    return latents[0], model.decode_video(latents[0])
 
 
 def test_merged_export_loads_in_stock_diffusers_and_matches_engine(exported, engine_result):
@@ -100,9 +100,9 @@ def test_lora_scale_is_baked_into_both_forms(tmp_path, exported, _tiny_model_ses
     main(["--model", str(exported / "base"), "--lora", str(exported / "lora"), "--output", str(tmp_path),
           "--lora-scale", "0.5"])
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["lora_alpha"] == 2.0
-    reference = copy.deepcopy(_tiny_model_session.unet)
+    reference = copy.deepcopy(_tiny_model_session.denoiser)
     apply_lora(reference, exported / "lora", scale=0.5)
-    peft_unet = copy.deepcopy(_tiny_model_session.unet)
+    peft_unet = copy.deepcopy(_tiny_model_session.denoiser)
     inject_adapter_in_model(LoraConfig.from_pretrained(str(tmp_path / "peft")), peft_unet)
     set_peft_model_state_dict(peft_unet, load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
     merged = UNet3DConditionModel.from_pretrained(str(tmp_path / "merged" / "unet"))
@@ -116,7 +116,7 @@ def test_lora_scale_is_baked_into_both_forms(tmp_path, exported, _tiny_model_ses
 def test_merge_lora_removes_every_wrapper(_tiny_model_session):
     import copy
 
-    unet = copy.deepcopy(_tiny_model_session.unet)
+    unet = copy.deepcopy(_tiny_model_session.denoiser)
     add_lora(unet, rank=2)
     count = len(lora_layers(unet))
     assert merge_lora(unet) == count > 0 and not lora_layers(unet) and not hasattr(unet, "peft_config")
@@ -146,9 +146,9 @@ def test_export_rejects_adapter_of_another_model(tmp_path, exported):
     from engine.models import tiny_model
 
     other = tiny_model(seed=0)
-    other.unet = type(other.unet).from_config({**other.unet.config, "cross_attention_dim": 16})
-    add_lora(other.unet, rank=4)
-    save_lora(other.unet, tmp_path / "lora16", rank=4, alpha=None)
+    other.denoiser = type(other.denoiser).from_config({**other.denoiser.config, "cross_attention_dim": 16})
+    add_lora(other.denoiser, rank=4)
+    save_lora(other.denoiser, tmp_path / "lora16", rank=4, alpha=None)
     with pytest.raises(UserError, match="does not fit this model"):
         from engine.export import export_peft
         from engine.models import load_model

@@ -29,8 +29,8 @@ def test_tiny_model_round_trips_through_a_diffusers_folder(saved_tiny, _tiny_mod
     x = torch.randn(1, 4, 8, 16, 16)
     ctx = original.encode_prompts(["a"])
     with torch.no_grad():
-        assert torch.equal(loaded.unet(x, 10, encoder_hidden_states=ctx).sample,
-                           original.unet(x, 10, encoder_hidden_states=ctx).sample)
+        assert torch.equal(loaded.denoiser(x, 10, encoder_hidden_states=ctx).sample,
+                           original.denoiser(x, 10, encoder_hidden_states=ctx).sample)
     assert loaded.latent_scale == pytest.approx(0.18215)
     assert loaded.scheduler.config.steps_offset == 1
 

@@ -100,13 +100,13 @@ def test_non_finite_step_leaves_weights_and_optimizer_untouched(tmp_path):
     trainer = Trainer(resolve_config(quick(tmp_path / "nan"))).setup()
     batch = trainer.batch(trainer.train_sources, [0, 1])
     assert trainer.optimizer_step(trainer.loss_step(*batch)[0])[0] == "updated"
-    before = ({k: v.clone() for k, v in trainer.model.unet.state_dict().items() if "lora_" in k},
+    before = ({k: v.clone() for k, v in trainer.model.denoiser.state_dict().items() if "lora_" in k},
               {i: {k: v.clone() for k, v in s.items()} for i, s in trainer.optimizer.state.items()},
               trainer.lr_scheduler.last_epoch)
     loss, _ = trainer.loss_step(*batch)
     outcome, _ = trainer.optimizer_step(loss * float("nan"))
     assert outcome == "skipped"
-    after_lora = {k: v for k, v in trainer.model.unet.state_dict().items() if "lora_" in k}
+    after_lora = {k: v for k, v in trainer.model.denoiser.state_dict().items() if "lora_" in k}
     assert_bitwise_equal(before[0], after_lora)
     for i, state in trainer.optimizer.state.items():
         assert_bitwise_equal(before[1][i], state)
@@ -209,7 +209,7 @@ def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path):
     assert a.keys() == b.keys()
     # Compare the updates as whole vectors: Adam's first steps divide by |g|, so the few weights whose gradient
     # is nearly zero (e.g. behind the zero-initialised temporal convs) turn sum-order rounding into visible steps.
-    base = build_model("tiny", 0, torch.device("cpu")).unet.state_dict()
+    base = build_model("tiny", 0, torch.device("cpu")).denoiser.state_dict()
     update_one = torch.cat([(a[k] - base[k]).flatten() for k in a])
     update_two = torch.cat([(b[k] - base[k]).flatten() for k in a])
     assert update_one.abs().max() > 1e-3  # the weights moved by about lr
@@ -255,8 +255,8 @@ def bad_inputs(tmp):
     from engine.models import tiny_model
 
     model = tiny_model()
-    add_lora(model.unet, rank=8)
-    save_lora(model.unet, tmp / "lora8", rank=8, alpha=8)
+    add_lora(model.denoiser, rank=8)
+    save_lora(model.denoiser, tmp / "lora8", rank=8, alpha=8)
     (tmp / "corrupt_model").mkdir()
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (tmp / "corrupt_model" / part).mkdir()

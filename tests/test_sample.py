@@ -32,26 +32,26 @@ def test_generate_does_not_depend_on_batching(tiny):
 
 
 def test_apply_lora_matches_load_lora_and_scales(tiny, lora_folder):
-    reference = copy.deepcopy(tiny.unet)
+    reference = copy.deepcopy(tiny.denoiser)
     load_lora(reference, lora_folder)
-    apply_lora(tiny.unet, lora_folder)
-    assert all(not p.requires_grad for p in tiny.unet.parameters())
+    apply_lora(tiny.denoiser, lora_folder)
+    assert all(not p.requires_grad for p in tiny.denoiser.parameters())
     x, context = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 77, 32)
     run = lambda unet: unet(x, 400, encoder_hidden_states=context).sample
     with torch.no_grad():
-        assert torch.equal(run(tiny.unet), run(reference))
-        set_lora_scale(tiny.unet, 0.0)
-        base = copy.deepcopy(tiny.unet)
+        assert torch.equal(run(tiny.denoiser), run(reference))
+        set_lora_scale(tiny.denoiser, 0.0)
+        base = copy.deepcopy(tiny.denoiser)
         for layer in lora_layers(base):
             layer.enable_adapters(False)
-        assert torch.equal(run(tiny.unet), run(base))
+        assert torch.equal(run(tiny.denoiser), run(base))
     # each layer: base(x) + s * delta(x)
-    set_lora_scale(tiny.unet, 0.5)
-    layer = lora_layers(tiny.unet)[0]
+    set_lora_scale(tiny.denoiser, 0.5)
+    layer = lora_layers(tiny.denoiser)[0]
     h = torch.randn(3, layer.in_features)
     with torch.no_grad():
         half = layer(h) - layer.get_base_layer()(h)
-        set_lora_scale(tiny.unet, 1.0)
+        set_lora_scale(tiny.denoiser, 1.0)
         full = layer(h) - layer.get_base_layer()(h)
     assert torch.allclose(half, 0.5 * full, atol=1e-6) and full.abs().max() > 0
 

@@ -142,9 +142,9 @@ def test_backend_flag_swaps_the_kernels_in(tmp_path):
     try:
         fused = Trainer(resolve_config(["--model", "tiny", "--output", str(tmp_path / "f"), "--backend", "fused"])).setup()
         assert kernels.get_backend().value == "fused"
-        assert any(_is_patched_lora(m) for m in fused.model.unet.modules())
+        assert any(_is_patched_lora(m) for m in fused.model.denoiser.modules())
         auto = Trainer(resolve_config(["--model", "tiny", "--output", str(tmp_path / "a")])).setup()
         assert auto.backend == "reference" and kernels.get_backend().value == "reference"
-        assert not any(_is_patched_lora(m) for m in auto.model.unet.modules())
+        assert not any(_is_patched_lora(m) for m in auto.model.denoiser.modules())
     finally:
         kernels.set_backend("auto")

@@ -79,7 +79,7 @@ def test_stock_pipeline_loads_the_built_in_model_and_the_engine_samples_it():
     from diffusers import TextToVideoSDPipeline
 
     from engine.models import build_model
-    from engine.sample import decode_video, generate
+    from engine.sample import generate
 
     pipe = TextToVideoSDPipeline.from_pretrained(str(MODEL_DIR))
     frames = pipe("a red circle moving left on a black background", num_inference_steps=2, height=32, width=32,
@@ -90,7 +90,7 @@ def test_stock_pipeline_loads_the_built_in_model_and_the_engine_samples_it():
     prompts = world.prompt_set("in_domain", 2, seed=11)
     latents = generate(model, [c.caption for c in prompts], [0, 1], (8, 32, 32), ddim_steps=4)
     assert latents.shape == (2, 4, 8, 8, 8) and torch.isfinite(latents).all()
-    scores = world.mean_metrics([world.gold_metrics(decode_video(model, v), c) for v, c in zip(latents, prompts)])
+    scores = world.mean_metrics([world.gold_metrics(model.decode_video(v), c) for v, c in zip(latents, prompts)])
     assert set(scores) == set(world.GOLD_METRICS)
 
 
@@ -129,7 +129,7 @@ def test_world_assets_command_writes_loadable_files(tmp_path):
     from engine.rewards import HPSv2Reward
 
     model = load_model(tmp_path / MODEL_DIR.name)
-    assert model.vae_downsample == 4 and model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
+    assert model.vae_downsample == 4 and model.denoiser.config.cross_attention_dim == model.text_encoder.config.hidden_size
     reward = HPSv2Reward(tmp_path / REWARD_FILE.name)
     assert reward(torch.rand(2, 3, 32, 32), ["a", "b"]).shape == (2,)
 

@@ -1,0 +1,212 @@
+"""The video-transformer families (Wan 2.1, CogVideoX) on tiny random models built and saved here: loading by
+model_index.json, the denoiser call and latent layout against the stock diffusers pipeline, decoding the SegVR
+frames of a causal VAE, LoRA and the chain memory over transformer blocks, and the command line (fine-tune,
+resume, export, bad folders)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.chain import EditChain
+from engine.errors import UserError
+from engine.lora import WEIGHTS_NAME as WEIGHTS
+from engine.models import CogVideoXVideo, WanVideo, load_model, tiny_model
+
+FAMILIES = {"wan": WanVideo, "cogvideox": CogVideoXVideo}
+SIZE = dict(num_frames=9, height=32, width=32)  # 4k + 1 frames for the causal VAEs: 3 latent frames
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def saved(request, tmp_path_factory):
+    """(family, folder) of a tiny random model of that family, saved in the diffusers pipeline layout."""
+    folder = tmp_path_factory.mktemp(request.param)
+    tiny_model(seed=0, family=request.param).save(folder)
+    return request.param, folder
+
+
+@pytest.fixture
+def model(saved):
+    return load_model(saved[1])
+
+
+def test_family_is_read_from_model_index_and_the_stock_pipeline_loads_the_folder(saved, model):
+    import diffusers
+
+    family, folder = saved
+    assert type(model) is FAMILIES[family]
+    pipe = getattr(diffusers, model.pipeline_class).from_pretrained(str(folder))
+    assert type(pipe.transformer).__name__ == type(model.denoiser).__name__
+    prompts = ["a red circle moving left", ""]
+    with torch.no_grad():
+        expected, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                         max_sequence_length=model.text_length)
+    assert torch.equal(model.encode_prompts(prompts), expected)
+
+
+def test_sampling_through_the_chain_equals_the_stock_pipeline(model):
+    """The chain's denoiser calls (both CFG halves in one batch, the family's latent layout and timestep) and
+    sampler updates give the pipeline's own latents, with the chain's scheduler (Wan: flow-matching Euler)."""
+    steps, guidance = 4, 3.0
+    chain = EditChain(model, steps, tau=1.0, grad_steps=1, guidance=guidance, offset_noise=0.0)
+    shape = (1, *model.latent_shape(**SIZE))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    prompt = "a blue square moving up"
+    with torch.no_grad():
+        ours = chain.denoise(x, model.encode_prompts([prompt]), model.encode_prompts([""]))
+    pipe = model.pipeline()
+    pipe.scheduler = chain.schedule
+    layout = (lambda t: t.transpose(1, 2)) if isinstance(model, CogVideoXVideo) else (lambda t: t)
+    theirs = pipe(prompt=prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=guidance,
+                  latents=layout(x.clone()), output_type="latent", max_sequence_length=model.text_length,
+                  **SIZE).frames
+    torch.testing.assert_close(ours, layout(theirs), rtol=1e-4, atol=1e-5)
+
+
+def test_segvr_frames_of_a_causal_vae_equal_decoding_the_whole_clip_and_picking(model):
+    latents = torch.randn(2, *model.latent_shape(**SIZE)[:1], 3, 4, 4)
+    with torch.no_grad():
+        whole = model.decode_prefix(latents, latents.shape[2])
+        for indices in ([[0, 4], [2, 8]], [[0, 1], [1, 0]], [[0, 0], [0, 0]], [[4, 5], [3, 2]]):
+            indices = torch.tensor(indices)
+            picked = torch.stack([whole[b, indices[b]] for b in range(2)]).flatten(0, 1)
+            assert torch.equal(model.decode_frames(latents, indices), picked)
+    # frames 0-4 need latents 0-1 only: Wan decodes 2 of 3, CogVideoX 3 (it decodes latent frames in odd groups)
+    assert model.decoded_prefix(2, 3) == (2 if isinstance(model, WanVideo) else 3)
+    assert whole.shape[1] == SIZE["num_frames"]
+
+
+def test_clip_round_trip_and_frame_count_errors(model):
+    frames = torch.rand(1, SIZE["num_frames"], 3, 32, 32) * 2 - 1
+    latents = model.encode_video(frames)
+    assert latents.shape == (1, *model.latent_shape(**SIZE))
+    assert model.decode_video(latents[0]).shape == (SIZE["num_frames"], 3, 32, 32)
+    with pytest.raises(UserError, match="--num-frames 8: .* 4k \\+ 1 frames; use e.g. 9"):
+        model.latent_shape(8, 32, 32)
+
+
+def test_lora_on_attention_projections_and_chain_memory_over_blocks(model):
+    """peft LoRA lands on every attention's q/k/v/out; the chain-memory planner's units are the transformer's
+    blocks (plus the modules around them that hold weights), and a planned K=2 edit under a tight budget gives
+    plain autograd's LoRA gradients."""
+    from engine.checkpointing import ChainMemory, denoiser_blocks, denoiser_units
+    from engine.lora import add_lora, lora_layers
+
+    params = add_lora(model.denoiser, rank=2)
+    attentions = [m for m in model.denoiser.modules() if hasattr(m, "to_q") and hasattr(m, "to_out")]
+    assert len(lora_layers(model.denoiser)) == 4 * len(attentions) and params
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    units = denoiser_units(model.denoiser)
+    expected = (["patch_embedding", "condition_embedder", "blocks.0", "blocks.1", "proj_out"]
+                if isinstance(model, WanVideo) else
+                ["patch_embed", "time_embedding", "transformer_blocks.0", "transformer_blocks.1", "norm_final",
+                 "norm_out", "proj_out"])
+    assert [n for n, _ in units] == expected
+    assert [m for n, m in units if "blocks." in n] == denoiser_blocks(model.denoiser)
+    assert denoiser_units(model.denoiser, "blocks") == units
+
+    chain = EditChain(model, 4, tau=1.0, grad_steps=2, guidance=2.0)
+    latents = torch.randn(1, *model.latent_shape(**SIZE), generator=torch.Generator().manual_seed(1))
+    context, uncond = model.encode_prompts(["a green cross"]), model.encode_prompts([""])
+
+    def gradients():
+        for p in params:
+            p.grad = None
+        x = chain.denoise(latents, context, uncond)
+        x.square().mean().backward()
+        return [p.grad.clone() for p in params]
+
+    plain = gradients()
+    memory = ChainMemory(model.denoiser, 2, "64KiB").attach(chain)
+    try:
+        planned = gradients()
+        planned_again = gradients()  # the first iteration measures; the second runs the plan
+    finally:
+        memory.revert()
+    assert memory.counters["measured_steps"] >= 1
+    assert sum(n for decision, n in memory.counters["calls"].items() if decision != "keep") > 0, memory.counters
+    for a, b, c in zip(plain, planned, planned_again):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-7)
+
+
+def test_unsupported_pipeline_and_broken_folders(saved, tmp_path):
+    _, folder = saved
+    other = tmp_path / "sd"
+    shutil.copytree(folder, other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(UserError, match="StableDiffusionPipeline; supported pipelines are TextToVideoSDPipeline, "
+                                        "WanPipeline, CogVideoXPipeline"):
+        load_model(other)
+    (other / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(other / "transformer")
+    with pytest.raises(UserError, match="lacks transformer/"):
+        load_model(other)
+
+
+def cli(folder, prompts, out, *extra):
+    return ["--model", str(folder), "--prompts", str(prompts), "--output", str(out), "--ddim-steps", "4",
+            "--sample-steps", "2", "--num-frames", "9", "--height", "32", "--width", "32", "--num-held-out", "1",
+            "--segments", "2", "--grad-steps", "all", "--lr", "1e-2", *extra]
+
+
+def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_path):
+    """Through the command line: two fine-tuning steps; one step then --resume to two gives the same LoRA bit for
+    bit; the export's merged folder loads in the stock pipeline and its peft adapter, applied with the README's
+    calls, predicts what the fine-tuned model predicts."""
+    import diffusers
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from engine.export import main as export
+    from engine.sample import apply_lora
+    from engine.train import main as train
+
+    _, folder = saved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\na green cross moving right\n")
+    train(cli(folder, prompts, tmp_path / "run", "--steps", "2"))
+    train(cli(folder, prompts, tmp_path / "split", "--steps", "1"))
+    train(["--resume", str(tmp_path / "split"), "--steps", "2"])
+    lora = {run: load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("run", "split")}
+    assert lora["run"].keys() == lora["split"].keys()
+    assert all(torch.equal(lora["run"][k], lora["split"][k]) for k in lora["run"])
+    assert any(v.abs().sum() > 0 for k, v in lora["run"].items() if "lora_B" in k)
+    assert (tmp_path / "run" / "samples" / "before_after.png").stat().st_size > 0
+
+    export(["--model", str(folder), "--lora", str(tmp_path / "run" / "lora"), "--output", str(tmp_path / "export")])
+    tuned = load_model(folder)
+    apply_lora(tuned.denoiser, tmp_path / "run" / "lora")
+    pipeline = getattr(diffusers, tuned.pipeline_class)
+    merged = pipeline.from_pretrained(str(tmp_path / "export" / "merged"))
+    stock = pipeline.from_pretrained(str(folder))
+    readme = (tmp_path / "export" / "peft" / "README.md").read_text()
+    assert f"inject_adapter_in_model(config, pipe.transformer)" in readme and tuned.pipeline_class in readme
+    inject_adapter_in_model(LoraConfig.from_pretrained(str(tmp_path / "export" / "peft")), stock.transformer)
+    set_peft_model_state_dict(stock.transformer, load_file(str(tmp_path / "export" / "peft" / WEIGHTS)))
+    x = torch.randn(2, *tuned.latent_shape(**SIZE))
+    context = tuned.encode_prompts(["a red circle moving left", ""])
+    with torch.no_grad():
+        expected = tuned.predict(tuned.denoiser, x, 500, context)
+        assert torch.equal(tuned.predict(stock.transformer, x, 500, context), expected)
+        torch.testing.assert_close(tuned.predict(merged.transformer, x, 500, context), expected, rtol=1e-4, atol=1e-5)
+        base = tuned.predict(load_model(folder).denoiser, x, 500, context)
+    assert (base - expected).abs().max() > 1e-4  # the LoRA changed the model: the equalities above mean something
+
+
+def test_cli_names_the_frame_count_a_causal_vae_needs(saved, tmp_path, capsys):
+    from engine.train import main as train
+
+    _, folder = saved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    args = cli(folder, prompts, tmp_path / "run", "--steps", "1")
+    args[args.index("--num-frames") + 1] = "8"
+    with pytest.raises(SystemExit) as exit_info:
+        train(args)
+    assert exit_info.value.code != 0
+    assert "--num-frames 8" in capsys.readouterr().err and not (tmp_path / "run").exists()
