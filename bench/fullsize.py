@@ -71,3 +71,49 @@ def midsize(device: str | torch.device = "cpu", seed: int = 0) -> tuple[VideoDif
         text_encoder = CLIPTextModel(CLIPTextConfig(**dict(TEXT, num_hidden_layers=1)))  # prompts come as random contexts
     model = VideoDiffusion(unet, vae, text_encoder, _tiny_tokenizer(), DDIMScheduler(**SCHEDULER), name="modelscope-mid")
     return model, HPSv2Reward(None, arch=MID_REWARD_ARCH, device=device)
+
+
+# Video transformers at their published configurations (diffusers' Wan2.1-T2V-1.3B-Diffusers and CogVideoX-2b
+# folders; CogVideoX-2B's are the class defaults), each at its own default clip: Wan 81 frames of 480 x 832,
+# CogVideoX 49 frames of 480 x 720. The text encoders (UMT5-XXL, T5-XXL) are not part of a step: prompts enter as
+# random embeddings of the pipelines' lengths (512 and 226 tokens of 4096).
+WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+TRANSFORMER_CLIPS = {"wan2.1-1.3b": (81, 480, 832), "cogvideox-2b": (49, 480, 720)}
+
+
+def video_transformer(name: str, device: str | torch.device = "meta",
+                      dtype: torch.dtype = torch.float32) -> tuple[VideoDiffusion, tuple, tuple]:
+    """(model, latent shape, context shape) of ``name`` in TRANSFORMER_CLIPS, random weights."""
+    import diffusers
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import T5Config, T5EncoderModel
+
+    from engine.models import CogVideoXVideo, WanVideo, _tiny_t5_tokenizer
+
+    wan = name == "wan2.1-1.3b"
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32": a meta count has no values
+    try:
+        with torch.device(device):
+            if wan:
+                denoiser, vae = diffusers.WanTransformer3DModel(**WAN_1_3B), diffusers.AutoencoderKLWan()
+            else:
+                denoiser, vae = diffusers.CogVideoXTransformer3DModel(), diffusers.AutoencoderKLCogVideoX()
+            text_encoder = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                   num_heads=4))
+        denoiser, vae = denoiser.to(dtype), vae.to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if wan:
+        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=3.0)
+        model = WanVideo(denoiser, vae, text_encoder, _tiny_t5_tokenizer(512), scheduler, name=name)
+    else:
+        scheduler = diffusers.CogVideoXDDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True,
+            steps_offset=0, prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+            timestep_spacing="trailing")
+        model = CogVideoXVideo(denoiser, vae, text_encoder, _tiny_t5_tokenizer(226), scheduler, name=name)
+    return model, model.latent_shape(*TRANSFORMER_CLIPS[name]), (model.text_length, 4096)

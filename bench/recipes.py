@@ -116,6 +116,8 @@ class Recipe:
     memory: str = "blocks"        # "blocks": recompute every UNet block; "plan": the chain-memory planner
     step_checkpoint: bool = False  # also recompute each gradient step as a whole (the official code's outer checkpoint)
     segments: int = 4
+    tar: bool = True
+    first_frame: bool = False      # score only pixel frame 0 (decode the first latent frame; no SegVR)
     lora_rank: int = 4
 
 
@@ -129,6 +131,16 @@ RECIPES = [
     Recipe("engine_kall", "5. this engine, K = all (12)", grad_steps=None, memory="plan"),
 ]
 BY_KEY = {r.key: r for r in RECIPES}
+
+# The video transformers (Wan 2.1, CogVideoX): the public reward-backpropagation way (VideoX-Fun: the whole chain
+# from noise, gradient through the last step, every transformer block checkpointed, only the first latent frame
+# decoded and scored) against the editing recipe, at K = 1 and K = all under the planner's budget.
+TRANSFORMER_RECIPES = [
+    Recipe("noise_k1", "full chain from noise, K = 1, first latent frame scored (VideoX-Fun's way)", from_noise=True,
+           tau=1.0, segments=1, tar=False, first_frame=True),
+    Recipe("edit", "editing recipe: tau 0.6, K = 1, SegVR 4 frames + TAR", memory="plan"),
+    Recipe("edit_kall", "editing recipe, K = all (12)", grad_steps=None, memory="plan"),
+]
 
 
 def checkpointed(guided_step):
@@ -169,7 +181,7 @@ class Step:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if optimizer else None
         self.chain = EditChain(model, recipe.ddim_steps, recipe.tau, 1, guidance)
         self.chain.grad_steps = recipe.grad_steps or self.chain.steps_run
-        self.scorer = SegmentalReward(reward, recipe.segments)
+        self.scorer = SegmentalReward(reward, recipe.segments, tar=recipe.tar)
         self.memory = self._memory_policy(memory_budget)
         if recipe.step_checkpoint:
             self.chain.guided_step = checkpointed(self.chain.guided_step)
@@ -188,7 +200,7 @@ class Step:
     def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
         """Run forward and backward (and the optimizer, when it has one); returns the (detached) loss."""
         clock = clock or PhaseClock()
-        with (clock.patched(self.model, "decode_latents", "decode"), clock.patched(self.scorer.reward, "forward", "reward"),
+        with (clock.patched(self.model, "decode_frames", "decode"), clock.patched(self.scorer.reward, "forward", "reward"),
               self._bookkeeping_timed(clock)):
             return self._step(device, clock)
 
@@ -220,13 +232,13 @@ class Step:
         if self.recipe.decode_all:  # the official code: decode all frames with gradient, then pick
             frames_total = edited.shape[2]
             indices = self.scorer.frame_indices(b, frames_total, train=True)
-            every = self.model.decode_latents(edited.transpose(1, 2).flatten(0, 1)).unflatten(0, (b, frames_total))
+            every = self.model.decode_frames(edited, torch.arange(frames_total).expand(b, -1)).unflatten(0, (b, frames_total))
             chosen = every.gather(1, indices.to(every.device).view(b, -1, 1, 1, 1).expand(-1, -1, *every.shape[2:]))
             scores = self.scorer.reward(chosen.flatten(0, 1), [p for p in prompts for _ in range(indices.shape[1])])
             rewards = (self.scorer.weights(indices, frames_total).to(scores.device) * scores.view(b, -1)).mean(1)
         else:
             with self.memory.region(self.model.vae, self.scorer.reward) if self.memory else nullcontext():
-                rewards, _ = self.scorer(self.model, edited, prompts)
+                rewards, _ = self.scorer(self.model, edited, prompts, train=not self.recipe.first_frame)
         loss = reward_loss(rewards)
         with clock("backward"):
             loss.backward()

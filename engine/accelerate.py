@@ -176,6 +176,9 @@ def accelerate(unet: nn.Module, lora: bool = True, temporal_attention: bool = Tr
             processors += 1
     for reason, count in skipped.items():
         logger.warning("accelerate: left %d x %s unchanged", count, reason)
+    if temporal_attention and not _temporal_attentions(unet):
+        logger.info("accelerate: %s has no separate temporal attention (its attention is over all frames at once): "
+                    "the temporal-attention kernel does not apply", type(unet).__name__)
     logger.info("accelerate: %d LoRA linears, %d temporal attention processors; backend %s",
                 lora_layers, processors, kernels.get_backend().value)
     return AccelerateHandle(unet, lora_layers, processors, previous)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class VideoDiffusion:
     name: str = "model"
     pipeline_class = "TextToVideoSDPipeline"
     denoiser_name = "unet"  # the pipeline's attribute and folder
+    default_size = (16, 256, 256)  # frames, height, width its pipeline generates by default (ModelScope's training size)
 
     def __post_init__(self):
         for module in (self.denoiser, self.vae, self.text_encoder):
@@ -83,12 +84,23 @@ class VideoDiffusion:
     def latent_frames(self, num_frames: int) -> int:
         return num_frames
 
+    def pixel_frames(self, latent_frames: int) -> int:
+        """Frames of the clip that ``latent_frames`` latent frames decode to (SegVR and TAR count these)."""
+        return latent_frames
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """[C, f, h, w] of a clip of ``num_frames`` frames of height x width pixels; a clear error otherwise."""
-        down = self.vae_downsample
-        if height % down or width % down:
-            raise UserError(f"--height/--width {height}x{width} must be multiples of the VAE's factor {down}")
+        down, multiple = self.vae_downsample, self.spatial_multiple
+        if height % multiple or width % multiple:
+            raise UserError(f"--height/--width {height}x{width} must be multiples of {multiple} (the VAE's factor "
+                            f"{down}{' times the patch size' if multiple != down else ''})")
         return self.denoiser.config.in_channels, self.latent_frames(num_frames), height // down, width // down
+
+    @property
+    def spatial_multiple(self) -> int:
+        """What height and width must be multiples of: the VAE's factor, times a transformer's patch size."""
+        patch = getattr(self.denoiser.config, "patch_size", 1)
+        return self.vae_downsample * (patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
 
     # -- text and denoiser -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -149,6 +161,9 @@ class CausalVideoDiffusion(VideoDiffusion):
                             f"use e.g. {num_frames - num_frames % r + 1}")
         return (num_frames - 1) // r + 1
 
+    def pixel_frames(self, latent_frames: int) -> int:
+        return 1 + self.temporal_ratio * (latent_frames - 1)
+
     @property
     def family_label(self) -> str:
         return self.pipeline_class.removesuffix("Pipeline")
@@ -203,6 +218,7 @@ class WanVideo(CausalVideoDiffusion):
     pipeline_class = "WanPipeline"
     denoiser_name = "transformer"
     text_length = 512
+    default_size = (81, 480, 832)
 
     @property
     def temporal_ratio(self) -> int:
@@ -236,6 +252,7 @@ class CogVideoXVideo(CausalVideoDiffusion):
 
     pipeline_class = "CogVideoXPipeline"
     denoiser_name = "transformer"
+    default_size = (49, 480, 720)
 
     def __post_init__(self):
         super().__post_init__()

@@ -28,11 +28,10 @@ from tqdm import tqdm
 from engine.chain import EditChain
 from engine.errors import UserError, cli_entry
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, lora_layers
-from engine.models import BUILTIN_MODELS, VideoDiffusion
+from engine.models import BUILTIN_MODELS, VideoDiffusion, model_family
 from engine.runtime import autocast, resolve_device
 
 BUILTIN_SIZE = (8, 32, 32)  # frames, height, width of the built-in models (engine.config.PRESETS)
-REAL_SIZE = (16, 256, 256)  # ModelScope's training size
 
 
 # ---------------------------------------------------------------------------------- LoRA
@@ -151,9 +150,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier-free guidance scale (training uses 3; diffusers' ModelScope pipeline 9)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="video k starts from CPU randn seeded seed + k")
-    parser.add_argument("--num-frames", type=positive_int, help="frames (default 8 for world and tiny, 16 otherwise)")
-    parser.add_argument("--height", type=positive_int, help="pixels (default 32 for world and tiny, 256 otherwise)")
-    parser.add_argument("--width", type=positive_int, help="pixels (default 32 for world and tiny, 256 otherwise)")
+    parser.add_argument("--num-frames", type=positive_int, help="frames (default 8 for world and tiny, else the family's: 16 ModelScope, 81 Wan, 49 CogVideoX)")
+    parser.add_argument("--height", type=positive_int, help="pixels (default 32 for world and tiny, else the family's: 256, 480, 480)")
+    parser.add_argument("--width", type=positive_int, help="pixels (default 32 for world and tiny, else the family's: 256, 832, 720)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="videos generated together")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -169,7 +168,7 @@ def check_common(args: argparse.Namespace) -> tuple[int, int, int]:
         raise UserError(f"--eta {args.eta} must be non-negative")
     if args.model not in BUILTIN_MODELS and not Path(args.model).is_dir():
         raise UserError(f"--model {args.model} is not a folder; pass a diffusers text-to-video folder, 'world' or 'tiny'")
-    default = BUILTIN_SIZE if args.model in BUILTIN_MODELS else REAL_SIZE
+    default = BUILTIN_SIZE if args.model in BUILTIN_MODELS else model_family(Path(args.model)).default_size
     size = tuple(v if v is not None else d for v, d in zip((args.num_frames, args.height, args.width), default))
     if size[1] % 8 or size[2] % 8:
         raise UserError(f"--height/--width {size[1]}x{size[2]} must be multiples of 8")

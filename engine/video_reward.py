@@ -67,7 +67,7 @@ class SegmentalReward:
     def __call__(self, model: VideoDiffusion, latents: torch.Tensor, prompts: list[str], train: bool = True,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Video rewards R [B] and the per-frame scores [B, S]; decodes only the chosen frames."""
-        b, _, f = latents.shape[:3]
+        b, f = latents.shape[0], model.pixel_frames(latents.shape[2])  # a causal VAE's latent frame holds several
         indices = self.frame_indices(b, f, train, generator)
         frames = model.decode_frames(latents, indices)
         s = indices.shape[1]

@@ -5,6 +5,7 @@ resume, export, bad folders)."""
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_pa
     merged = pipeline.from_pretrained(str(tmp_path / "export" / "merged"))
     stock = pipeline.from_pretrained(str(folder))
     readme = (tmp_path / "export" / "peft" / "README.md").read_text()
-    assert f"inject_adapter_in_model(config, pipe.transformer)" in readme and tuned.pipeline_class in readme
+    assert "inject_adapter_in_model(config, pipe.transformer)" in readme and tuned.pipeline_class in readme
     inject_adapter_in_model(LoraConfig.from_pretrained(str(tmp_path / "export" / "peft")), stock.transformer)
     set_peft_model_state_dict(stock.transformer, load_file(str(tmp_path / "export" / "peft" / WEIGHTS)))
     x = torch.randn(2, *tuned.latent_shape(**SIZE))
@@ -210,3 +211,73 @@ def test_cli_names_the_frame_count_a_causal_vae_needs(saved, tmp_path, capsys):
         train(args)
     assert exit_info.value.code != 0
     assert "--num-frames 8" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_segvr_and_tar_count_the_clip_frames_of_a_causal_vae(model):
+    """SegVR splits the 9 decoded frames (not the 3 latent frames) into segments; TAR centres on frame 4."""
+    from engine.rewards import ColorfulnessReward
+    from engine.video_reward import SegmentalReward, tar_weights
+
+    reward = ColorfulnessReward()
+    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 3, 4, 4)
+    with torch.no_grad():
+        video_reward, scores = SegmentalReward(reward, segments=3)(model, latents, ["a red circle"], train=False)
+        frames = model.decode_prefix(latents, 3)[0, [0, 3, 6]]
+        expected = reward(frames, ["a red circle"] * 3)
+    torch.testing.assert_close(scores[0], expected)
+    torch.testing.assert_close(video_reward[0], (tar_weights(torch.tensor([0, 3, 6]), 9, 1.0) * expected).mean())
+
+
+def test_fused_lora_kernel_swapped_into_the_transformer_predicts_as_peft(model, monkeypatch):
+    """engine.accelerate routes every LoRA projection of the transformer through the fused kernel (Triton's
+    interpreter here): the same prediction and LoRA gradients as peft; the temporal-attention kernel has nothing
+    to replace in a transformer; revert restores the peft forwards."""
+    from engine.accelerate import accelerate
+    from engine.lora import add_lora, lora_layers
+
+    params = add_lora(model.denoiser, rank=2)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    x = torch.randn(2, *model.latent_shape(**SIZE), generator=torch.Generator().manual_seed(2))
+    context = model.encode_prompts(["a red circle", ""])
+
+    def run():
+        out = model.predict(model.denoiser, x, 500, context)
+        return out, torch.autograd.grad(out.square().mean(), params)
+
+    expected, expected_grads = run()
+    lora_kernel = sys.modules["kernels.lora_linear"]  # the module (kernels.lora_linear is also its function)
+    launches = []
+    launcher = lora_kernel.lora_gemm
+    monkeypatch.setattr(lora_kernel, "lora_gemm", lambda *a, **k: launches.append(1) or launcher(*a, **k))
+    handle = accelerate(model.denoiser, backend="fused")
+    try:
+        assert handle.lora_layers == len(lora_layers(model.denoiser)) and handle.attention_processors == 0
+        out, grads = run()
+    finally:
+        handle.revert()
+    assert len(launches) > handle.lora_layers  # every projection's forward ran the kernel, and backward too
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert all("forward" not in vars(layer) for layer in lora_layers(model.denoiser))
+
+
+def test_sample_and_evaluate_commands_run_the_family(saved, tmp_path):
+    """engine.sample writes 9-frame videos of the family's folder; engine.evaluate scores them with SegVR frames
+    of the decoded clip; the default size of a folder is its family's (Wan 81 x 480 x 832, CogVideoX 49 x 480 x 720)."""
+    from engine.evaluate import main as evaluate
+    from engine.sample import check_common, main as sample
+
+    _, folder = saved
+    small = ["--ddim-steps", "2", "--num-frames", "9", "--height", "32", "--width", "32"]
+    summary = sample(["--model", str(folder), "--prompt", "a red circle", "--output", str(tmp_path / "s"), *small])
+    assert len(summary["videos"]) == 1 and (tmp_path / "s" / "000_a_red_circle.gif").stat().st_size > 0
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    report = evaluate(["--model", str(folder), "--reward", "colorfulness", "--prompt-set", f"shapes={tmp_path / 'p.txt'}",
+                       "--segments", "3", "--output", str(tmp_path / "e"), *small])
+    assert 0 < report["results"]["base"]["shapes"]["mean"] < 1
+    args = type("Args", (), dict(guidance=3.0, eta=0.0, model=str(folder), num_frames=None, height=None, width=None,
+                                 output=str(tmp_path / "x")))
+    assert check_common(args) == load_model(folder).default_size

@@ -1,0 +1,105 @@
+"""``pytest bench/``: what reward fine-tuning costs on today's video transformers at their real size.
+
+Wan 2.1 T2V 1.3B (81 frames of 480 x 832, flow matching, causal VAE) and CogVideoX-2B (49 frames of 480 x 720,
+v-prediction DDIM), each with HPSv2's ViT-H-14, in bf16, batch 1, CFG 3, D = 20, LoRA r4 on the attention
+projections, on the meta device (exact, machine-independent): FLOPs per step (FlopCounterMode's formulas),
+bytes autograd saves for backward, what the planner spills to host memory, and how many latent frames are
+decoded with gradient. Three recipes per model (bench.recipes.TRANSFORMER_RECIPES): the public way (whole chain
+from noise, K = 1, first latent frame), the editing recipe at K = 1 and at K = all under the same budget.
+The report goes to stdout, bench/RESULTS.md ("video transformers at real size") and
+bench/results_transformers.json. Only exact relations are asserted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import fullsize
+from bench.counters import FlopCount
+from bench.recipes import TRANSFORMER_RECIPES, Step, trainable_bytes
+from bench.report import markdown_table, measured_line, update_section
+from csrc import STAT_NAMES
+from engine.checkpointing import SavedTensorMeter
+
+HERE = Path(__file__).parent
+GB = 1e9
+BUDGET = 8 * 1024 ** 3  # the planner's device budget for the gradient steps and the decode + reward region
+MODELS = list(fullsize.TRANSFORMER_CLIPS)
+
+
+def count(name: str, recipe) -> dict:
+    model, latent_shape, context_shape = fullsize.video_transformer(name, "meta", torch.bfloat16)
+    reward = fullsize.hpsv2("meta", torch.bfloat16)
+    step = Step(model, reward, recipe, latent_shape, context_shape, batch=1, memory_budget=BUDGET)
+    if recipe.memory == "plan":
+        step("meta")  # the planner measures its units on the first gradient step; count a planned one
+        step.memory.store.reset_peaks()
+    decoded = []
+    decode_prefix = model.decode_prefix
+
+    def counted(latents, needed):
+        decoded.append(model.decoded_prefix(needed, latents.shape[2]))
+        return decode_prefix(latents, needed)
+
+    model.decode_prefix = counted
+    saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
+    with FlopCount() as counter, saved:
+        step("meta")
+    host = dict(zip(STAT_NAMES, step.memory.store.stats()))["peak_host_bytes"] if step.memory is not None else 0
+    return {**trainable_bytes(step.params), "tflops": counter.total / 1e12, "saved_gb_bf16": saved.bytes / GB,
+            "host_gb_bf16": host / GB, "latent_frames_decoded": decoded[-1], "latent_frames": latent_shape[1],
+            "steps_run": len(step.chain.timesteps), "grad_steps": step.chain.grad_steps}
+
+
+@pytest.fixture(scope="module")
+def report():
+    figures: dict[str, dict] = {name: {} for name in MODELS}
+    yield figures
+    (HERE / "results_transformers.json").write_text(json.dumps(figures, indent=2))
+    text = render(figures)
+    print("\n" + text)
+    update_section(HERE / "RESULTS.md", "video transformers at real size", text)
+
+
+def render(figures: dict) -> str:
+    lines = [measured_line() + f" Meta-device counts; bf16, batch 1, CFG 3 in one batched call, planner budget "
+                               f"{BUDGET / 1024 ** 3:.0f} GiB.", ""]
+    for name in MODELS:
+        rows = []
+        for recipe in TRANSFORMER_RECIPES:
+            f = figures[name].get(recipe.key)
+            if f is None:
+                continue
+            base = figures[name].get("noise_k1")
+            rows.append([recipe.title, f"{f['steps_run']} / {f['grad_steps']}",
+                         f"{f['latent_frames_decoded']} of {f['latent_frames']}", f"{f['tflops']:,.0f}",
+                         f"{f['tflops'] / base['tflops']:.2f}x" if base else "-", f"{f['saved_gb_bf16']:.2f}",
+                         f"{f['host_gb_bf16']:.2f}"])
+        frames, height, width = fullsize.TRANSFORMER_CLIPS[name]
+        lines += [f"**{name}** ({frames} frames of {height} x {width}):", "",
+                  markdown_table(["recipe", "steps run / with gradient", "latent frames decoded", "TFLOP / step",
+                                  "vs from noise", "saved for backward GB", "spilled to host GB"], rows), ""]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("recipe", TRANSFORMER_RECIPES, ids=lambda r: r.key)
+@pytest.mark.parametrize("name", MODELS)
+def test_transformer_counts(name, recipe, report):
+    report[name][recipe.key] = count(name, recipe)
+    assert report[name][recipe.key]["tflops"] > 0
+
+
+def test_transformer_relations(report):
+    """What the counts make exact: editing runs fewer denoiser calls than the chain from noise; K = all costs
+    more FLOPs than K = 1; scoring frame 0 decodes no more latent frames than scoring the SegVR frames."""
+    for name in MODELS:
+        f = report[name]
+        if not {"noise_k1", "edit", "edit_kall"} <= set(f):
+            pytest.skip("run the whole module for the relations")
+        assert f["noise_k1"]["latent_frames_decoded"] <= f["edit"]["latent_frames_decoded"]
+        assert f["edit"]["steps_run"] < f["noise_k1"]["steps_run"]
+        assert f["edit"]["tflops"] < f["edit_kall"]["tflops"]
