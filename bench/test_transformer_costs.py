@@ -41,9 +41,10 @@ def count(name: str, recipe) -> dict:
     decoded = []
     decode_prefix = model.decode_prefix
 
-    def counted(latents, needed):
-        decoded.append(model.decoded_prefix(needed, latents.shape[2]))
-        return decode_prefix(latents, needed)
+    def counted(latents, needed, graded=None):
+        n = model.decoded_prefix(needed, latents.shape[2])
+        decoded.append((n, n if graded is None else model.decoded_with_gradient(graded, n)))
+        return decode_prefix(latents, needed, graded)
 
     model.decode_prefix = counted
     saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
@@ -51,7 +52,8 @@ def count(name: str, recipe) -> dict:
         step("meta")
     host = dict(zip(STAT_NAMES, step.memory.store.stats()))["peak_host_bytes"] if step.memory is not None else 0
     return {**trainable_bytes(step.params), "tflops": counter.total / 1e12, "saved_gb_bf16": saved.bytes / GB,
-            "host_gb_bf16": host / GB, "latent_frames_decoded": decoded[-1], "latent_frames": latent_shape[1],
+            "host_gb_bf16": host / GB, "latent_frames_decoded": decoded[-1][0],
+            "latent_frames_with_gradient": decoded[-1][1], "latent_frames": latent_shape[1],
             "steps_run": len(step.chain.timesteps), "grad_steps": step.chain.grad_steps}
 
 
@@ -59,14 +61,15 @@ def count(name: str, recipe) -> dict:
 def report():
     figures: dict[str, dict] = {name: {} for name in MODELS}
     yield figures
-    (HERE / "results_transformers.json").write_text(json.dumps(figures, indent=2))
-    text = render(figures)
+    measured = measured_line()
+    (HERE / "results_transformers.json").write_text(json.dumps({"measured": measured, "models": figures}, indent=2))
+    text = render(figures, measured)
     print("\n" + text)
     update_section(HERE / "RESULTS.md", "video transformers at real size", text)
 
 
-def render(figures: dict) -> str:
-    lines = [measured_line() + f" Meta-device counts; bf16, batch 1, CFG 3 in one batched call, planner budget "
+def render(figures: dict, measured: str) -> str:
+    lines = [measured + f" Meta-device counts; bf16, batch 1, CFG 3 in one batched call, planner budget "
                                f"{BUDGET / 1024 ** 3:.0f} GiB.", ""]
     for name in MODELS:
         rows = []
@@ -76,13 +79,27 @@ def render(figures: dict) -> str:
                 continue
             base = figures[name].get("noise_k1")
             rows.append([recipe.title, f"{f['steps_run']} / {f['grad_steps']}",
-                         f"{f['latent_frames_decoded']} of {f['latent_frames']}", f"{f['tflops']:,.0f}",
+                         f"{f['latent_frames_decoded']} of {f['latent_frames']} ({f['latent_frames_with_gradient']})",
+                         f"{f['tflops']:,.0f}",
                          f"{f['tflops'] / base['tflops']:.2f}x" if base else "-", f"{f['saved_gb_bf16']:.2f}",
                          f"{f['host_gb_bf16']:.2f}"])
         frames, height, width = fullsize.TRANSFORMER_CLIPS[name]
         lines += [f"**{name}** ({frames} frames of {height} x {width}):", "",
-                  markdown_table(["recipe", "steps run / with gradient", "latent frames decoded", "TFLOP / step",
+                  markdown_table(["recipe", "steps run / with gradient", "latent frames decoded (with gradient)", "TFLOP / step",
                                   "vs from noise", "saved for backward GB", "spilled to host GB"], rows), ""]
+        f = figures[name]
+        if {"noise_k1", "edit"} <= set(f):
+            noise, edit = f["noise_k1"], f["edit"]
+            lines.append(f"- {name}: the editing recipe scores 4 SegVR frames spread over the clip for "
+                         f"{edit['tflops'] / noise['tflops']:.2f}x the FLOPs of the chain from noise scoring frame 0; "
+                         f"what backward needs is {edit['saved_gb_bf16']:.1f} GB on the device + "
+                         f"{edit['host_gb_bf16']:.1f} GB in host memory against {noise['saved_gb_bf16']:.1f} GB + "
+                         f"{noise['host_gb_bf16']:.1f} GB.")
+            lines.append("")
+    lines += ["The decoder is what costs memory: the SegVR frames' latent frames decode with gradient at full "
+                  "resolution (the causal context before them without, `--decode-context no-grad`), and the planner "
+                  "spills those activations to host memory when they do not fit beside the chain's plan. The SegVR frames are one "
+                  "random draw per step, so how many latent frames decode varies from step to step."]
     return "\n".join(lines)
 
 

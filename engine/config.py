@@ -25,7 +25,7 @@ def _opt(default, help, **kw):
 @dataclass
 class TrainConfig:
     # Model and reward
-    model: str = _opt("world", "diffusers text-to-video folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), 'world' "
+    model: str = _opt("world", "diffusers pipeline folder (TextToVideoSDPipeline, WanPipeline, CogVideoXPipeline), 'world' "
                       "(the built-in model trained on engine.world, with its own reward and clips) or 'tiny' (random "
                       "weights, for tests)")
     reward: str = _opt("colorfulness", "reward spec: NAME[:PATH][@WEIGHT], comma-separated to combine, e.g. hpsv2:HPS_v2.1_compressed.pt")
@@ -55,6 +55,11 @@ class TrainConfig:
     segvr: bool = _opt(True, "SegVR on (off = every frame is scored)")
     tar_lambda: float = _opt(1.0, "TAR: weights exp(-lambda |g(i) - F//2|)")
     tar: bool = _opt(True, "TAR on (off = uniform weights)")
+    decode_context: str = _opt("no-grad", "causal VAEs (Wan, CogVideoX): the latent frames before a SegVR frame's own "
+                               "decode without gradient (no-grad: the decoder's activations are saved for the chosen "
+                               "frames' latent frames only) or with it (grad: exact gradient through the causal "
+                               "context, every decoded frame's activations saved); per-frame VAEs have no context",
+                               choices=("no-grad", "grad"))
     # Guards against reward hacking
     early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")

@@ -41,6 +41,7 @@ class VideoDiffusion:
     pipeline_class = "TextToVideoSDPipeline"
     denoiser_name = "unet"  # the pipeline's attribute and folder
     default_size = (16, 256, 256)  # frames, height, width its pipeline generates by default (ModelScope's training size)
+    context_gradient = False  # causal VAEs: the SegVR frames' gradient flows through the causal context too
 
     def __post_init__(self):
         for module in (self.denoiser, self.vae, self.text_encoder):
@@ -193,22 +194,48 @@ class CausalVideoDiffusion(VideoDiffusion):
         """How many leading latent frames to decode so the first ``needed`` come out as in a whole-clip decode."""
         return needed
 
-    def decode_prefix(self, latents: torch.Tensor, needed: int) -> torch.Tensor:
-        """The first latents [B, C, :n, h, w] (n from ``decoded_prefix``) -> frames [B, F', 3, H, W] in [0, 1]."""
+    def latent_index(self, frame: int) -> int:
+        """The latent frame that holds pixel frame ``frame``."""
+        return 0 if frame == 0 else (frame - 1) // self.temporal_ratio + 1
+
+    def decode_prefix(self, latents: torch.Tensor, needed: int, graded: set[int] | None = None) -> torch.Tensor:
+        """The first latents [B, C, :n, h, w] (n from ``decoded_prefix``) -> frames [B, F', 3, H, W] in [0, 1].
+
+        ``graded``: the latent frames decoded with gradient, the others (the causal context) without; the values
+        are the same either way. None: all of them."""
         n = self.decoded_prefix(needed, latents.shape[2])
-        video = self.vae.decode(self.from_unit(latents[:, :, :n].to(self.vae.dtype))).sample
+        z = self.from_unit(latents[:, :, :n].to(self.vae.dtype))
+        if graded is None or not torch.is_grad_enabled() or getattr(self.vae, "use_tiling", False):
+            video = self.vae.decode(z).sample
+        else:
+            video = self.decode_selected(z, graded)
         return (video.float() * 0.5 + 0.5).clamp(0, 1).transpose(1, 2)
 
+    def chunks(self, n: int) -> list[range]:
+        """The groups of latent frames the VAE decodes together (one call each, the causal cache between them)."""
+        return [range(i, i + 1) for i in range(n)]
+
+    def decoded_with_gradient(self, graded: set[int], n: int) -> int:
+        """How many of ``n`` decoded latent frames run with gradient when ``graded`` are the chosen ones."""
+        return sum(len(c) for c in self.chunks(n) if any(k in c for k in graded))
+
+    def decode_selected(self, z: torch.Tensor, graded: set[int]) -> torch.Tensor:
+        """The VAE's own decode loop over ``chunks``, each with gradient only if it holds a graded frame."""
+        raise NotImplementedError
+
     def decode_frames(self, latents: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        last = int(indices.max())
-        needed = 1 if last == 0 else (last - 1) // self.temporal_ratio + 2
-        video = self.decode_prefix(latents, needed)
+        """The chosen frames from the shortest exact prefix; with ``context_gradient`` off (the default) only the
+        latent frames that hold a chosen frame decode with gradient: the decoder's activations are saved for those
+        alone, and the reward's gradient does not flow through the causal context into earlier latents."""
+        chosen = {self.latent_index(int(i)) for i in indices.flatten()}
+        video = self.decode_prefix(latents, max(chosen) + 1, None if self.context_gradient else chosen)
         b, s = indices.shape
         index = indices.to(video.device).view(b, s, 1, 1, 1).expand(b, s, *video.shape[2:])
         return video.gather(1, index).flatten(0, 1)
 
     @torch.no_grad()
     def decode_video(self, latent: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """The whole clip in one decode (a causal VAE carries its cache through it; ``chunk`` does not apply)."""
         return self.decode_prefix(latent[None], latent.shape[1])[0].cpu()
 
 
@@ -246,6 +273,25 @@ class WanVideo(CausalVideoDiffusion):
         timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
         return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
 
+    def decode_selected(self, z, graded):
+        """AutoencoderKLWan's decode: one latent frame at a time, the causal convolutions' cache carried over."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        vae = self.vae
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        frames = []
+        for chunk in self.chunks(z.shape[2]):
+            vae._conv_idx = [0]
+            with torch.set_grad_enabled(any(k in chunk for k in graded)):
+                frames.append(vae.decoder(x[:, :, chunk.start:chunk.stop], feat_cache=vae._feat_map,
+                                          feat_idx=vae._conv_idx, first_chunk=chunk.start == 0))
+        vae.clear_cache()
+        out = torch.cat(frames, 2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0)
+
 
 class CogVideoXVideo(CausalVideoDiffusion):
     """CogVideoX 1.0 (2B / 5B): the transformer takes [B, f, C, h, w]; 3-D rotary embeddings when configured."""
@@ -268,6 +314,25 @@ class CogVideoXVideo(CausalVideoDiffusion):
         alike only with the clip's parity and its first group whole."""
         n = max(needed, min(total, 2 + total % 2))
         return min(total, n + (total - n) % 2)
+
+    def decode_selected(self, z, graded):
+        """AutoencoderKLCogVideoX's decode: latent frames in pairs (the odd one in the first), the causal
+        convolutions' cache carried over."""
+        vae = self.vae
+        conv_cache, decoded = None, []
+        for chunk in self.chunks(z.shape[2]):
+            with torch.set_grad_enabled(any(k in chunk for k in graded)):
+                frames = z[:, :, chunk.start:chunk.stop]
+                if vae.post_quant_conv is not None:
+                    frames = vae.post_quant_conv(frames)
+                frames, conv_cache = vae.decoder(frames, conv_cache=conv_cache)
+            decoded.append(frames)
+        return torch.cat(decoded, 2)
+
+    def chunks(self, n: int) -> list[range]:
+        size = self.vae.num_latent_frames_batch_size
+        extra = n % size
+        return [range(size * i + (extra if i else 0), min(n, size * (i + 1) + extra)) for i in range(max(n // size, 1))]
 
     def rotary_embedding(self, latent_shape: torch.Size, device: torch.device):
         if not self.denoiser.config.use_rotary_positional_embeddings:

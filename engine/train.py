@@ -191,6 +191,7 @@ class Trainer:
                                 f"use at most {trained_steps}")
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance,
                                cfg.eta, cfg.offset_noise)
+        self.model.context_gradient = cfg.decode_context == "grad"
         self.chain.no_grad_path = NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision)
         self.memory = None
         if cfg.checkpoint == "blocks":

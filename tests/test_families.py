@@ -78,6 +78,32 @@ def test_segvr_frames_of_a_causal_vae_equal_decoding_the_whole_clip_and_picking(
     assert whole.shape[1] == SIZE["num_frames"]
 
 
+def test_context_without_gradient_decodes_the_same_frames_and_grades_only_the_chosen_latents(model):
+    """--decode-context no-grad (the default): the same frame values; the reward's gradient reaches the latent frames
+    that hold a chosen frame and no other. grad: the gradient of decoding the whole clip and picking."""
+    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 4, 4)  # 17 frames
+    indices = torch.tensor([[9, 11]])  # both in latent frame 3; latent frames 0-2 are their causal context
+    weights = torch.randn(2, 3, 32, 32)
+
+    def gradient(decode):
+        z = latents.clone().requires_grad_(True)
+        (decode(z) * weights).sum().backward()
+        return z.grad
+
+    whole = gradient(lambda z: model.decode_prefix(z, 5)[0, [9, 11]])
+    for context_gradient in (True, False):
+        model.context_gradient = context_gradient
+        with torch.no_grad():
+            torch.testing.assert_close(model.decode_frames(latents, indices),
+                                       model.decode_prefix(latents, 5)[0, [9, 11]], rtol=0, atol=0)
+        ours = gradient(lambda z: model.decode_frames(z, indices))
+        if context_gradient:
+            torch.testing.assert_close(ours, whole, rtol=1e-4, atol=1e-6)
+        else:
+            assert ours[:, :, 3].abs().sum() > 0 and ours[:, :, :3].abs().sum() == 0
+            assert whole[:, :, :3].abs().sum() > 0  # the context does matter to the exact gradient
+
+
 def test_clip_round_trip_and_frame_count_errors(model):
     frames = torch.rand(1, SIZE["num_frames"], 3, 32, 32) * 2 - 1
     latents = model.encode_video(frames)
