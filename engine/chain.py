@@ -109,10 +109,12 @@ class EditChain:
             noise = noise + self.offset_noise * randn((*shape[:3], 1, 1), generator, device)
         return noise
 
-    def noise_to_start(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def noise_to_start(self, latents: torch.Tensor, generator: torch.Generator | None = None,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
         """q_sample, x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) noise at the first timestep run; for flow matching
-        x = (1 - sigma) x_0 + sigma noise at its sigma (FlowMatchEulerDiscreteScheduler.scale_noise, in fp32)."""
-        noise = self.draw_noise(latents.shape, generator, latents.device)
+        x = (1 - sigma) x_0 + sigma noise at its sigma (FlowMatchEulerDiscreteScheduler.scale_noise, in fp32).
+        ``noise`` (from ``draw_noise``) when given, else drawn from ``generator``."""
+        noise = self.draw_noise(latents.shape, generator, latents.device) if noise is None else noise
         if self.flow:
             sigma = torch.tensor(self.sigmas[self._step_index[self.timesteps[0]]], dtype=torch.float32)
             return (float(sigma) * noise + float(1.0 - sigma) * latents.float()).to(latents.dtype)
@@ -157,18 +159,19 @@ class EditChain:
         return x
 
     def edit(self, latents: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The InstructVideo edit: noise the source latent to tau, then run the remaining steps."""
-        return self.denoise(self.noise_to_start(latents, generator), context, uncond, generator)
+        return self.denoise(self.noise_to_start(latents, generator, noise), context, uncond, generator)
 
     @torch.no_grad()
     def sample(self, shape, context: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator | None = None,
-               ddim_steps: int | None = None, progress=None) -> torch.Tensor:
-        """Generate from pure noise with the full D-step chain (no gradient): sources and samples."""
+               ddim_steps: int | None = None, progress=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate from pure noise (drawn from ``generator``, or ``noise`` when given) with the full D-step chain
+        (no gradient): sources and samples."""
         chain = self if ddim_steps in (None, self.ddim_steps) else EditChain(
             self.model, ddim_steps, 1.0, 1, self.guidance, self.eta, self.offset_noise)
         timesteps = [(float if chain.flow else int)(t) for t in chain.schedule.timesteps]
-        x = randn(shape, generator, context.device)
+        x = randn(shape, generator, context.device) if noise is None else noise
         for t in (progress(timesteps) if progress else timesteps):
             x = chain.guided_step(x, t, context, uncond, generator)
         return x

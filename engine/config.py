@@ -66,8 +66,8 @@ class TrainConfig:
     motion_weight: float = _opt(0.0, "weight of the penalty keeping frame-to-frame motion close to the reference's (0 = off)")
     motion_reference: str = _opt("base", "motion reference: the base model's edit of the same noise, or the source video", choices=("base", "source"))
     # What is trained, and how
-    finetune: str = _opt("lora", "what is trained: 'lora' (the method) or 'full' (every UNet weight: the baseline; sharded "
-                         "with FSDP under torchrun, weights written to OUTPUT/unet)", choices=("lora", "full"))
+    finetune: str = _opt("lora", "what is trained: 'lora' (the method) or 'full' (every denoiser weight: the baseline; "
+                         "sharded with FSDP under torchrun, weights written to OUTPUT/unet or OUTPUT/transformer)", choices=("lora", "full"))
     lora_rank: int = _opt(4, "LoRA rank on to_q, to_k, to_v, to_out.0 of every attention")
     lora_alpha: float | None = _opt(None, "LoRA alpha (default: the rank, i.e. scale 1)")
     lr: float = _opt(1e-5, "AdamW learning rate")
@@ -75,6 +75,8 @@ class TrainConfig:
     warmup_steps: int = _opt(10, "linear learning-rate warm-up steps")
     max_grad_norm: float = _opt(0.0, "clip the LoRA gradient norm to this value (0 = off)")
     batch_size: int = _opt(2, "videos per step")
+    eval_batch_size: int = _opt(8, "held-out videos generated together (no gradient) for the evaluations and the "
+                                "before/after samples")
     steps: int = _opt(20000, "optimizer steps")
     # Environment and outputs
     device: str = _opt("auto", "cuda, cpu, cuda:1... (auto = cuda when available)")
@@ -115,6 +117,7 @@ class TrainConfig:
             (self.sample_steps >= 1, f"--sample-steps {self.sample_steps} must be at least 1"),
             (0 <= self.offset_noise < math.inf, f"--offset-noise {self.offset_noise} must be a non-negative number"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size} must be at least 1"),
             (self.steps >= 0, f"--steps {self.steps} must be non-negative"),
             (0 <= self.eta < math.inf, f"--eta {self.eta} must be a non-negative number"),
             (1.0 <= self.guidance < math.inf, f"--guidance {self.guidance} must be at least 1 (1 = no guidance)"),
@@ -176,6 +179,7 @@ TINY_PRESET: dict[str, Any] = dict(
 # (0.2119 -> 0.2319, 22.98 -> 23.55 dB) in about the same time. The learning rate is scaled to a small model.
 WORLD_PRESET: dict[str, Any] = dict(
     num_frames=8, height=32, width=32, batch_size=2, steps=40, grad_steps="all", lr=3e-3, warmup_steps=5,
+    memory_budget="2GiB",
     lora_rank=4, num_held_out=8, sample_steps=20, reward="hpsv2:world",
 )
 PRESETS = {"tiny": TINY_PRESET, "world": WORLD_PRESET}

@@ -387,12 +387,15 @@ def _component_loaders(family: type[VideoDiffusion], root: Path) -> dict:
     named = json.loads(index.read_text()) if index.is_file() else {}
     loaders = {}
     for component, default in defaults.items():
+        library = transformers if component in ("text_encoder", "tokenizer") else diffusers
         entry = named.get(component)
-        class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else default
-        cls = getattr(diffusers, class_name, None) or getattr(transformers, class_name, None)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            library = {"diffusers": diffusers, "transformers": transformers}.get(entry[0])
+            default = entry[1]
+        cls = getattr(library, default, None)
         if cls is None:
-            raise UserError(f"{root}/model_index.json names {component} class {class_name}, which neither "
-                            "diffusers nor transformers provides; re-save the pipeline")
+            raise UserError(f"{root}/model_index.json names {component} class {entry}, which neither diffusers nor "
+                            "transformers provides; re-save the pipeline")
         loaders[component] = cls.from_pretrained
     return loaders
 

@@ -42,7 +42,7 @@ from engine.chain import EditChain
 from engine.checkpointing import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, Source, build_sources, split_held_out
-from engine.distributed import ShardedGenerator
+from engine.distributed import ShardedGenerator, randn
 from engine.errors import UserError, cli_entry
 from engine.lora import add_lora, adapters_disabled, load_lora, lora_state_dict, save_lora
 from engine.models import BUILTIN_MODELS, VideoDiffusion, build_model
@@ -54,10 +54,10 @@ from engine.video_reward import SegmentalReward, reward_loss
 from engine.world import gold_scores, mean_metrics
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoint.pt")
-WEIGHT_FOLDERS = {"lora": "lora", "full": "unet"}  # by --finetune; early stopping adds "_best"
+WEIGHT_FOLDERS = ("lora", "unet", "transformer")  # LoRA, or the full denoiser by its pipeline name; "_best" added
 SAMPLES, TENSORBOARD, REWARD_CURVE = "samples", "tensorboard", "reward_curve.png"
 # everything a run writes: what --overwrite clears, so nothing of the old run is mistaken for the new one's
-RUN_OUTPUTS = (*RUN_FILES, *(f"{name}{best}" for name in WEIGHT_FOLDERS.values() for best in ("", "_best")),
+RUN_OUTPUTS = (*RUN_FILES, *(f"{name}{best}" for name in WEIGHT_FOLDERS for best in ("", "_best")),
                SAMPLES, TENSORBOARD, REWARD_CURVE)
 CHECKPOINT = "checkpoint.pt"
 
@@ -201,20 +201,20 @@ class Trainer:
 
     def _setup_trainable_and_optimizer(self):
         cfg = self.config
-        unet = self.model.denoiser
+        denoiser = self.model.denoiser
         self.sharded = cfg.finetune == "full" and self.world.size > 1
         if cfg.finetune == "lora":
-            self.trainable = add_lora(unet, cfg.lora_rank, cfg.lora_alpha)
+            self.trainable = add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha)
             if cfg.init_lora:
-                load_lora(unet, cfg.init_lora)
+                load_lora(denoiser, cfg.init_lora)
             if self.world.size > 1:
-                self.chain.denoiser = dist_utils.data_parallel(unet, self.device)
+                self.chain.denoiser = dist_utils.data_parallel(denoiser, self.device)
         else:
-            self.unet_class = type(unet).__name__  # FSDP renames the class; the saved config keeps this one
-            unet.requires_grad_(True)
+            self.denoiser_class = type(denoiser).__name__  # FSDP renames the class; the saved config keeps this one
+            denoiser.requires_grad_(True)
             if self.sharded:
-                dist_utils.shard_model(unet, denoiser_blocks(unet), self.world, self.device)
-            self.trainable = list(unet.parameters())
+                dist_utils.shard_model(denoiser, denoiser_blocks(denoiser), self.world, self.device)
+            self.trainable = list(denoiser.parameters())
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, cfg.warmup_steps)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
@@ -394,13 +394,16 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean held-out video reward (fixed noise, SegVR evaluation frames: first of each segment) and, for the
         world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels)."""
-        generator = torch.Generator(self.device).manual_seed(self.config.seed + 7)
         values, gold = [], []
-        for start in range(0, len(self.eval_sources), self.config.batch_size):
-            indices = list(range(start, min(start + self.config.batch_size, len(self.eval_sources))))
+        for start in range(0, len(self.eval_sources), self.config.eval_batch_size):
+            indices = list(range(start, min(start + self.config.eval_batch_size, len(self.eval_sources))))
             latents, prompts, context = self.batch(self.eval_sources, indices)
+            # each held-out video its own noise, whatever --eval-batch-size groups it with
+            generators = [torch.Generator(self.device).manual_seed(self.config.seed + 7 + 1009 * i) for i in indices]
+            noise = torch.cat([self.chain.draw_noise((1, *latents.shape[1:]), g, self.device) for g in generators])
             with self.autocast():
-                edited = self.chain.edit(latents, context, self.uncond.expand(len(prompts), -1, -1), generator)
+                edited = self.chain.edit(latents, context, self.uncond.expand(len(prompts), -1, -1), generators[0],
+                                         noise)
                 rewards, _ = self.reward(self.model, edited, prompts, train=False)
             values.append(rewards.float())
             clips = [self.eval_sources[i].clip for i in indices]
@@ -433,8 +436,9 @@ class Trainer:
         return not dist_utils.all_ranks_agree(not stop, self.world)
 
     def weights_folder(self, suffix: str = "") -> Path:
-        """lora/ (peft) or unet/ (diffusers: config.json + safetensors); ``suffix`` "best" gives lora_best/."""
-        name = WEIGHT_FOLDERS[self.config.finetune]
+        """lora/ (peft), or unet/ / transformer/ for full fine-tuning (diffusers: config.json + safetensors);
+        ``suffix`` "best" gives lora_best/."""
+        name = "lora" if self.config.finetune == "lora" else self.model.denoiser_name
         return self.output / (f"{name}_{suffix}" if suffix else name)
 
     def save_weights(self, suffix: str = "") -> Path:
@@ -451,7 +455,7 @@ class Trainer:
             folder.mkdir(parents=True, exist_ok=True)
             self.model.denoiser.save_config(folder)
             config_file = folder / "config.json"
-            config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": self.unet_class},
+            config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": self.denoiser_class},
                                               indent=2))
             save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
         return folder
@@ -541,13 +545,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------- outputs
     def sample_latents(self) -> list[torch.Tensor]:
         """One video latent per held-out prompt, each from its own fixed noise (so before and after compare)."""
-        latents = []
-        for i, source in enumerate(self.eval_sources):
-            context = self.model.encode_prompts([source.prompt])
-            generator = torch.Generator(self.device).manual_seed(self.config.seed + 11 + i)
+        latents, count, size = [], len(self.eval_sources), self.config.eval_batch_size
+        for start in range(0, count, size):
+            indices = range(start, min(start + size, count))
+            generators = [torch.Generator(self.device).manual_seed(self.config.seed + 11 + i) for i in indices]
+            noise = torch.cat([randn((1, *self.latent_shape), g, self.device) for g in generators])
+            context = self.model.encode_prompts([self.eval_sources[i].prompt for i in indices])
             with self.autocast():
-                latents.append(self.chain.sample((1, *self.latent_shape), context, self.uncond, generator,
-                                                 ddim_steps=self.config.sample_steps))
+                x = self.chain.sample(noise.shape, context, self.uncond.expand(len(indices), -1, -1), generators[0],
+                                      ddim_steps=self.config.sample_steps, noise=noise)
+            latents += list(x.split(1))
         return latents
 
     def write_samples(self, after_latents: list[torch.Tensor]) -> list[Path]:

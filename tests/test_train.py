@@ -148,3 +148,16 @@ def test_backend_flag_swaps_the_kernels_in(tmp_path):
         assert not any(_is_patched_lora(m) for m in auto.model.denoiser.modules())
     finally:
         kernels.set_backend("auto")
+
+
+def test_held_out_evaluation_does_not_depend_on_the_eval_batch_size(tmp_path):
+    """Each held-out video gets its own noise for the evaluation edits and the before/after samples, so grouping
+    them differently (--eval-batch-size) changes float rounding only."""
+    records = {}
+    for size in (1, 3):
+        out = tmp_path / f"b{size}"
+        main(quick(out, "--steps", "1", "--num-held-out", "3", "--eval-batch-size", str(size)))
+        records[size] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in records[1] if r["kind"] == "eval"][0]
+    grouped = [r for r in records[3] if r["kind"] == "eval"][0]
+    assert first["eval_reward"] == pytest.approx(grouped["eval_reward"], rel=1e-4)
