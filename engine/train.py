@@ -129,6 +129,9 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.signal_received: int | None = None
+        # decoded (source, edit) videos of the latest held-out evaluation, and of the first (the base model's)
+        self.held_out_edits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.before_edits: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
@@ -393,8 +396,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean held-out video reward (fixed noise, SegVR evaluation frames: first of each segment) and, for the
-        world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels)."""
-        values, gold = [], []
+        world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels). Keeps the decoded
+        (source, edit) pairs in ``held_out_edits`` for the edits grid."""
+        values, gold, edits = [], [], []
         for start in range(0, len(self.eval_sources), self.config.eval_batch_size):
             indices = list(range(start, min(start + self.config.eval_batch_size, len(self.eval_sources))))
             latents, prompts, context = self.batch(self.eval_sources, indices)
@@ -406,9 +410,12 @@ class Trainer:
                                          noise)
                 rewards, _ = self.reward(self.model, edited, prompts, train=False)
             values.append(rewards.float())
+            edits += [(self.model.decode_video(source), self.model.decode_video(edit))
+                      for source, edit in zip(latents, edited)]
             clips = [self.eval_sources[i].clip for i in indices]
             if all(clips):
-                gold += gold_scores(self.model, edited, clips, against_source=True)
+                gold += gold_scores([video for _, video in edits[start:]], clips, against_source=True)
+        self.held_out_edits = edits
         result = {"eval_reward": torch.cat(values).mean().item()}
         return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold else {})
 
@@ -488,6 +495,7 @@ class Trainer:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         if self.step == 0:
             self.log_eval()
+            self.before_edits = self.held_out_edits
         progress = tqdm(total=cfg.steps, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True,
                         disable=not self.world.is_main)
         # warnings (the memory planner's, once its first step is measured) print on their own line, not in the bar
@@ -558,7 +566,8 @@ class Trainer:
         return latents
 
     def write_samples(self, after_latents: list[torch.Tensor]) -> list[Path]:
-        """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts."""
+        """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts, and the
+        held-out edits (the videos the held-out reward and gold metrics score): source, base edit, fine-tuned edit."""
         folder = self.output / SAMPLES
         folder.mkdir(exist_ok=True)
         written, rows = [], []
@@ -572,6 +581,10 @@ class Trainer:
             written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
             rows += [videos["before"], videos["after"]]
         written.append(media.write_grid(rows, folder / "before_after.png"))  # every prompt: before, after, ...
+        if self.before_edits:  # a resumed run's base-model edits were made by the run it resumes
+            rows = [video for (source, before), (_, after) in zip(self.before_edits, self.held_out_edits)
+                    for video in (source, before, after)]
+            written.append(media.write_grid(rows, folder / "edits.png"))  # every prompt: source, before, after, ...
         (folder / "prompts.txt").write_text("".join(f"{i:02d}: {s.prompt}\n" for i, s in enumerate(self.eval_sources)))
         return written
 

@@ -324,11 +324,8 @@ def intended_path(clip: Clip) -> torch.Tensor:
 
 
 @torch.no_grad()
-def gold_scores(model, latents: torch.Tensor, clips: list[Clip], against_source: bool = False) -> list[dict[str, float]]:
-    """Gold metrics of each decoded video latent [B, C, F, h, w] for its clip's caption (and, with
+def gold_scores(videos: list[torch.Tensor], clips: list[Clip], against_source: bool = False) -> list[dict[str, float]]:
+    """Gold metrics of each decoded video [F, 3, H, W] in [0, 1] for its clip's caption (and, with
     ``against_source``, motion error against the clip's own path: for edits of that clip)."""
-    rows = []
-    for latent, clip in zip(latents, clips):
-        frames = model.decode_latents(latent.transpose(0, 1).to(model.vae.dtype)).float()
-        rows.append(gold_metrics(frames, clip, intended_path(clip) if against_source else None))
-    return rows
+    return [gold_metrics(video, clip, intended_path(clip) if against_source else None)
+            for video, clip in zip(videos, clips)]
