@@ -28,13 +28,14 @@ def is_flow_matching(scheduler) -> bool:
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
-def editing_scheduler(scheduler):
-    """A fresh scheduler whose schedule the chain runs, from a model's own:
+def editing_scheduler(scheduler, steps: int = 20):
+    """A fresh scheduler set to ``steps`` steps, whose schedule the chain runs, from a model's own:
 
     - DDIM (``DDIMScheduler``, ``CogVideoXDDIMScheduler``; epsilon or v) and ``FlowMatchEulerDiscreteScheduler``:
       the same class and config;
     - a multistep solver on flow sigmas (Wan 2.1 ships ``UniPCMultistepScheduler`` with ``use_flow_sigmas``):
-      flow-matching Euler with its ``flow_shift``;
+      flow-matching Euler over the solver's own sigmas (its spacing and ``flow_shift``, which differ from
+      ``FlowMatchEulerDiscreteScheduler``'s), so the chain visits the noise levels the model's sampler does;
     - ``CogVideoXDPMScheduler`` (CogVideoX-5B): DDIM on its noise schedule (``CogVideoXDDIMScheduler``).
     Anything else is a clear error."""
     import diffusers
@@ -46,13 +47,20 @@ def editing_scheduler(scheduler):
         if prediction not in ("epsilon", "v_prediction"):
             raise UserError(f"scheduler predicts {prediction!r}; this engine supports epsilon- and v-prediction DDIM "
                             "models (ModelScope, zeroscope, CogVideoX) and flow matching (Wan)")
-        cls = diffusers.CogVideoXDDIMScheduler if name == "CogVideoXDPMScheduler" else type(scheduler)
-        return cls.from_config(config)
+        schedule = (diffusers.CogVideoXDDIMScheduler if name == "CogVideoXDPMScheduler" else type(scheduler)).from_config(config)
+        schedule.set_timesteps(steps)
+        return schedule
     if is_flow_matching(scheduler):
-        return type(scheduler).from_config(config)
+        schedule = type(scheduler).from_config(config)
+        schedule.set_timesteps(steps)
+        return schedule
     if config.get("use_flow_sigmas") and prediction == "flow_prediction":
-        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps,
-                                                         shift=float(config.get("flow_shift") or 1.0))
+        solver = type(scheduler).from_config(config)
+        solver.set_timesteps(steps)
+        schedule = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=1.0)
+        # its sigmas (shifted already: shift 1 keeps them) and its timesteps (whole numbers), as its sampler has them
+        schedule.set_timesteps(sigmas=solver.sigmas[:-1].tolist(), timesteps=solver.timesteps.float().tolist())
+        return schedule
     raise UserError(f"scheduler {name} ({prediction}) is not supported; the chain runs DDIM (epsilon or v-prediction), "
                     "CogVideoX's DDIM/DPM schedules and flow matching (FlowMatchEulerDiscreteScheduler, or a "
                     "solver with use_flow_sigmas)")
@@ -68,8 +76,7 @@ class EditChain:
         self.eta = eta
         self.offset_noise = offset_noise
         self.ddim_steps = ddim_steps
-        self.schedule = editing_scheduler(model.scheduler)
-        self.schedule.set_timesteps(ddim_steps)
+        self.schedule = editing_scheduler(model.scheduler, ddim_steps)
         self.flow = is_flow_matching(self.schedule)
         self.prediction = "flow" if self.flow else self.schedule.config.prediction_type
         if self.flow and eta > 0:

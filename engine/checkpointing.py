@@ -450,7 +450,7 @@ class ChainMemory:
     """Bounded device memory for backpropagation through ``grad_steps`` UNet steps; see the module docstring.
 
     Args:
-        unet: the UNet3DConditionModel (LoRA may be injected before or after).
+        unet: the denoiser, a UNet3DConditionModel or a video transformer (LoRA may be injected before or after).
         grad_steps: K, the gradient steps the chain runs.
         budget: device bytes for saved activations ("8GiB", an int) or "auto" (today's K=1 footprint).
         granularity: "layers" (default) or "blocks"; see ``denoiser_units``.

@@ -16,6 +16,7 @@ Latents are [B, C, f, h, w] everywhere in the engine (CogVideoX's [B, f, C, h, w
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ class VideoDiffusion:
         from engine.chain import editing_scheduler
 
         editing_scheduler(self.scheduler)  # a clear error now for a scheduler the chain cannot run
+        self.check_denoiser(dict(self.denoiser.config), self.name)
+
+    @classmethod
+    def check_denoiser(cls, config: dict, where: str) -> None:
+        """A clear error for a variant of the family that the engine does not run (read before loading weights)."""
 
     @property
     def latent_scale(self) -> float:
@@ -147,9 +153,8 @@ class VideoDiffusion:
 class CausalVideoDiffusion(VideoDiffusion):
     """A family whose VAE compresses time causally: latent frame 0 holds pixel frame 0, latent frame k >= 1 pixel
     frames 4k-3 .. 4k (ratio 4), so a clip has 4k + 1 frames. Pixel frames depend on earlier latents only: the
-    SegVR frames need the latents up to the last chosen one, not the clip's tail."""
-
-    text_length = 226  # tokens of the prompt embedding
+    SegVR frames need the latents up to the last chosen one, not the clip's tail. Subclasses set ``text_length``,
+    the tokens of the prompt embedding."""
 
     @property
     def temporal_ratio(self) -> int:
@@ -172,9 +177,15 @@ class CausalVideoDiffusion(VideoDiffusion):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [B, L, D] by the pipeline's own ``encode_prompt`` (its padding and truncation)."""
-        embeds, _ = self.pipeline().encode_prompt(list(prompts), do_classifier_free_guidance=False,
-                                                   max_sequence_length=self.text_length, device=self.device)
+        embeds, _ = self.prompt_pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.text_length, device=self.device)
         return embeds
+
+    @functools.cached_property
+    def prompt_pipeline(self):
+        """The pipeline whose ``encode_prompt`` the prompts go through: built once (its text encoder and tokenizer
+        are this model's; training calls it every step)."""
+        return self.pipeline()
 
     def to_unit(self, z: torch.Tensor) -> torch.Tensor:
         """VAE latent -> the denoiser's scaled latent."""
@@ -334,6 +345,12 @@ class CogVideoXVideo(CausalVideoDiffusion):
         extra = n % size
         return [range(size * i + (extra if i else 0), min(n, size * (i + 1) + extra)) for i in range(max(n // size, 1))]
 
+    @classmethod
+    def check_denoiser(cls, config: dict, where: str) -> None:
+        if config.get("patch_size_t"):
+            raise UserError(f"{where}: CogVideoX 1.5 (a transformer with patch_size_t) is not supported; use "
+                            "CogVideoX-2b or -5b")
+
     def rotary_embedding(self, latent_shape: torch.Size, device: torch.device):
         if not self.denoiser.config.use_rotary_positional_embeddings:
             return None
@@ -360,11 +377,17 @@ def model_family(root: Path) -> type[VideoDiffusion]:
     if not index.is_file():
         return VideoDiffusion
     try:
-        pipeline = json.loads(index.read_text()).get("_class_name")
+        named = json.loads(index.read_text())
+        pipeline = named.get("_class_name")
     except (json.JSONDecodeError, AttributeError):
         raise UserError(f"{index} is not valid JSON; re-save the pipeline (pipe.save_pretrained)") from None
+    if pipeline is None:
+        raise UserError(f"{index} does not name its pipeline (no _class_name); re-save it (pipe.save_pretrained)")
     if pipeline not in FAMILIES:
         raise UserError(f"{root} holds a {pipeline}; supported pipelines are {', '.join(FAMILIES)}")
+    if (named.get("transformer_2") or [None, None])[-1]:
+        raise UserError(f"{root} is a two-expert {pipeline} (transformer_2: Wan 2.2 A14B); only single-transformer "
+                        "Wan folders (Wan 2.1) are supported")
     return FAMILIES[pipeline]
 
 
@@ -417,6 +440,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VideoDif
     if missing:
         raise UserError(f"model folder {root} lacks {', '.join(m + '/' for m in missing)}; a "
                         f"{family.pipeline_class} folder needs {' '.join(c + '/' for c in loaders)}")
+    denoiser_config = root / family.denoiser_name / "config.json"
+    if denoiser_config.is_file():
+        family.check_denoiser(json.loads(denoiser_config.read_text()), str(root))
     parts = {}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-file "Loading weights" bar: noise before every run's own

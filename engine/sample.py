@@ -4,8 +4,8 @@
     python -m engine.sample --model /weights/text-to-video-ms-1.7b --lora runs/my-run/lora --lora-scale 0.8 \\
         --prompts prompts.txt --ddim-steps 50 --guidance 9 --seed 0 --output samples/
 
-Each video is generated from pure noise with the full D-step DDIM chain and classifier-free guidance (the
-engine's own CFG + DDIM update, the arithmetic of diffusers' DDIMScheduler). The starting noise of video k is
+Each video is generated from pure noise with the full D-step chain and classifier-free guidance (the engine's
+own CFG + sampler update: DDIM with diffusers' DDIMScheduler arithmetic, flow-matching Euler for Wan). The starting noise of video k is
 ``torch.randn`` from a CPU generator seeded ``seed + k``, so a seed gives the same video on any device and
 batch size (up to float rounding). Outputs in ``--output``, per prompt: ``NNN_<prompt>.mp4``, ``.gif`` and a
 PNG grid of the frames; ``samples.json`` records the settings, seeds and files.
@@ -70,7 +70,7 @@ def apply_lora(unet: torch.nn.Module, folder: str | Path, scale: float = 1.0, ad
         try:
             inject_adapter_in_model(config, unet, adapter_name=adapter_name)
         except ValueError as err:
-            raise UserError(f"LoRA in {folder} targets modules this UNet lacks ({_first_line(err)}); "
+            raise UserError(f"LoRA in {folder} targets modules this model lacks ({_first_line(err)}); "
                             "use the adapter trained for this base model") from None
     try:
         result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)

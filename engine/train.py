@@ -10,10 +10,11 @@ With no arguments it fine-tunes the built-in tiny model on the CPU in a minute o
 Each step: pick source videos, noise their latents to fraction tau of the D-step DDIM chain, run the remaining
 steps with classifier-free guidance (gradient through the last K), decode the SegVR frames, score them with the
 reward weighted by TAR, and update the LoRA weights. Outputs (in ``--output``): config.yaml, metrics.jsonl,
-checkpoint.pt, lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF, PNG grids).
+checkpoint.pt, lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF, PNG grids, the held-out edits).
 
-``--finetune full`` trains every UNet weight instead (the baseline the benchmarks compare against), sharded with
-FSDP under torchrun, and writes unet/ (diffusers layout) in place of lora/.
+``--finetune full`` trains every denoiser weight instead (the baseline the benchmarks compare against), sharded
+with FSDP under torchrun, and writes unet/ or transformer/ (diffusers layout, by the pipeline's name) in place of
+lora/.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.signal_received: int | None = None
-        # decoded (source, edit) videos of the latest held-out evaluation, and of the first (the base model's)
+        # (source, edit) latents of the latest held-out evaluation, and of the first (the base model's edits)
         self.held_out_edits: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.before_edits: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -278,7 +279,7 @@ class Trainer:
         if self.config.finetune == "lora":
             return {"lora": lora_state_dict(self.model.denoiser), "optimizer": self.optimizer.state_dict()}
         model, optimizer = dist_utils.full_state(self.model.denoiser, self.optimizer)
-        return {"unet": model, "optimizer": optimizer}
+        return {"unet": model, "optimizer": optimizer}  # "unet" for any denoiser: older checkpoints resume
 
     def save_checkpoint(self) -> None:
         """Everything a bitwise-identical continuation needs, written atomically by rank 0."""
@@ -396,25 +397,22 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean held-out video reward (fixed noise, SegVR evaluation frames: first of each segment) and, for the
-        world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels). Keeps the decoded
-        (source, edit) pairs in ``held_out_edits`` for the edits grid."""
+        world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels). Keeps the
+        (source, edit) latent pairs, on the CPU, in ``held_out_edits`` for the edits grid."""
         values, gold, edits = [], [], []
         for start in range(0, len(self.eval_sources), self.config.eval_batch_size):
             indices = list(range(start, min(start + self.config.eval_batch_size, len(self.eval_sources))))
             latents, prompts, context = self.batch(self.eval_sources, indices)
-            # each held-out video its own noise, whatever --eval-batch-size groups it with
-            generators = [torch.Generator(self.device).manual_seed(self.config.seed + 7 + 1009 * i) for i in indices]
-            noise = torch.cat([self.chain.draw_noise((1, *latents.shape[1:]), g, self.device) for g in generators])
+            noise, generator = self.held_out_noise(indices, latents.shape[1:], lambda i: self.config.seed + 7 + 1009 * i,
+                                                   self.chain.draw_noise)
             with self.autocast():
-                edited = self.chain.edit(latents, context, self.uncond.expand(len(prompts), -1, -1), generators[0],
-                                         noise)
+                edited = self.chain.edit(latents, context, self.uncond.expand(len(prompts), -1, -1), generator, noise)
                 rewards, _ = self.reward(self.model, edited, prompts, train=False)
             values.append(rewards.float())
-            edits += [(self.model.decode_video(source), self.model.decode_video(edit))
-                      for source, edit in zip(latents, edited)]
+            edits += [(source.cpu(), edit.float().cpu()) for source, edit in zip(latents, edited)]
             clips = [self.eval_sources[i].clip for i in indices]
             if all(clips):
-                gold += gold_scores([video for _, video in edits[start:]], clips, against_source=True)
+                gold += gold_scores([self.model.decode_video(edit) for edit in edited], clips, against_source=True)
         self.held_out_edits = edits
         result = {"eval_reward": torch.cat(values).mean().item()}
         return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold else {})
@@ -551,16 +549,22 @@ class Trainer:
         return self
 
     # ---------------------------------------------------------------------------------- outputs
+    def held_out_noise(self, indices, shape, seed_of, draw=randn) -> tuple[torch.Tensor, torch.Generator]:
+        """Noise [len(indices), *shape] with video i's drawn from its own generator seeded ``seed_of(i)``, so it does
+        not depend on how --eval-batch-size groups the videos; and the first generator, for the per-step noise of
+        eta > 0, which does."""
+        generators = [torch.Generator(self.device).manual_seed(seed_of(i)) for i in indices]
+        return torch.cat([draw((1, *shape), g, self.device) for g in generators]), generators[0]
+
     def sample_latents(self) -> list[torch.Tensor]:
         """One video latent per held-out prompt, each from its own fixed noise (so before and after compare)."""
         latents, count, size = [], len(self.eval_sources), self.config.eval_batch_size
         for start in range(0, count, size):
             indices = range(start, min(start + size, count))
-            generators = [torch.Generator(self.device).manual_seed(self.config.seed + 11 + i) for i in indices]
-            noise = torch.cat([randn((1, *self.latent_shape), g, self.device) for g in generators])
+            noise, generator = self.held_out_noise(indices, self.latent_shape, lambda i: self.config.seed + 11 + i)
             context = self.model.encode_prompts([self.eval_sources[i].prompt for i in indices])
             with self.autocast():
-                x = self.chain.sample(noise.shape, context, self.uncond.expand(len(indices), -1, -1), generators[0],
+                x = self.chain.sample(noise.shape, context, self.uncond.expand(len(indices), -1, -1), generator,
                                       ddim_steps=self.config.sample_steps, noise=noise)
             latents += list(x.split(1))
         return latents
@@ -582,8 +586,9 @@ class Trainer:
             rows += [videos["before"], videos["after"]]
         written.append(media.write_grid(rows, folder / "before_after.png"))  # every prompt: before, after, ...
         if self.before_edits:  # a resumed run's base-model edits were made by the run it resumes
-            rows = [video for (source, before), (_, after) in zip(self.before_edits, self.held_out_edits)
-                    for video in (source, before, after)]
+            rows = [self.model.decode_video(latent.to(self.device))
+                    for (source, before), (_, after) in zip(self.before_edits, self.held_out_edits)
+                    for latent in (source, before, after)]
             written.append(media.write_grid(rows, folder / "edits.png"))  # every prompt: source, before, after, ...
         (folder / "prompts.txt").write_text("".join(f"{i:02d}: {s.prompt}\n" for i, s in enumerate(self.eval_sources)))
         return written

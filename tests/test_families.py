@@ -48,7 +48,8 @@ def test_family_is_read_from_model_index_and_the_stock_pipeline_loads_the_folder
 
 def test_sampling_through_the_chain_equals_the_stock_pipeline(model):
     """The chain's denoiser calls (both CFG halves in one batch, the family's latent layout and timestep) and
-    sampler updates give the pipeline's own latents, with the chain's scheduler (Wan: flow-matching Euler)."""
+    sampler updates give the pipeline's own latents, with the chain's scheduler (Wan: flow-matching Euler over its
+    UniPC solver's sigmas and timesteps)."""
     steps, guidance = 4, 3.0
     chain = EditChain(model, steps, tau=1.0, grad_steps=1, guidance=guidance, offset_noise=0.0)
     shape = (1, *model.latent_shape(**SIZE))
@@ -58,6 +59,11 @@ def test_sampling_through_the_chain_equals_the_stock_pipeline(model):
         ours = chain.denoise(x, model.encode_prompts([prompt]), model.encode_prompts([""]))
     pipe = model.pipeline()
     pipe.scheduler = chain.schedule
+    pipe.scheduler.set_timesteps = lambda *args, **kwargs: None  # keep the chain's grid (Wan: its UniPC solver's)
+    if isinstance(model, WanVideo):  # the noise levels and timesteps the model's own sampler visits
+        solver = type(model.scheduler).from_config(model.scheduler.config)
+        solver.set_timesteps(steps)
+        assert chain.sigmas == solver.sigmas.tolist() and chain.timesteps == solver.timesteps.float().tolist()
     layout = (lambda t: t.transpose(1, 2)) if isinstance(model, CogVideoXVideo) else (lambda t: t)
     theirs = pipe(prompt=prompt, negative_prompt="", num_inference_steps=steps, guidance_scale=guidance,
                   latents=layout(x.clone()), output_type="latent", max_sequence_length=model.text_length,
@@ -169,6 +175,19 @@ def test_unsupported_pipeline_and_broken_folders(saved, tmp_path):
     with pytest.raises(UserError, match="StableDiffusionPipeline; supported pipelines are TextToVideoSDPipeline, "
                                         "WanPipeline, CogVideoXPipeline"):
         load_model(other)
+    (other / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "_class_name"}))
+    with pytest.raises(UserError, match="does not name its pipeline"):
+        load_model(other)
+    if index["_class_name"] == "WanPipeline":  # Wan 2.2 A14B: a second expert for the low-noise steps
+        (other / "model_index.json").write_text(json.dumps({**index, "transformer_2": index["transformer"]}))
+        with pytest.raises(UserError, match="two-expert WanPipeline"):
+            load_model(other)
+    else:  # CogVideoX 1.5: patches over time too
+        (other / "model_index.json").write_text(json.dumps(index))
+        config = json.loads((other / "transformer" / "config.json").read_text())
+        (other / "transformer" / "config.json").write_text(json.dumps({**config, "patch_size_t": 2}))
+        with pytest.raises(UserError, match="CogVideoX 1.5"):
+            load_model(other)
     (other / "model_index.json").write_text(json.dumps(index))
     shutil.rmtree(other / "transformer")
     with pytest.raises(UserError, match="lacks transformer/"):
