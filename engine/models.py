@@ -440,9 +440,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VideoDif
     if missing:
         raise UserError(f"model folder {root} lacks {', '.join(m + '/' for m in missing)}; a "
                         f"{family.pipeline_class} folder needs {' '.join(c + '/' for c in loaders)}")
-    denoiser_config = root / family.denoiser_name / "config.json"
-    if denoiser_config.is_file():
-        family.check_denoiser(json.loads(denoiser_config.read_text()), str(root))
+    try:
+        denoiser_config = json.loads((root / family.denoiser_name / "config.json").read_text())
+    except (OSError, ValueError):
+        denoiser_config = {}  # unreadable: loading the component below says so
+    family.check_denoiser(denoiser_config, str(root))
     parts = {}
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # transformers' per-file "Loading weights" bar: noise before every run's own
