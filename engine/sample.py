@@ -5,9 +5,9 @@
         --prompts prompts.txt --ddim-steps 50 --guidance 9 --seed 0 --output samples/
 
 Each video is generated from pure noise with the full D-step chain and classifier-free guidance (the engine's
-own CFG + sampler update: DDIM with diffusers' DDIMScheduler arithmetic, flow-matching Euler for Wan). The starting noise of video k is
-``torch.randn`` from a CPU generator seeded ``seed + k``, so a seed gives the same video on any device and
-batch size (up to float rounding). Outputs in ``--output``, per prompt: ``NNN_<prompt>.mp4``, ``.gif`` and a
+own CFG + sampler update: DDIM with diffusers' DDIMScheduler arithmetic, flow-matching Euler for Wan). The
+starting noise of video k is ``torch.randn`` from a CPU generator seeded ``seed + k``, so a seed gives the same
+video on any device and batch size (up to float rounding). Outputs in ``--output``, per prompt: ``NNN_<prompt>.mp4``, ``.gif`` and a
 PNG grid of the frames; ``samples.json`` records the settings, seeds and files.
 
 The helpers here (``apply_lora``, ``set_lora_scale``, ``generate``) are shared by

@@ -10,7 +10,8 @@ With no arguments it fine-tunes the built-in tiny model on the CPU in a minute o
 Each step: pick source videos, noise their latents to fraction tau of the D-step DDIM chain, run the remaining
 steps with classifier-free guidance (gradient through the last K), decode the SegVR frames, score them with the
 reward weighted by TAR, and update the LoRA weights. Outputs (in ``--output``): config.yaml, metrics.jsonl,
-checkpoint.pt, lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF, PNG grids, the held-out edits).
+checkpoint.pt, lora/ (peft safetensors), reward_curve.png and samples/ (before/after mp4, GIF, PNG grids; the
+held-out edits).
 
 ``--finetune full`` trains every denoiser weight instead (the baseline the benchmarks compare against), sharded
 with FSDP under torchrun, and writes unet/ or transformer/ (diffusers layout, by the pipeline's name) in place of
