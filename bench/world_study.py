@@ -34,8 +34,8 @@ METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc"
 # The paper's ablations, each one option of the default job changed (tau = 0.6, S = 4, TAR on, K = 6).
 STEPS: list[str] = []  # --steps N for every fine-tune, when given
 ABLATIONS = {
-    "tau": [("tau 0.2 (K = 4: all it runs)", ["--tau", "0.2", "--grad-steps", "all"]), ("tau 0.4", ["--tau", "0.4"]), ("tau 0.6 (default)", []),
-            ("tau 0.8", ["--tau", "0.8"]), ("tau 1.0", ["--tau", "1.0"])],
+    "tau": [("tau 0.2 (K = 4: all it runs)", ["--tau", "0.2", "--grad-steps", "all"]), ("tau 0.4", ["--tau", "0.4"]),
+            ("tau 0.6 (default)", []), ("tau 0.8", ["--tau", "0.8"]), ("tau 1.0", ["--tau", "1.0"])],
     "segments": [("S 1", ["--segments", "1"]), ("S 2", ["--segments", "2"]), ("S 4 (default)", [])],
     "tar": [("TAR on (default)", []), ("TAR off", ["--no-tar"])],
     "grad_steps": [("K 1", ["--grad-steps", "1"]), ("K 6 (default)", []), ("K all", ["--grad-steps", "all"])],

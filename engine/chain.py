@@ -48,22 +48,21 @@ def editing_scheduler(scheduler, steps: int = 20):
             raise UserError(f"scheduler predicts {prediction!r}; this engine supports epsilon- and v-prediction DDIM "
                             "models (ModelScope, zeroscope, CogVideoX) and flow matching (Wan)")
         schedule = (diffusers.CogVideoXDDIMScheduler if name == "CogVideoXDPMScheduler" else type(scheduler)).from_config(config)
-        schedule.set_timesteps(steps)
-        return schedule
-    if is_flow_matching(scheduler):
+    elif is_flow_matching(scheduler):
         schedule = type(scheduler).from_config(config)
-        schedule.set_timesteps(steps)
-        return schedule
-    if config.get("use_flow_sigmas") and prediction == "flow_prediction":
+    elif config.get("use_flow_sigmas") and prediction == "flow_prediction":
         solver = type(scheduler).from_config(config)
         solver.set_timesteps(steps)
         schedule = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=1.0)
         # its sigmas (shifted already: shift 1 keeps them) and its timesteps (whole numbers), as its sampler has them
         schedule.set_timesteps(sigmas=solver.sigmas[:-1].tolist(), timesteps=solver.timesteps.float().tolist())
         return schedule
-    raise UserError(f"scheduler {name} ({prediction}) is not supported; the chain runs DDIM (epsilon or v-prediction), "
-                    "CogVideoX's DDIM/DPM schedules and flow matching (FlowMatchEulerDiscreteScheduler, or a "
-                    "solver with use_flow_sigmas)")
+    else:
+        raise UserError(f"scheduler {name} ({prediction}) is not supported; the chain runs DDIM (epsilon or "
+                        "v-prediction), CogVideoX's DDIM/DPM schedules and flow matching "
+                        "(FlowMatchEulerDiscreteScheduler, or a solver with use_flow_sigmas)")
+    schedule.set_timesteps(steps)
+    return schedule
 
 
 class EditChain:

@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                     video_rewards, _ = scorer(model, latents, prompts, train=False)
                 scores += video_rewards.float().cpu().tolist()
                 if all(p in clips for p in prompts):
-                    metrics += world.gold_scores([model.decode_video(latent) for latent in latents], [clips[p] for p in prompts])
+                    videos = [model.decode_video(latent) for latent in latents]
+                    metrics += world.gold_scores(videos, [clips[p] for p in prompts])
         if not all(math.isfinite(s) for s in scores):
             raise UserError(f"model {label!r} produced non-finite rewards; try --precision fp32")
         in_set = {name: [k for k, (n, _) in enumerate(jobs) if n == name] for name in sets}

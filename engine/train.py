@@ -131,9 +131,9 @@ class Trainer:
         self.step = 0
         self.bad_in_row = 0
         self.signal_received: int | None = None
-        # (source, edit) latents of the latest held-out evaluation, and of the first (the base model's edits)
-        self.held_out_edits: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.before_edits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # edited latents of the held-out sources: the latest evaluation's, and the first's (the base model's)
+        self.held_out_edits: list[torch.Tensor] = []
+        self.before_edits: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
@@ -399,10 +399,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean held-out video reward (fixed noise, SegVR evaluation frames: first of each segment) and, for the
         world model's clips, the gold metrics of the edited videos (``gold_*``, read from pixels). Keeps the
-        (source, edit) latent pairs, on the CPU, in ``held_out_edits`` for the edits grid."""
+        edited latents, on the CPU, in ``held_out_edits`` for the edits grid."""
         values, gold, edits = [], [], []
-        for start in range(0, len(self.eval_sources), self.config.eval_batch_size):
-            indices = list(range(start, min(start + self.config.eval_batch_size, len(self.eval_sources))))
+        for indices in self.held_out_batches():
             latents, prompts, context = self.batch(self.eval_sources, indices)
             noise, generator = self.held_out_noise(indices, latents.shape[1:], lambda i: self.config.seed + 7 + 1009 * i,
                                                    self.chain.draw_noise)
@@ -410,7 +409,7 @@ class Trainer:
                 edited = self.chain.edit(latents, context, self.uncond.expand(len(prompts), -1, -1), generator, noise)
                 rewards, _ = self.reward(self.model, edited, prompts, train=False)
             values.append(rewards.float())
-            edits += [(source.cpu(), edit.float().cpu()) for source, edit in zip(latents, edited)]
+            edits += list(edited.float().cpu())
             clips = [self.eval_sources[i].clip for i in indices]
             if all(clips):
                 gold += gold_scores([self.model.decode_video(edit) for edit in edited], clips, against_source=True)
@@ -550,6 +549,11 @@ class Trainer:
         return self
 
     # ---------------------------------------------------------------------------------- outputs
+    def held_out_batches(self) -> list[list[int]]:
+        """Indices of the held-out sources in groups of --eval-batch-size."""
+        count, size = len(self.eval_sources), self.config.eval_batch_size
+        return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+
     def held_out_noise(self, indices, shape, seed_of, draw=randn) -> tuple[torch.Tensor, torch.Generator]:
         """Noise [len(indices), *shape] with video i's drawn from its own generator seeded ``seed_of(i)``, so it does
         not depend on how --eval-batch-size groups the videos; and the first generator, for the per-step noise of
@@ -559,9 +563,8 @@ class Trainer:
 
     def sample_latents(self) -> list[torch.Tensor]:
         """One video latent per held-out prompt, each from its own fixed noise (so before and after compare)."""
-        latents, count, size = [], len(self.eval_sources), self.config.eval_batch_size
-        for start in range(0, count, size):
-            indices = range(start, min(start + size, count))
+        latents = []
+        for indices in self.held_out_batches():
             noise, generator = self.held_out_noise(indices, self.latent_shape, lambda i: self.config.seed + 11 + i)
             context = self.model.encode_prompts([self.eval_sources[i].prompt for i in indices])
             with self.autocast():
@@ -588,8 +591,8 @@ class Trainer:
         written.append(media.write_grid(rows, folder / "before_after.png"))  # every prompt: before, after, ...
         if self.before_edits:  # a resumed run's base-model edits were made by the run it resumes
             rows = [self.model.decode_video(latent.to(self.device))
-                    for (source, before), (_, after) in zip(self.before_edits, self.held_out_edits)
-                    for latent in (source, before, after)]
+                    for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))
+                    for latent in (self.source_latent(self.eval_sources, i), before, after)]
             written.append(media.write_grid(rows, folder / "edits.png"))  # every prompt: source, before, after, ...
         (folder / "prompts.txt").write_text("".join(f"{i:02d}: {s.prompt}\n" for i, s in enumerate(self.eval_sources)))
         return written
