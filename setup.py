@@ -87,7 +87,7 @@ setup(
     version="0.1.0",
     description="Fast InstructVideo reward fine-tuning of text-to-video diffusion models",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "csrc", "csrc.*"]),
-    # the built-in world model and reward (engine.world_assets regenerates them)
+    # the built-in world model and reward (python -m engine.world.build regenerates them)
     package_data={"engine": ["assets/*.json", "assets/*.pt", "assets/world-t2v/*.json", "assets/world-t2v/*/*"]},
     python_requires=">=3.10",
     install_requires=[

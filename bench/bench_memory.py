@@ -27,8 +27,9 @@ import torch
 
 from bench.counters import FlopCount
 from engine.chain import EditChain
-from engine.checkpointing import ChainMemory, SavedTensorMeter, parse_budget
 from engine.lora import add_lora
+from engine.memory import ChainMemory, SavedTensorMeter, parse_budget
+from engine.models import VideoDiffusion
 
 from bench.report import update_section
 
@@ -48,7 +49,14 @@ LATENT = (1, 4, 16, 32, 32)  # batch 1 video: 16 frames of 256x256 through the K
 CONTEXT = (1, 77, 1024)
 
 
-def modelscope(device) -> SimpleNamespace:
+class UNetOnly(SimpleNamespace):
+    """What the chain uses of a ``VideoDiffusion`` (``denoiser``, ``scheduler``, ``predict``), without the VAE and
+    the text encoder."""
+
+    predict = VideoDiffusion.predict
+
+
+def modelscope(device) -> UNetOnly:
     """The UNet (with LoRA, as fine-tuning runs it) and the DDIM scheduler config, on ``device``."""
     from diffusers import DDIMScheduler, UNet3DConditionModel
 
@@ -58,16 +66,14 @@ def modelscope(device) -> SimpleNamespace:
     unet.eval()
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return SimpleNamespace(unet=unet, scheduler=scheduler)
+    return UNetOnly(denoiser=unet, scheduler=scheduler)
 
 
 def gradient_part(model, k: int, memory: ChainMemory | None, latent, context, autocast=None):
     """The last K steps of the official chain with gradient, a scalar loss and its backward.
 
     Returns (saved bytes at the end of forward, forward FLOPs, total FLOPs)."""
-    chain = EditChain(model, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0, eta=0.0)
-    if memory is not None:
-        memory.attach(chain)
+    chain = EditChain(model, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0, eta=0.0, memory=memory)
     meter = SavedTensorMeter(model.denoiser)
     with FlopCount() as flops:
         with meter, (autocast or torch.autocast("cpu", enabled=False)):

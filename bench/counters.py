@@ -1,5 +1,5 @@
 """Exact, machine-independent FLOP counts for the benchmarks (bytes saved for backward are counted with
-``engine.checkpointing.SavedTensorMeter``, the meter the chain-memory tests use too)."""
+``engine.memory.SavedTensorMeter``, the meter the chain-memory tests use too)."""
 
 from __future__ import annotations
 

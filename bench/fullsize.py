@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.models import VideoDiffusion, _tiny_tokenizer
+from engine.models import VideoDiffusion
+from engine.models.tiny import _tiny_tokenizer
 from engine.rewards import HPSv2Reward
 
 UNET = dict(
@@ -90,7 +91,8 @@ def video_transformer(name: str, device: str | torch.device = "meta",
     from diffusers.utils import logging as diffusers_logging
     from transformers import T5Config, T5EncoderModel
 
-    from engine.models import CogVideoXVideo, WanVideo, _tiny_t5_tokenizer
+    from engine.models import CogVideoXVideo, WanVideo
+    from engine.models.tiny import _tiny_t5_tokenizer
 
     wan = name == "wan2.1-1.3b"
     level = diffusers_logging.get_verbosity()

@@ -27,12 +27,12 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from engine.chain import EditChain
-from engine.checkpointing import checkpoint_blocks
+from engine.memory import checkpoint_blocks
 from engine.lora import add_lora
-from engine.models import VideoDiffusion
+from engine.models import VideoDiffusion, gather_frames
 from engine.rewards import Reward
 from engine.runtime import NoGradPath
-from engine.video_reward import SegmentalReward, gather_frames, reward_loss, segment_frame_indices
+from engine.video_reward import SegmentalReward, reward_loss, segment_frame_indices
 
 PHASES = ("no-grad steps", "gradient steps, forward", "decode", "reward", "backward", "optimizer",
           "planner and store")
@@ -143,15 +143,14 @@ TRANSFORMER_RECIPES = [
 ]
 
 
-def checkpointed(guided_step):
-    """``guided_step`` recomputed in backward as a whole (non-reentrant), when it runs with gradient."""
+class StepCheckpointedChain(EditChain):
+    """The official recipe's chain: a gradient step's ``guided_step`` recomputed in backward as a whole
+    (non-reentrant checkpoint around the block-checkpointed UNet)."""
 
-    def step(x, t, context, uncond, generator):
+    def guided_step(self, x, t, context, uncond, generator):
         if not torch.is_grad_enabled():
-            return guided_step(x, t, context, uncond, generator)
-        return checkpoint(guided_step, x, t, context, uncond, generator, use_reentrant=False)
-
-    return step
+            return super().guided_step(x, t, context, uncond, generator)
+        return checkpoint(super().guided_step, x, t, context, uncond, generator, use_reentrant=False)
 
 
 def make_trainable(model: VideoDiffusion, recipe: Recipe) -> list[torch.nn.Parameter]:
@@ -179,23 +178,23 @@ class Step:
         self.latent_shape, self.context_shape = latent_shape, context_shape
         self.params = make_trainable(model, recipe)
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if optimizer else None
-        self.chain = EditChain(model, recipe.ddim_steps, recipe.tau, 1, guidance)
-        self.chain.grad_steps = recipe.grad_steps or self.chain.steps_run
+        chain = (StepCheckpointedChain if recipe.step_checkpoint else EditChain)(model, recipe.ddim_steps, recipe.tau,
+                                                                                 1, guidance)
+        grad_steps = recipe.grad_steps or chain.steps_run
         self.scorer = SegmentalReward(reward, recipe.segments, tar=recipe.tar)
-        self.memory = self._memory_policy(memory_budget)
-        if recipe.step_checkpoint:
-            self.chain.guided_step = checkpointed(self.chain.guided_step)
-        self.chain.no_grad_path = NoGradPath.resolve(no_grad_path, next(model.denoiser.parameters()).device)
+        self.memory = self._memory_policy(memory_budget, grad_steps)
+        self.chain = chain.replace(grad_steps=grad_steps, memory=self.memory,
+                                   no_grad_path=NoGradPath.resolve(no_grad_path, next(model.denoiser.parameters()).device))
 
-    def _memory_policy(self, budget):
+    def _memory_policy(self, budget, grad_steps: int):
         if self.recipe.memory == "blocks":
             checkpoint_blocks(self.model.denoiser)
             return None
         if self.recipe.memory == "none":
             return None
-        from engine.checkpointing import ChainMemory
+        from engine.memory import ChainMemory
 
-        return ChainMemory(self.model.denoiser, self.chain.grad_steps, budget).attach(self.chain)
+        return ChainMemory(self.model.denoiser, grad_steps, budget)
 
     def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
         """Run forward and backward (and the optimizer, when it has one); returns the (detached) loss."""

@@ -26,7 +26,7 @@ from bench.counters import FlopCount
 from bench.recipes import BY_KEY, RECIPES, Step, trainable_bytes
 from bench.report import markdown_table, update_section
 from csrc import STAT_NAMES
-from engine.checkpointing import SavedTensorMeter
+from engine.memory import SavedTensorMeter
 
 HERE = Path(__file__).parent
 BATCH = 1

@@ -23,7 +23,7 @@ from bench.counters import FlopCount
 from bench.recipes import TRANSFORMER_RECIPES, Step, trainable_bytes
 from bench.report import markdown_table, measured_line, update_section
 from csrc import STAT_NAMES
-from engine.checkpointing import SavedTensorMeter
+from engine.memory import SavedTensorMeter
 
 HERE = Path(__file__).parent
 GB = 1e9

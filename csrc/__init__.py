@@ -9,7 +9,7 @@
     key = store.put(tensor, group)  ...  tensor = store.get(key, group)  ...  store.release(key)
 
 ``CHAIN_MEMORY_BACKEND=python`` (or ``extension``) forces one backend; ``backend(name)`` does the same per call.
-engine/checkpointing.py (``ChainMemory``) uses both pieces to run the gradient steps of the chain.
+engine/memory/ (``ChainMemory``) uses both pieces to run the gradient steps of the chain.
 """
 
 from __future__ import annotations

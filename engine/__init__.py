@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "accelerate": "engine.accelerate", "revert": "engine.accelerate",
-    "load_model": "engine.models", "build_model": "engine.models", "tiny_model": "engine.models",
+    "load_model": "engine.models", "build_model": "engine.builtin", "tiny_model": "engine.models",
     "VideoDiffusion": "engine.models", "gold_metrics": "engine.world",
     "EditChain": "engine.chain",
     "SegmentalReward": "engine.video_reward", "reward_loss": "engine.video_reward",

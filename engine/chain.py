@@ -12,90 +12,78 @@ values come from the model's own diffusers scheduler, so the arithmetic is its `
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
 import kernels
 from engine.distributed import randn
-from engine.errors import UserError
 from engine.models import VideoDiffusion
 from engine.runtime import NoGradPath
+from engine.schedule import editing_scheduler, is_flow_matching
 
 
-def is_flow_matching(scheduler) -> bool:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+@dataclass(frozen=True)
+class ChainConfig:
+    """The numbers that define a chain: D, tau, K, the CFG scale, DDIM's eta and the temporal offset noise."""
 
-    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
-
-
-def editing_scheduler(scheduler, steps: int = 20):
-    """A fresh scheduler set to ``steps`` steps, whose schedule the chain runs, from a model's own:
-
-    - DDIM (``DDIMScheduler``, ``CogVideoXDDIMScheduler``; epsilon or v) and ``FlowMatchEulerDiscreteScheduler``:
-      the same class and config;
-    - a multistep solver on flow sigmas (Wan 2.1 ships ``UniPCMultistepScheduler`` with ``use_flow_sigmas``):
-      flow-matching Euler over the solver's own sigmas (its spacing and ``flow_shift``, which differ from
-      ``FlowMatchEulerDiscreteScheduler``'s), so the chain visits the noise levels the model's sampler does;
-    - ``CogVideoXDPMScheduler`` (CogVideoX-5B): DDIM on its noise schedule (``CogVideoXDDIMScheduler``).
-    Anything else is a clear error."""
-    import diffusers
-
-    config = scheduler.config
-    name = type(scheduler).__name__
-    prediction = config.get("prediction_type", "epsilon")
-    if name in ("DDIMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler"):
-        if prediction not in ("epsilon", "v_prediction"):
-            raise UserError(f"scheduler predicts {prediction!r}; this engine supports epsilon- and v-prediction DDIM "
-                            "models (ModelScope, zeroscope, CogVideoX) and flow matching (Wan)")
-        schedule = (diffusers.CogVideoXDDIMScheduler if name == "CogVideoXDPMScheduler" else type(scheduler)).from_config(config)
-    elif is_flow_matching(scheduler):
-        schedule = type(scheduler).from_config(config)
-    elif config.get("use_flow_sigmas") and prediction == "flow_prediction":
-        solver = type(scheduler).from_config(config)
-        solver.set_timesteps(steps)
-        schedule = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.num_train_timesteps, shift=1.0)
-        # its sigmas (shifted already: shift 1 keeps them) and its timesteps (whole numbers), as its sampler has them
-        schedule.set_timesteps(sigmas=solver.sigmas[:-1].tolist(), timesteps=solver.timesteps.float().tolist())
-        return schedule
-    else:
-        raise UserError(f"scheduler {name} ({prediction}) is not supported; the chain runs DDIM (epsilon or "
-                        "v-prediction), CogVideoX's DDIM/DPM schedules and flow matching "
-                        "(FlowMatchEulerDiscreteScheduler, or a solver with use_flow_sigmas)")
-    schedule.set_timesteps(steps)
-    return schedule
+    ddim_steps: int = 20
+    tau: float = 0.6
+    grad_steps: int = 1
+    guidance: float = 3.0
+    eta: float = 0.0
+    offset_noise: float = 0.1
 
 
 class EditChain:
-    """Timesteps, noising and denoising for one model and one (D, tau, K, guidance, eta) setting."""
+    """Timesteps, noising and denoising for one model and one ``ChainConfig``; fixed once built (``replace``
+    gives a chain with other options).
+
+    ``denoiser``: what calls the model's denoiser (the trainer's DistributedDataParallel wrapper under torchrun);
+    None = ``model.denoiser``. ``no_grad_path``: how the steps without gradient call it (bf16 autocast, compiled;
+    ``engine.runtime.NoGradPath``). ``memory``: the activation-memory manager of the gradient steps
+    (``engine.memory.ChainMemory``); None keeps every activation autograd saves."""
 
     def __init__(self, model: VideoDiffusion, ddim_steps: int = 20, tau: float = 0.6, grad_steps: int = 1,
-                 guidance: float = 3.0, eta: float = 0.0, offset_noise: float = 0.1):
-        self.model = model
-        self.guidance = guidance
-        self.eta = eta
-        self.offset_noise = offset_noise
-        self.ddim_steps = ddim_steps
-        self.schedule = editing_scheduler(model.scheduler, ddim_steps)
-        self.flow = is_flow_matching(self.schedule)
-        self.prediction = "flow" if self.flow else self.schedule.config.prediction_type
-        if self.flow and eta > 0:
+                 guidance: float = 3.0, eta: float = 0.0, offset_noise: float = 0.1, *,
+                 denoiser: torch.nn.Module | None = None, no_grad_path: NoGradPath | None = None, memory=None):
+        config = ChainConfig(ddim_steps, tau, grad_steps, guidance, eta, offset_noise)
+        schedule = editing_scheduler(model.scheduler, ddim_steps)
+        flow = is_flow_matching(schedule)
+        if flow and eta > 0:
             raise ValueError(f"eta={eta}: flow-matching Euler steps are deterministic; eta applies to DDIM only")
-        self.steps_run = max(1, round(tau * ddim_steps))
-        if self.flow:  # float timesteps; step i goes from sigmas[i] to sigmas[i + 1]
-            self.timesteps = [float(t) for t in self.schedule.timesteps[-self.steps_run:]]
-            self.sigmas = [float(s) for s in self.schedule.sigmas]
-            self._step_index = {float(t): i for i, t in enumerate(self.schedule.timesteps)}
+        steps_run = max(1, round(tau * ddim_steps))
+        if not 1 <= grad_steps <= steps_run:
+            raise ValueError(f"grad_steps={grad_steps} must be in [1, {steps_run}]")
+        values = dict(model=model, config=config, schedule=schedule, flow=flow, steps_run=steps_run,
+                      prediction="flow" if flow else schedule.config.prediction_type,
+                      denoiser=denoiser, no_grad_path=no_grad_path, memory=memory)
+        values |= {f.name: getattr(config, f.name) for f in fields(config)}  # chain.guidance, chain.grad_steps, ...
+        if flow:  # float timesteps; step i goes from sigmas[i] to sigmas[i + 1]
+            values |= dict(timesteps=[float(t) for t in schedule.timesteps[-steps_run:]],
+                           sigmas=[float(s) for s in schedule.sigmas],
+                           _step_index={float(t): i for i, t in enumerate(schedule.timesteps)})
         else:
-            self.timesteps = [int(t) for t in self.schedule.timesteps[-self.steps_run:]]
-        self.grad_steps = grad_steps
-        if not 1 <= grad_steps <= self.steps_run:
-            raise ValueError(f"grad_steps={grad_steps} must be in [1, {self.steps_run}]")
-        # Memory policy for the gradient steps (see engine.checkpointing): set by the trainer.
-        self.step_context = lambda index: nullcontext()
-        # What calls the denoiser: the trainer's DistributedDataParallel wrapper under torchrun; None = model.denoiser.
-        self.denoiser: torch.nn.Module | None = None
-        # How the no-grad steps call it (bf16 autocast, compiled, ...; engine.runtime.NoGradPath): set by the trainer.
-        self.no_grad_path: NoGradPath | None = None
+            values["timesteps"] = [int(t) for t in schedule.timesteps[-steps_run:]]
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"EditChain is fixed once built; use chain.replace({name}=...) for a chain with "
+                             "another setting")
+
+    def replace(self, **changes) -> "EditChain":
+        """A new chain with some options changed (``ChainConfig`` fields, ``denoiser``, ``no_grad_path``,
+        ``memory``); the others as here."""
+        numbers = {f.name: changes.pop(f.name, getattr(self.config, f.name)) for f in fields(ChainConfig)}
+        extras = {k: changes.pop(k, self.__dict__[k]) for k in ("denoiser", "no_grad_path", "memory")}
+        if changes:
+            raise TypeError(f"EditChain.replace: unknown options {sorted(changes)}")
+        return type(self)(self.model, **numbers, **extras)
+
+    def step_context(self, index: int):
+        """The context gradient step ``index`` (0 .. K-1) runs in: the memory manager's, or none."""
+        return self.memory.step_context(index) if self.memory is not None else nullcontext()
 
     # -- schedule ---------------------------------------------------------------------------------
     def alpha(self, t: int) -> float:
@@ -131,7 +119,7 @@ class EditChain:
     def guided_step(self, x: torch.Tensor, t: int, context: torch.Tensor, uncond: torch.Tensor,
                     generator: torch.Generator | None) -> torch.Tensor:
         """One denoiser evaluation (both CFG halves in one batched call) and one fused CFG + sampler update; without
-        gradient, through ``no_grad_path`` when the trainer set one."""
+        gradient, through ``no_grad_path`` when the chain has one."""
         model = self.model
         denoiser, timestep, path_context = model.denoiser if self.denoiser is None else self.denoiser, t, nullcontext()
         if self.no_grad_path is not None and not torch.is_grad_enabled():
@@ -171,13 +159,41 @@ class EditChain:
 
     @torch.no_grad()
     def sample(self, shape, context: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator | None = None,
-               ddim_steps: int | None = None, progress=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               ddim_steps: int | None = None, noise: torch.Tensor | None = None,
+               on_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Generate from pure noise (drawn from ``generator``, or ``noise`` when given) with the full D-step chain
-        (no gradient): sources and samples."""
+        (or ``ddim_steps``; no gradient): sources, samples, ``generate``. ``on_step()`` is called after each step."""
         chain = self if ddim_steps in (None, self.ddim_steps) else EditChain(
             self.model, ddim_steps, 1.0, 1, self.guidance, self.eta, self.offset_noise)
         timesteps = [(float if chain.flow else int)(t) for t in chain.schedule.timesteps]
         x = randn(shape, generator, context.device) if noise is None else noise
-        for t in (progress(timesteps) if progress else timesteps):
+        for t in timesteps:
             x = chain.guided_step(x, t, context, uncond, generator)
+            if on_step is not None:
+                on_step()
         return x
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """x_T for one video: standard normal from a CPU generator, so the seed means the same on every device."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate(model: VideoDiffusion, prompts: list[str], seeds: list[int], size: tuple[int, int, int],
+             ddim_steps: int = 20, guidance: float = 3.0, eta: float = 0.0, progress=None) -> torch.Tensor:
+    """Latents [B, C, F, h, w] for prompts[i] from ``initial_noise(..., seeds[i])`` through all D steps of the
+    chain's sampler (``EditChain.sample``, no offset noise): ``engine.sample`` and ``engine.evaluate``.
+
+    ``progress(n)`` is called after each step with the number of videos it advanced. With ``eta > 0`` the
+    per-step noise comes from one generator seeded with ``seeds[0]``, so it depends on how videos are batched.
+    """
+    shape = model.latent_shape(*size)
+    chain = EditChain(model, ddim_steps, tau=1.0, grad_steps=1, guidance=guidance, eta=eta, offset_noise=0.0)
+    device = model.device
+    x = torch.stack([initial_noise(shape, s) for s in seeds]).to(device)
+    context = model.encode_prompts(prompts)
+    uncond = model.encode_prompts([""]).expand(len(prompts), -1, -1)
+    generator = torch.Generator(device).manual_seed(seeds[0]) if eta > 0 else None
+    step = (lambda: progress(len(prompts))) if progress else None
+    return chain.sample(x.shape, context, uncond, generator, noise=x, on_step=step).float()

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from engine.builtin import builtin
 from engine.errors import UserError
 
 
@@ -138,7 +139,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        from engine.checkpointing import parse_budget
+        from engine.memory import parse_budget
 
         try:
             parse_budget(self.memory_budget)
@@ -166,24 +167,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# The tiny preset: a small random model and the colourfulness reward; exercises the machinery in a minute.
-TINY_PRESET: dict[str, Any] = dict(
-    num_frames=8, height=32, width=32, batch_size=2, steps=30, lr=2e-3, warmup_steps=3,
-    lora_rank=4, num_held_out=2, sample_steps=20,
-)
-# The built-in world model with its preference reward (engine/assets, see engine.world_assets): the default job.
-# The official chain (D=20, tau=0.6, CFG 3) with gradient through the last 6 of its 12 steps, 40 steps at lr 1.5e-3:
-# measured on fine-tuning seeds 0-2 (README), the held-out reward rose by 0.023-0.043 and the gold quality by
-# 0.21-0.38 dB on every seed. Gradient through all 12 steps at lr 3e-3 took 1.2x as long and its quality gain
-# spread from -0.02 to +0.7 dB; K=1 for 80 steps raised the reward but not the quality (seed 0: 22.98 -> 22.79 dB).
-WORLD_PRESET: dict[str, Any] = dict(
-    num_frames=8, height=32, width=32, batch_size=2, steps=40, grad_steps="6", lr=1.5e-3, warmup_steps=5,
-    memory_budget="2GiB",
-    lora_rank=4, num_held_out=8, sample_steps=20, reward="hpsv2:world",
-)
-PRESETS = {"tiny": TINY_PRESET, "world": WORLD_PRESET}
 
 
 def _field_type(f: dataclasses.Field):
@@ -250,7 +233,8 @@ def resolve_config(argv: list[str] | None, description: str = "InstructVideo rew
     chosen = {**resumed, **from_yaml, **args}
     if chosen.get("resume"):
         chosen |= {"output": chosen["resume"], "overwrite": True}
-    values: dict[str, Any] = dict(PRESETS.get(chosen.get("model", TrainConfig.model), {}))
+    preset = builtin(chosen.get("model", TrainConfig.model))
+    values: dict[str, Any] = dict(preset.train_options if preset else {})
     values.update(chosen)
     if "grad_steps" in values:
         values["grad_steps"] = str(values["grad_steps"])

@@ -1,6 +1,6 @@
-"""Source videos for the edit: a video-text folder (PyAV), prompts for the base model to generate, or a built-in
-model's own clips (the world's rendered clips, the tiny preset's synthetic ones). Each source is a prompt plus a
-way to get its latent, cached after first use."""
+"""Source videos for the edit: a video-text folder (PyAV) or prompts for the base model to generate (the built-in
+models' own clips come from engine.builtin), the held-out split, and the resumable batch sampler. Each source is
+a prompt plus a way to get its frames."""
 
 from __future__ import annotations
 
@@ -15,17 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine import world
 from engine.errors import UserError
-
-TINY_PROMPTS = [
-    "a red ball bouncing on a lawn", "a blue car driving along a coast road", "a yellow bird flying over a lake",
-    "an orange fish swimming in a reef", "a green frog jumping on lily pads", "a purple kite in a windy sky",
-    "a pink flamingo wading at sunset", "a white horse running on a beach",
-    # held out
-    "a golden retriever playing in autumn leaves", "a hot air balloon above red canyons",
-]
-
 
 def read_prompts(path: str | Path) -> list[str]:
     p = Path(path)
@@ -117,23 +107,6 @@ def probe_video(path: str | Path) -> None:
         raise UserError(f"video {path} cannot be decoded ({err or 'no frames'}); re-encode it (e.g. H.264 mp4) or remove it from the captions file") from None
 
 
-def synthetic_video(index: int, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """A muted clip for the tiny preset: a soft square drifting over a grey gradient, in [-1, 1]."""
-    g = torch.Generator().manual_seed(1000 + index)
-    ys = torch.linspace(0, 1, height).view(height, 1)
-    xs = torch.linspace(0, 1, width).view(1, width)
-    tint = 0.1 * (torch.rand(3, generator=g) - 0.5)
-    colour = 0.5 + 0.2 * (torch.rand(3, generator=g) - 0.5)
-    start, velocity = torch.rand(2, generator=g), (torch.rand(2, generator=g) - 0.5) * 0.4
-    frames = []
-    for f in range(num_frames):
-        cy, cx = (start + velocity * f / max(1, num_frames - 1)).clamp(0.2, 0.8)
-        blob = torch.exp(-(((ys - cy) ** 2 + (xs - cx) ** 2) / 0.02))
-        background = 0.35 + 0.3 * ys + tint.view(3, 1, 1)
-        frames.append(background * (1 - blob) + colour.view(3, 1, 1) * blob)
-    return torch.stack(frames).clamp(0, 1) * 2 - 1
-
-
 @dataclass
 class Source:
     """A prompt and, for real or synthetic clips, a loader of its frames [F, 3, H, W] in [-1, 1]; world clips
@@ -141,18 +114,13 @@ class Source:
 
     prompt: str
     frames: Callable[[], torch.Tensor] | None = None  # None: the base model generates it from the prompt
-    clip: "world.Clip | None" = None
+    clip: "Clip | None" = None  # engine.world.Clip
 
 
-def world_sources(held_out: int, seed: int, train_count: int = 256) -> list[Source]:
-    """The world model's fine-tuning sources: in-domain clips of mixed quality, the last ``held_out`` of them
-    with captions no training source has (prompts never fine-tuned on)."""
-    train, evaluation = world.finetune_split(train_count, held_out, seed)
-    return [Source(c.caption, lambda c=c: world.render(c) * 2 - 1, c) for c in train + evaluation]
-
-
-def build_sources(prompts: str | None, videos: str | None, builtin: str | None, num_frames: int, fps: float,
-                  height: int, width: int, held_out: int = 0, seed: int = 0) -> list[Source]:
+def build_sources(prompts: str | None, videos: str | None, num_frames: int, fps: float, height: int,
+                  width: int) -> list[Source]:
+    """The sources a run names: a video-text folder or a prompts file (a built-in model brings its own:
+    engine.builtin)."""
     if videos:
         pairs = read_captions(videos)
         for path, _ in pairs:
@@ -160,13 +128,6 @@ def build_sources(prompts: str | None, videos: str | None, builtin: str | None, 
         return [Source(caption, lambda p=path: read_video(p, num_frames, fps, height, width)) for path, caption in pairs]
     if prompts:
         return [Source(p) for p in read_prompts(prompts)]
-    if builtin == "world":
-        if (num_frames, height, width) != (world.FRAMES, world.SIZE, world.SIZE):
-            raise UserError(f"the world model's clips are {world.FRAMES} frames of {world.SIZE}x{world.SIZE}; drop "
-                            "--num-frames/--height/--width or pass --videos/--prompts")
-        return world_sources(held_out, seed)
-    if builtin == "tiny":
-        return [Source(p, lambda i=i: synthetic_video(i, num_frames, height, width)) for i, p in enumerate(TINY_PROMPTS)]
     raise UserError("no source videos: pass --videos FOLDER or --prompts FILE (the built-in models bring their own)")
 
 

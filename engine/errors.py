@@ -1,4 +1,5 @@
-"""One exception type for mistakes a user can fix, shown as one line and exit code 2."""
+"""One exception type for mistakes a user can fix, shown as one line and exit code 2, and the CLI wrapper that
+shows it."""
 
 import functools
 import sys
@@ -20,3 +21,9 @@ def cli_entry(main):
             raise SystemExit(2) from None
 
     return wrapper
+
+
+def first_line(err: Exception) -> str:
+    """An exception's first line of text (its type's name when it has none): the reason inside a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

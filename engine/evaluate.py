@@ -35,38 +35,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from engine.builtin import builtin, build_model
+from engine.chain import generate
+from engine.cli import add_model_arguments, check_common, positive_int
+from engine.data import read_prompts
 from engine.errors import UserError, cli_entry
-from engine.lora import adapters_disabled
-from engine.sample import (add_model_arguments, apply_lora, activate_adapter, autocast, check_common,
-                           check_lora_folder, generate, load_model, positive_int, resolve_device)
-from engine import world
-from engine.models import BUILTIN_MODELS
+from engine.lora import activate_adapter, adapters_disabled, check_lora_folder, load_lora
+from engine.rewards import build_reward
+from engine.runtime import autocast, resolve_device
 from engine.video_reward import SegmentalReward
-
-# Table 1's three kinds of prompts, at tiny size: the tiny preset trains on engine.data.TINY_PROMPTS.
-TINY_PROMPT_SETS = {
-    "in_domain": ["a red ball bouncing on a lawn", "a yellow bird flying over a lake", "a white horse running on a beach"],
-    "new_categories": ["a grey elephant walking in the savanna", "a small turtle crawling on the sand"],
-    "unrelated": ["a city skyline at night with traffic", "a cup of coffee steaming on a wooden table"],
-}
+from engine.world import gold_scores
 
 
-WORLD_PROMPTS_PER_SET = 12
-
-
-def world_prompt_sets() -> dict[str, list[world.Clip]]:
-    """The world's Table-1 splits, fixed (seeded by the split's position)."""
-    return {name: world.prompt_set(name, WORLD_PROMPTS_PER_SET, seed=100 + i) for i, name in enumerate(world.PROMPT_SETS)}
-
-
-def parse_prompt_sets(specs: list[str] | None, builtin: str | None) -> dict[str, list[str]]:
-    from engine.data import read_prompts
-
+def parse_prompt_sets(specs: list[str] | None, model: str) -> dict[str, list[str]]:
+    """NAME=FILE prompt sets, or a built-in model's own three."""
     if not specs:
-        if builtin == "world":
-            return {name: [c.caption for c in clips] for name, clips in world_prompt_sets().items()}
-        if builtin == "tiny":
-            return dict(TINY_PROMPT_SETS)
+        preset = builtin(model)
+        if preset is not None:
+            return preset.prompt_sets()
         raise UserError("pass at least one --prompt-set NAME=FILE (e.g. in_domain=animals.txt); "
                         "only the built-in models have built-in prompt sets")
     sets: dict[str, list[str]] = {}
@@ -183,70 +169,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def check_arguments(args: argparse.Namespace) -> tuple[tuple[int, int, int], dict[str, list[str]], list, str]:
+    """Everything checked before any model loads: (size, prompt sets, checkpoints, reward spec)."""
     size = check_common(args)
-    builtin = args.model if args.model in BUILTIN_MODELS else None
-    sets = parse_prompt_sets(args.prompt_set, builtin)
-    clips = {c.caption: c for group in world_prompt_sets().values() for c in group} if builtin == "world" else {}
+    sets = parse_prompt_sets(args.prompt_set, args.model)
     checkpoints = parse_checkpoints(args.lora)
     if args.segments > size[0]:
         raise UserError(f"--segments {args.segments} must not exceed --num-frames {size[0]}")
     if args.tar_lambda < 0:
         raise UserError(f"--tar-lambda {args.tar_lambda} must be non-negative")
-    reward_spec = args.reward or {"world": "hpsv2:world", "tiny": "colorfulness"}.get(builtin)
+    preset = builtin(args.model)
+    reward_spec = args.reward or (preset.reward if preset else None)
     if reward_spec is None:
         raise UserError("pass --reward, e.g. --reward hpsv2:/weights/HPS_v2.1_compressed.pt")
-    device = resolve_device(args.device)
+    return size, sets, checkpoints, reward_spec
 
-    from engine.rewards import build_reward
 
-    reward = build_reward(reward_spec).to(device)  # a bad reward path fails before the video model loads
-    scorer = SegmentalReward(reward, args.segments, args.tar_lambda, segvr=True, tar=args.tar)
-    model = load_model(args.model, device)
-    for i, (label, folder) in enumerate(checkpoints):
-        apply_lora(model.denoiser, folder, args.lora_scale, adapter_name=f"checkpoint{i}")
+def score_videos(args, model, scorer, jobs: list[tuple[str, str]], seeds: list[int], size, clips: dict,
+                 bar) -> tuple[list[float], list[dict]]:
+    """Every job's video generated from its seed by the active model: its reward and, for world captions, its
+    gold metrics."""
+    scores: list[float] = []
+    metrics: list[dict] = []
+    for start in range(0, len(jobs), args.batch_size):
+        prompts = [p for _, p in jobs[start:start + args.batch_size]]
+        with autocast(model.device, args.precision), torch.no_grad():
+            latents = generate(model, prompts, seeds[start:start + len(prompts)], size, args.ddim_steps,
+                               args.guidance, args.eta, bar.update)
+            video_rewards, _ = scorer(model, latents, prompts, train=False)
+        scores += video_rewards.float().cpu().tolist()
+        if all(p in clips for p in prompts):
+            metrics += gold_scores([model.decode_video(latent) for latent in latents], [clips[p] for p in prompts])
+    return scores, metrics
 
-    # (set, prompt, sample) in a fixed order; video k starts from seed + k for every model: paired comparisons
-    jobs = [(name, p) for name, prompts in sets.items() for p in prompts for _ in range(args.samples_per_prompt)]
-    models = [("base", None)] + [(label, f"checkpoint{i}") for i, (label, _) in enumerate(checkpoints)]
-    results: dict[str, dict[str, dict]] = {}
-    gold: dict[str, dict[str, dict[str, dict]]] = {}
-    per_video: dict[str, list[dict]] = {}
-    seeds = [args.seed + k for k in range(len(jobs))]
-    sample_index = [k % args.samples_per_prompt for k in range(len(jobs))]  # which sampling seed of its prompt
-    bar = tqdm(total=len(models) * len(jobs) * args.ddim_steps, desc="evaluating", unit="step", dynamic_ncols=True)
-    for label, adapter in models:
-        if adapter is not None:
-            activate_adapter(model.denoiser, adapter)
-        switch = adapters_disabled(model.denoiser) if adapter is None and checkpoints else nullcontext()
-        scores: list[float] = []
-        metrics: list[dict] = []
-        with switch:
-            for start in range(0, len(jobs), args.batch_size):
-                batch = jobs[start:start + args.batch_size]
-                prompts = [p for _, p in batch]
-                with autocast(device, args.precision), torch.no_grad():
-                    latents = generate(model, prompts, seeds[start:start + len(batch)], size, args.ddim_steps, args.guidance, args.eta, bar.update)
-                    video_rewards, _ = scorer(model, latents, prompts, train=False)
-                scores += video_rewards.float().cpu().tolist()
-                if all(p in clips for p in prompts):
-                    videos = [model.decode_video(latent) for latent in latents]
-                    metrics += world.gold_scores(videos, [clips[p] for p in prompts])
-        if not all(math.isfinite(s) for s in scores):
-            raise UserError(f"model {label!r} produced non-finite rewards; try --precision fp32")
-        in_set = {name: [k for k, (n, _) in enumerate(jobs) if n == name] for name in sets}
-        results[label] = {name: summarise([scores[k] for k in ks], [sample_index[k] for k in ks])
-                          for name, ks in in_set.items()}
-        per_video[label] = [{"set": n, "prompt": p, "seed": seeds[k], "reward": s} | (metrics[k] if metrics else {})
-                            for k, ((n, p), s) in enumerate(zip(jobs, scores))]
-        if metrics:
-            gold[label] = {name: {m: summarise([metrics[k][m] for k in ks], [sample_index[k] for k in ks])
-                                  for m in GOLD_COLUMNS} for name, ks in in_set.items()}
-    bar.close()
 
-    out = Path(args.output)
+def write_report(out: Path, args, size, sets, checkpoints, reward_spec, results, gold, per_video) -> dict:
+    """results.md, results.json and the bar charts; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     reward_name = reward_spec.split(":")[0].split("@")[0] if "," not in reward_spec else "weighted reward"
     table = markdown_table(results, list(sets), reward_name) + (gold_tables(gold, list(sets)) if gold else "")
@@ -272,6 +230,48 @@ def main(argv: list[str] | None = None) -> dict:
     print(table, end="")
     print(f"results in {out}/results.md, results.json, results.png")
     return report
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    size, sets, checkpoints, reward_spec = check_arguments(args)
+    preset = builtin(args.model)
+    clips = preset.clips() if preset else {}
+    device = resolve_device(args.device)
+
+    reward = build_reward(reward_spec).to(device)  # a bad reward path fails before the video model loads
+    scorer = SegmentalReward(reward, args.segments, args.tar_lambda, segvr=True, tar=args.tar)
+    model = build_model(args.model, seed=0, device=device)
+    for i, (label, folder) in enumerate(checkpoints):
+        load_lora(model.denoiser, folder, args.lora_scale, adapter_name=f"checkpoint{i}")
+
+    # (set, prompt, sample) in a fixed order; video k starts from seed + k for every model: paired comparisons
+    jobs = [(name, p) for name, prompts in sets.items() for p in prompts for _ in range(args.samples_per_prompt)]
+    models = [("base", None)] + [(label, f"checkpoint{i}") for i, (label, _) in enumerate(checkpoints)]
+    results: dict[str, dict[str, dict]] = {}
+    gold: dict[str, dict[str, dict[str, dict]]] = {}
+    per_video: dict[str, list[dict]] = {}
+    seeds = [args.seed + k for k in range(len(jobs))]
+    sample_index = [k % args.samples_per_prompt for k in range(len(jobs))]  # which sampling seed of its prompt
+    in_set = {name: [k for k, (n, _) in enumerate(jobs) if n == name] for name in sets}
+    bar = tqdm(total=len(models) * len(jobs) * args.ddim_steps, desc="evaluating", unit="step", dynamic_ncols=True)
+    for label, adapter in models:
+        if adapter is not None:
+            activate_adapter(model.denoiser, adapter)
+        with adapters_disabled(model.denoiser) if adapter is None and checkpoints else nullcontext():
+            scores, metrics = score_videos(args, model, scorer, jobs, seeds, size, clips, bar)
+        if not all(math.isfinite(s) for s in scores):
+            raise UserError(f"model {label!r} produced non-finite rewards; try --precision fp32")
+        results[label] = {name: summarise([scores[k] for k in ks], [sample_index[k] for k in ks])
+                          for name, ks in in_set.items()}
+        per_video[label] = [{"set": n, "prompt": p, "seed": seeds[k], "reward": s} | (metrics[k] if metrics else {})
+                            for k, ((n, p), s) in enumerate(zip(jobs, scores))]
+        if metrics:
+            gold[label] = {name: {m: summarise([metrics[k][m] for k in ks], [sample_index[k] for k in ks])
+                                  for m in GOLD_COLUMNS} for name, ks in in_set.items()}
+    bar.close()
+    return write_report(Path(args.output), args, size, sets, checkpoints, reward_spec, results, gold, per_video)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.builtin import build_model, builtin
+from engine.cli import check_model, check_output_folder
 from engine.errors import UserError, cli_entry
-from engine.lora import CONFIG_NAME, WEIGHTS_NAME, lora_layers
-from engine.models import BUILTIN_MODELS
-from engine.sample import apply_lora, check_lora_folder, load_model, resolve_device
-from engine.world_assets import MODEL_DIR
+from engine.lora import CONFIG_NAME, WEIGHTS_NAME, check_lora_folder, load_lora, lora_layers
+from engine.runtime import resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -101,7 +101,7 @@ def merge_lora(unet: nn.Module) -> int:
 
 
 def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dtype) -> Path:
-    apply_lora(model.denoiser, lora, scale)
+    load_lora(model.denoiser, lora, scale)
     merged = merge_lora(model.denoiser)
     if lora_layers(model.denoiser) or merged == 0:
         raise UserError(f"no LoRA layer of {lora} could be merged; check the adapter fits this model")
@@ -114,7 +114,7 @@ def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dt
 
 
 def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Path:
-    apply_lora(model.denoiser, lora, 1.0)  # only to check the adapter fits the model
+    load_lora(model.denoiser, lora, 1.0)  # only to check the adapter fits the model
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(lora / WEIGHTS_NAME, folder / WEIGHTS_NAME)
     config = json.loads((lora / CONFIG_NAME).read_text())
@@ -146,22 +146,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     lora = check_lora_folder(args.lora)
-    if args.model not in BUILTIN_MODELS and not Path(args.model).is_dir():
-        raise UserError(f"--model {args.model} is not a folder; pass the base model's diffusers folder, 'world' or 'tiny'")
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; pass a folder")
+    check_model(args.model, "the base model's diffusers folder")
+    out = check_output_folder(args.output)
     forms = [f for f in ("merged", "peft") if getattr(args, f)] or ["merged", "peft"]
     taken = [f for f in forms if (out / f).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out / taken[0]} already exists; pass another --output or --overwrite")
     device = resolve_device(args.device)
     written = {}
-    base = "tiny" if args.model == "tiny" else str(Path(MODEL_DIR if args.model == "world" else args.model).resolve())
+    preset = builtin(args.model)
+    base = preset.base_name() if preset else str(Path(args.model).resolve())
     for form in forms:  # each form starts from a fresh base model: merging changes the weights in place
         if (out / form).exists():
             shutil.rmtree(out / form)
-        model = load_model(args.model, device)
+        model = build_model(args.model, seed=0, device=device)
         if form == "merged":
             written[form] = str(export_merged(model, lora, args.lora_scale, out / form, DTYPES[args.dtype]))
         else:

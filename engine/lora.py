@@ -1,15 +1,17 @@
-"""LoRA on the UNet through peft: injection, the adapter on/off switch, and peft-format files."""
+"""LoRA on the denoiser through peft: injection, the adapter on/off switch, peft-format files and the one loader
+of saved adapters."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,31 +82,81 @@ def save_lora(unet: nn.Module, folder: str | Path, rank: int, alpha: float | Non
     return folder
 
 
-def load_lora(unet: nn.Module, folder: str | Path) -> None:
-    """Inject (if needed) and load a saved adapter; the shapes must match the UNet."""
-    from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
+def check_lora_folder(folder: str | Path) -> Path:
+    """A folder that holds a peft adapter's two files; a clear error otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"LoRA folder {folder} does not exist; pass --lora the lora/ folder a training run wrote")
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"LoRA folder {folder} lacks {' and '.join(missing)}; pass a peft adapter folder "
+                        "(adapter_model.safetensors + adapter_config.json), e.g. runs/<run>/lora")
+    return folder
+
+
+def _read_adapter(folder: Path):
+    """The folder's peft config and weights; a damaged file is a clear error naming it."""
+    from peft import LoraConfig
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    weights, config_file = folder / WEIGHTS_NAME, folder / CONFIG_NAME
-    if not weights.is_file() or not config_file.is_file():
-        raise UserError(f"LoRA folder {folder} lacks {WEIGHTS_NAME} or {CONFIG_NAME}; pass a folder written by engine.train")
     try:
-        config = json.loads(config_file.read_text())
-        rank, alpha = int(config["r"]), float(config["lora_alpha"])
-        state = load_file(str(weights))
-    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:
-        raise UserError(f"LoRA folder {folder} is corrupt ({str(err).splitlines()[0]}); pass a folder written by "
-                        "engine.train") from None
-    if not lora_layers(unet):
-        add_lora(unet, rank, alpha)
+        config = LoraConfig.from_pretrained(str(folder))
+    except Exception as err:  # peft raises TypeError/ValueError/JSONDecodeError for a bad config
+        raise UserError(f"LoRA folder {folder} is corrupt ({CONFIG_NAME} is not a peft LoRA config: "
+                        f"{first_line(err)}); pass a folder written by engine.train or peft's save_pretrained") from None
     try:
-        result = set_peft_model_state_dict(unet, state)
+        state = load_file(str(folder / WEIGHTS_NAME))
+    except Exception as err:  # safetensors raises its own error type, OSError or ValueError
+        raise UserError(f"LoRA folder {folder} is corrupt ({WEIGHTS_NAME} cannot be read: {first_line(err)}); "
+                        "pass a folder written by engine.train") from None
+    return config, state
+
+
+def load_lora(denoiser: nn.Module, folder: str | Path, scale: float = 1.0, adapter_name: str = "default") -> None:
+    """Load the peft adapter in ``folder`` under ``adapter_name``: the one LoRA loader (``--init-lora``,
+    ``engine.sample``, ``engine.evaluate``, ``engine.export``).
+
+    Where ``add_lora`` already made that adapter (``--init-lora``), its weights are loaded in place and stay
+    trainable. Otherwise the adapter is injected from the folder's own config (any rank, alpha, targets; several
+    can live side by side, one per ``adapter_name``), loaded, made the active one at ``scale`` (peft's
+    ``set_scale``: 0 is the base model, 1 as trained) and frozen, for inference."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    folder = check_lora_folder(folder)
+    config, state = _read_adapter(folder)
+    inject = not any(adapter_name in layer.lora_A for layer in lora_layers(denoiser))
+    if inject:
+        with warnings.catch_warnings():  # peft warns whenever a second adapter joins a model: that is intended
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                inject_adapter_in_model(config, denoiser, adapter_name=adapter_name)
+            except ValueError as err:
+                raise UserError(f"LoRA in {folder} targets modules this model lacks ({first_line(err)}); "
+                                "use the adapter trained for this base model") from None
+    try:
+        result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
     except RuntimeError as err:
-        raise UserError(f"LoRA in {folder} does not fit this model ({str(err).splitlines()[-1].strip()}); "
+        raise UserError(f"LoRA in {folder} does not fit this model ({str(err).strip().splitlines()[-1].strip()}); "
                         "use the adapter trained for this base model") from None
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    if unexpected:
-        raise UserError(f"LoRA in {folder} has {len(unexpected)} weights this model lacks (e.g. {unexpected[0]}); "
-                        "use the adapter trained for this base model")
+    unexpected = list(getattr(result, "unexpected_keys", None) or [])
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k and f".{adapter_name}." in k]
+    if unexpected or missing:
+        raise UserError(f"LoRA in {folder} does not fit this model ({len(unexpected)} unexpected, {len(missing)} "
+                        f"missing weights, e.g. {(unexpected or missing)[0]}); use the adapter trained for this base "
+                        "model")
+    if inject:
+        activate_adapter(denoiser, adapter_name)
+        set_lora_scale(denoiser, scale, adapter_name)
+        denoiser.requires_grad_(False)
+
+
+def activate_adapter(denoiser: nn.Module, adapter_name: str) -> None:
+    for layer in lora_layers(denoiser):
+        layer.set_adapter(adapter_name)
+        layer.enable_adapters(True)
+
+
+def set_lora_scale(denoiser: nn.Module, scale: float, adapter_name: str = "default") -> None:
+    """Output of each LoRA layer = base + scale * (alpha / r) * B A x; 0 turns the adapter off, 1 is as trained."""
+    for layer in lora_layers(denoiser):
+        layer.set_scale(adapter_name, scale)

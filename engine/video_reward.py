@@ -37,13 +37,6 @@ def tar_weights(indices: torch.Tensor, num_frames: int, tar_lambda: float) -> to
     return torch.exp(-tar_lambda * (indices - num_frames // 2).abs().float())
 
 
-def gather_frames(latents: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Latents [B, C, F, h, w] and indices [B, S] -> the chosen frames' latents [B*S, C, h, w]."""
-    b, c, _, h, w = latents.shape
-    index = indices.to(latents.device).view(b, 1, -1, 1, 1).expand(b, c, -1, h, w)
-    return latents.gather(2, index).transpose(1, 2).flatten(0, 1)
-
-
 @dataclass
 class SegmentalReward:
     """SegVR + TAR around an image reward. With ``segvr=False`` every frame is scored; ``tar=False`` weighs uniformly."""

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import kernels  # noqa: E402
 from engine.accelerate import FusedTemporalAttnProcessor, accelerate, revert  # noqa: E402
 from engine.chain import EditChain  # noqa: E402
-from engine.checkpointing import checkpoint_blocks  # noqa: E402
+from engine.memory import checkpoint_blocks  # noqa: E402
 from engine.lora import adapters_disabled, add_lora, lora_layers, lora_state_dict  # noqa: E402
 from kernels import _utils  # noqa: E402
 

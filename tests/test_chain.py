@@ -105,7 +105,7 @@ def test_gradient_flows_through_exactly_the_last_k_steps(tiny, k):
 
 
 def test_gradient_reaches_only_lora_parameters(tiny):
-    from engine.checkpointing import checkpoint_blocks
+    from engine.memory import checkpoint_blocks
     from engine.rewards import ColorfulnessReward
     from engine.video_reward import SegmentalReward, reward_loss
 
@@ -125,7 +125,7 @@ def test_gradient_reaches_only_lora_parameters(tiny):
 
 
 def test_block_checkpointing_keeps_gradients_and_reverts(tiny):
-    from engine.checkpointing import checkpoint_blocks, denoiser_blocks
+    from engine.memory import checkpoint_blocks, denoiser_blocks
 
     add_lora(tiny.denoiser, rank=2)
     for name, p in tiny.denoiser.named_parameters():
@@ -157,8 +157,7 @@ def _edit_with(tiny, path, k=1, before=None):
     for p in params:
         torch.nn.init.normal_(p, std=0.05)
     context, uncond = contexts(tiny)
-    chain = EditChain(tiny, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0)
-    chain.no_grad_path = path
+    chain = EditChain(tiny, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0, no_grad_path=path)
     if before is not None:
         before(chain, context, uncond)
     out = chain.edit(torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0)), context, uncond,

@@ -14,8 +14,8 @@ import torch
 import csrc
 from csrc import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD
 from engine.chain import EditChain
-from engine.checkpointing import (ChainMemory, SavedTensorMeter, checkpoint_blocks, parse_budget, denoiser_blocks,
-                                  denoiser_units)
+from engine.memory import (ChainMemory, SavedTensorMeter, checkpoint_blocks, parse_budget, denoiser_blocks,
+                           denoiser_units)
 from engine.lora import add_lora
 
 STEPS = 6  # D=6, tau=1.0
@@ -56,9 +56,7 @@ def run(lora_model, inputs, k, eta=0.0, memory=None, policy=None):
     """One fine-tuning step's gradient part: returns (LoRA grads, saved bytes kept on the device in forward)."""
     model, params = lora_model
     latents, context, uncond = inputs
-    chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=k, guidance=3.0, eta=eta)
-    if memory is not None:
-        memory.attach(chain)
+    chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=k, guidance=3.0, eta=eta, memory=memory)
     revert = policy(model.denoiser) if policy else None
     for p in params:
         p.grad = None
@@ -250,7 +248,7 @@ def test_infeasible_budget_warns_and_runs_least_memory(lora_model, inputs, refer
     ref, _ = reference(3, 0.0)
     memory = ChainMemory(lora_model[0].denoiser, 3, 1, profile=profile)
     try:
-        with caplog.at_level(logging.WARNING, logger="engine.checkpointing"):
+        with caplog.at_level(logging.WARNING, logger="engine.memory.manager"):
             grads, saved = run(lora_model, inputs, 3, memory=memory)
     finally:
         memory.revert()
@@ -268,14 +266,13 @@ def test_no_grad_steps_and_revert_leave_the_model_untouched(lora_model, inputs):
     chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=2)
     with torch.no_grad():
         before = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))
-    original_context = chain.step_context
-    memory = ChainMemory(model.denoiser, 2, "auto").attach(chain)
+    memory = ChainMemory(model.denoiser, 2, "auto")
     with torch.no_grad():
-        during = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))
+        during = chain.replace(memory=memory).edit(latents, context, uncond, torch.Generator().manual_seed(3))
     assert torch.equal(before, during)
     assert memory.stats()["calls"] == {"keep": 0, "offload": 0, "recompute": 0, "recompute_offload": 0}
     memory.revert()
-    assert chain.step_context is original_context
+    assert chain.memory is None  # the chain without the manager is as it was
     assert all("forward" not in m.__dict__ for m in units)
     assert not model.denoiser._forward_pre_hooks
 
@@ -317,10 +314,8 @@ def reward_step(lora_model, inputs, memory=None):
 
     model, params = lora_model
     latents, context, uncond = inputs
-    chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=1, guidance=3.0)
+    chain = EditChain(model, ddim_steps=STEPS, tau=1.0, grad_steps=1, guidance=3.0, memory=memory)
     scorer = SegmentalReward(ColorfulnessReward(), segments=2)
-    if memory is not None:
-        memory.attach(chain)
     for p in params:
         p.grad = None
     meter = SavedTensorMeter(model.denoiser, model.vae)

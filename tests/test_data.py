@@ -44,7 +44,7 @@ def test_captions_csv_and_jsonl(tmp_path):
     assert read_captions(tmp_path) == [(tmp_path / "a.mp4", "a ramp, slowly")]
     (tmp_path / "captions.csv").unlink()
     (tmp_path / "captions.jsonl").write_text(json.dumps({"video": "a.mp4", "caption": "ramp"}) + "\n")
-    sources = build_sources(None, str(tmp_path), False, num_frames=4, fps=8, height=16, width=16)
+    sources = build_sources(None, str(tmp_path), num_frames=4, fps=8, height=16, width=16)
     assert sources[0].prompt == "ramp" and sources[0].frames().shape == (4, 3, 16, 16)
 
 

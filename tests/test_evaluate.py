@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from engine.evaluate import TINY_PROMPT_SETS, main, markdown_table, parse_checkpoints
+from engine.builtin import BUILTINS
+from engine.evaluate import main, markdown_table, parse_checkpoints
 from engine.lora import add_lora
 from engine.rewards import ColorfulnessReward
-from engine.sample import generate
+from engine.chain import generate
 from engine.video_reward import SegmentalReward
 
 QUICK = ["--model", "tiny", "--ddim-steps", "2", "--num-frames", "4", "--height", "16", "--width", "16", "--segments", "2"]
@@ -49,7 +50,7 @@ def test_evaluate_scores_sets_for_base_and_checkpoints(tmp_path, lora_folder, _t
 def test_tiny_defaults_scale_zero_equals_base_and_tar_option(tmp_path, lora_folder):
     report = main(["--lora", str(lora_folder), "--lora-scale", "0", "--tar", "--batch-size", "4",
                    "--output", str(tmp_path), *QUICK])
-    assert set(report["prompt_sets"]) == set(TINY_PROMPT_SETS)
+    assert set(report["prompt_sets"]) == set(BUILTINS["tiny"].prompt_sets())
     label = list(report["results"])[1]
     assert label.endswith("/lora")  # named after the run folder that holds lora/
     assert report["results"][label] == report["results"]["base"]  # same noise for every model: paired

@@ -8,8 +8,8 @@ import torch
 
 from engine.errors import UserError
 from engine.export import main, merge_lora
-from engine.lora import add_lora, lora_layers, save_lora
-from engine.sample import apply_lora, generate, initial_noise
+from engine.lora import add_lora, load_lora, lora_layers, save_lora
+from engine.chain import generate, initial_noise
 
 SIZE = (4, 16, 16)  # frames, height, width: latents 4x4x8x8 with the tiny VAE (factor 2)
 STEPS, GUIDANCE, SEED, PROMPT = 3, 3.0, 5, "a red ball bouncing on a lawn"
@@ -48,7 +48,7 @@ def engine_result(exported):
     from engine.models import load_model
 
     model = load_model(exported / "base")
-    apply_lora(model.denoiser, exported / "lora")
+    load_lora(model.denoiser, exported / "lora")
     latents = generate(model, [PROMPT], [SEED], SIZE, STEPS, GUIDANCE)
     return latents[0], model.decode_video(latents[0])
 
@@ -101,7 +101,7 @@ def test_lora_scale_is_baked_into_both_forms(tmp_path, exported, _tiny_model_ses
           "--lora-scale", "0.5"])
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["lora_alpha"] == 2.0
     reference = copy.deepcopy(_tiny_model_session.denoiser)
-    apply_lora(reference, exported / "lora", scale=0.5)
+    load_lora(reference, exported / "lora", scale=0.5)
     peft_unet = copy.deepcopy(_tiny_model_session.denoiser)
     inject_adapter_in_model(LoraConfig.from_pretrained(str(tmp_path / "peft")), peft_unet)
     set_peft_model_state_dict(peft_unet, load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))

@@ -123,7 +123,7 @@ def test_lora_on_attention_projections_and_chain_memory_over_blocks(model):
     """peft LoRA lands on every attention's q/k/v/out; the chain-memory planner's units are the transformer's
     blocks (plus the modules around them that hold weights), and a planned K=2 edit under a tight budget gives
     plain autograd's LoRA gradients."""
-    from engine.checkpointing import ChainMemory, denoiser_blocks, denoiser_units
+    from engine.memory import ChainMemory, denoiser_blocks, denoiser_units
     from engine.lora import add_lora, lora_layers
 
     params = add_lora(model.denoiser, rank=2)
@@ -145,18 +145,18 @@ def test_lora_on_attention_projections_and_chain_memory_over_blocks(model):
     latents = torch.randn(1, *model.latent_shape(**SIZE), generator=torch.Generator().manual_seed(1))
     context, uncond = model.encode_prompts(["a green cross"]), model.encode_prompts([""])
 
-    def gradients():
+    def gradients(chain):
         for p in params:
             p.grad = None
         x = chain.denoise(latents, context, uncond)
         x.square().mean().backward()
         return [p.grad.clone() for p in params]
 
-    plain = gradients()
-    memory = ChainMemory(model.denoiser, 2, "64KiB").attach(chain)
+    plain = gradients(chain)
+    memory = ChainMemory(model.denoiser, 2, "64KiB")
     try:
-        planned = gradients()
-        planned_again = gradients()  # the first iteration measures; the second runs the plan
+        planned = gradients(chain.replace(memory=memory))
+        planned_again = gradients(chain.replace(memory=memory))  # the first iteration measures; the second runs the plan
     finally:
         memory.revert()
     assert memory.counters["measured_steps"] >= 1
@@ -209,7 +209,7 @@ def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_pa
     from safetensors.torch import load_file
 
     from engine.export import main as export
-    from engine.sample import apply_lora
+    from engine.lora import load_lora
     from engine.train import main as train
 
     _, folder = saved
@@ -226,7 +226,7 @@ def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_pa
 
     export(["--model", str(folder), "--lora", str(tmp_path / "run" / "lora"), "--output", str(tmp_path / "export")])
     tuned = load_model(folder)
-    apply_lora(tuned.denoiser, tmp_path / "run" / "lora")
+    load_lora(tuned.denoiser, tmp_path / "run" / "lora")
     pipeline = getattr(diffusers, tuned.pipeline_class)
     merged = pipeline.from_pretrained(str(tmp_path / "export" / "merged"))
     stock = pipeline.from_pretrained(str(folder))
@@ -313,7 +313,8 @@ def test_sample_and_evaluate_commands_run_the_family(saved, tmp_path):
     """engine.sample writes 9-frame videos of the family's folder; engine.evaluate scores them with SegVR frames
     of the decoded clip; the default size of a folder is its family's (Wan 81 x 480 x 832, CogVideoX 49 x 480 x 720)."""
     from engine.evaluate import main as evaluate
-    from engine.sample import check_common, main as sample
+    from engine.cli import check_common
+    from engine.sample import main as sample
 
     _, folder = saved
     small = ["--ddim-steps", "2", "--num-frames", "9", "--height", "32", "--width", "32"]

@@ -22,7 +22,7 @@ def pickscore_dirs(tmp_path_factory):
     """A tiny transformers CLIPModel saved with save_pretrained, the tokenizer in a separate processor folder."""
     from transformers import CLIPConfig, CLIPModel
 
-    from engine.models import _tiny_tokenizer
+    from engine.models.tiny import _tiny_tokenizer
 
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -65,7 +65,7 @@ def test_pickscore_loads_and_scores_logit_scaled_cosine(pickscore_dirs):
 
 
 def test_pickscore_reads_tokenizer_from_model_folder(tmp_path, pickscore_dirs):
-    from engine.models import _tiny_tokenizer
+    from engine.models.tiny import _tiny_tokenizer
 
     _, _, reference = pickscore_dirs
     reference.save_pretrained(tmp_path / "both")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import resolve_config
-from engine.models import build_model
+from engine.builtin import build_model
 from engine.train import Trainer, main
 
 

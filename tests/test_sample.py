@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from engine.chain import EditChain
-from engine.lora import load_lora, lora_layers
-from engine.sample import apply_lora, generate, initial_noise, main, set_lora_scale, slug
+from engine.chain import generate, initial_noise
+from engine.cli import slug
+from engine.lora import add_lora, load_lora, lora_layers, set_lora_scale
+from engine.sample import main
 
 SIZE = (4, 16, 16)  # frames, height, width (latents 4x4x8x8 with the tiny VAE)
 
@@ -31,10 +33,14 @@ def test_generate_does_not_depend_on_batching(tiny):
     assert torch.allclose(batched, single, atol=1e-5)
 
 
-def test_apply_lora_matches_load_lora_and_scales(tiny, lora_folder):
+def test_load_lora_injected_matches_in_place_and_scales(tiny, lora_folder):
+    """Injected from the folder's config (sample, evaluate, export: frozen) equals loaded into the adapter that
+    add_lora made (--init-lora: stays trainable); the scale multiplies each layer's delta."""
     reference = copy.deepcopy(tiny.denoiser)
+    add_lora(reference, rank=4)
     load_lora(reference, lora_folder)
-    apply_lora(tiny.denoiser, lora_folder)
+    assert any(p.requires_grad for p in reference.parameters())
+    load_lora(tiny.denoiser, lora_folder)
     assert all(not p.requires_grad for p in tiny.denoiser.parameters())
     x, context = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 77, 32)
     run = lambda unet: unet(x, 400, encoder_hidden_states=context).sample

@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from engine.config import TINY_PRESET, resolve_config
+from engine.builtin import BUILTINS
+from engine.config import resolve_config
 from engine.errors import UserError
 from engine.train import main
 
@@ -91,7 +92,7 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     (tmp_path / "c.yaml").write_text("tau: 0.5\nddim_steps: 10\nlr: 0.01\nsegvr: false\n")
     config = resolve_config(["--model", "tiny", "--config", str(tmp_path / "c.yaml"), "--lr", "0.02"])
     assert (config.tau, config.ddim_steps, config.lr, config.segvr) == (0.5, 10, 0.02, False)
-    assert config.num_frames == TINY_PRESET["num_frames"]
+    assert config.num_frames == BUILTINS["tiny"].train_options["num_frames"]
     assert resolve_config(["--model", "tiny", "--grad-steps", "all"]).grad_steps_resolved == 12
     real = resolve_config(["--model", "/some/folder"])
     assert (real.num_frames, real.lr, real.batch_size) == (16, 1e-5, 2)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from engine.models import gather_frames
 from engine.rewards import Reward
-from engine.video_reward import (SegmentalReward, gather_frames, reward_loss, segment_frame_indices,
-                                 tar_weights)
+from engine.video_reward import SegmentalReward, reward_loss, segment_frame_indices, tar_weights
 
 
 @pytest.mark.parametrize("frames, segments", [(16, 4), (8, 4), (13, 4), (16, 1), (7, 7)])

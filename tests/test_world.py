@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine import world
-from engine.world_assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE, world_words
+from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
+from engine.world.build import world_words
 
 
 def clips(count, seed=0, **kw):
@@ -78,8 +79,8 @@ def test_stock_pipeline_loads_the_built_in_model_and_the_engine_samples_it():
     read its videos (how faithful they are is measured, not asserted: see the README's world section)."""
     from diffusers import TextToVideoSDPipeline
 
-    from engine.models import build_model
-    from engine.sample import generate
+    from engine.builtin import build_model
+    from engine.chain import generate
 
     pipe = TextToVideoSDPipeline.from_pretrained(str(MODEL_DIR))
     frames = pipe("a red circle moving left on a black background", num_inference_steps=2, height=32, width=32,
@@ -95,7 +96,7 @@ def test_stock_pipeline_loads_the_built_in_model_and_the_engine_samples_it():
 
 
 def test_world_words_are_single_tokens():
-    from engine.models import build_model
+    from engine.builtin import build_model
 
     tokenizer = build_model("world").tokenizer
     assert all(len(tokenizer.tokenize(w)) == 1 for w in world_words())
@@ -121,7 +122,7 @@ def test_built_in_reward_loads_through_hpsv2_and_prefers_clean_faithful_frames()
 
 def test_world_assets_command_writes_loadable_files(tmp_path):
     """The regeneration command, run for a few steps: a pipeline folder and an HPS-format reward that load."""
-    result = subprocess.run([sys.executable, "-m", "engine.world_assets", "--vae-steps", "2", "--unet-steps", "2",
+    result = subprocess.run([sys.executable, "-m", "engine.world.build", "--vae-steps", "2", "--unet-steps", "2",
                              "--reward-steps", "2", "--output", str(tmp_path)], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -136,6 +137,6 @@ def test_world_assets_command_writes_loadable_files(tmp_path):
 
 @pytest.mark.parametrize("steps", ["0"])
 def test_world_assets_bad_steps_exit_2(tmp_path, steps):
-    result = subprocess.run([sys.executable, "-m", "engine.world_assets", "--unet-steps", steps, "--output",
+    result = subprocess.run([sys.executable, "-m", "engine.world.build", "--unet-steps", steps, "--output",
                              str(tmp_path / "o")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and not (tmp_path / "o").exists()

@@ -1,0 +1,72 @@
+"""``CogVideoXVideo``: CogVideoX 1.0 (CogVideoXPipeline, 2B / 5B) on the VideoDiffusion interface."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.errors import UserError
+from engine.models.causal import CausalVideoDiffusion
+
+
+class CogVideoXVideo(CausalVideoDiffusion):
+    """CogVideoX 1.0 (2B / 5B): the transformer takes [B, f, C, h, w]; 3-D rotary embeddings when configured."""
+
+    pipeline_class = "CogVideoXPipeline"
+    denoiser_name = "transformer"
+    default_size = (49, 480, 720)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.text_length = int(self.denoiser.config.max_text_seq_length)
+        self._rotary: dict[tuple, object] = {}
+
+    @property
+    def temporal_ratio(self) -> int:
+        return int(self.vae.config.temporal_compression_ratio)
+
+    def decoded_prefix(self, needed: int, total: int) -> int:
+        """The VAE decodes latent frames in pairs, the odd one out joining the first pair: a prefix decodes
+        alike only with the clip's parity and its first group whole."""
+        n = max(needed, min(total, 2 + total % 2))
+        return min(total, n + (total - n) % 2)
+
+    def decode_selected(self, z, graded):
+        """AutoencoderKLCogVideoX's decode: latent frames in pairs (the odd one in the first), the causal
+        convolutions' cache carried over."""
+        vae = self.vae
+        conv_cache, decoded = None, []
+        for chunk in self.chunks(z.shape[2]):
+            with torch.set_grad_enabled(any(k in chunk for k in graded)):
+                frames = z[:, :, chunk.start:chunk.stop]
+                if vae.post_quant_conv is not None:
+                    frames = vae.post_quant_conv(frames)
+                frames, conv_cache = vae.decoder(frames, conv_cache=conv_cache)
+            decoded.append(frames)
+        return torch.cat(decoded, 2)
+
+    def chunks(self, n: int) -> list[range]:
+        size = self.vae.num_latent_frames_batch_size
+        extra = n % size
+        return [range(size * i + (extra if i else 0), min(n, size * (i + 1) + extra)) for i in range(max(n // size, 1))]
+
+    @classmethod
+    def check_denoiser(cls, config: dict, where: str) -> None:
+        if config.get("patch_size_t"):
+            raise UserError(f"{where}: CogVideoX 1.5 (a transformer with patch_size_t) is not supported; use "
+                            "CogVideoX-2b or -5b")
+
+    def rotary_embedding(self, latent_shape: torch.Size, device: torch.device):
+        if not self.denoiser.config.use_rotary_positional_embeddings:
+            return None
+        key = (tuple(latent_shape[2:]), str(device))
+        if key not in self._rotary:
+            f, h, w = latent_shape[2:]
+            down = self.vae_downsample
+            self._rotary[key] = self.pipeline()._prepare_rotary_positional_embeddings(h * down, w * down, f, device)
+        return self._rotary[key]
+
+    def predict(self, denoiser, x, timestep, context):
+        timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
+        out = denoiser(hidden_states=x.transpose(1, 2), encoder_hidden_states=context, timestep=timestep,
+                       image_rotary_emb=self.rotary_embedding(x.shape, x.device), return_dict=False)[0]
+        return out.transpose(1, 2)

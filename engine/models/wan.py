@@ -1,0 +1,61 @@
+"""``WanVideo``: Wan 2.1 (WanPipeline) on the VideoDiffusion interface."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.models.causal import CausalVideoDiffusion
+
+
+class WanVideo(CausalVideoDiffusion):
+    """Wan 2.1: latents normalised by the VAE's per-channel mean and std; the timestep per video."""
+
+    pipeline_class = "WanPipeline"
+    denoiser_name = "transformer"
+    text_length = 512
+    default_size = (81, 480, 832)
+
+    @property
+    def temporal_ratio(self) -> int:
+        return int(self.vae.config.scale_factor_temporal)
+
+    @property
+    def vae_downsample(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        mean = torch.tensor(self.vae.config.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(self.vae.config.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    def to_unit(self, z):
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def from_unit(self, latents):
+        mean, std = self._stats(latents)
+        return latents * std + mean
+
+    def predict(self, denoiser, x, timestep, context):
+        timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
+        return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
+
+    def decode_selected(self, z, graded):
+        """AutoencoderKLWan's decode: one latent frame at a time, the causal convolutions' cache carried over."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        vae = self.vae
+        vae.clear_cache()
+        x = vae.post_quant_conv(z)
+        frames = []
+        for chunk in self.chunks(z.shape[2]):
+            vae._conv_idx = [0]
+            with torch.set_grad_enabled(any(k in chunk for k in graded)):
+                frames.append(vae.decoder(x[:, :, chunk.start:chunk.stop], feat_cache=vae._feat_map,
+                                          feat_idx=vae._conv_idx, first_chunk=chunk.start == 0))
+        vae.clear_cache()
+        out = torch.cat(frames, 2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0)

@@ -1,0 +1,49 @@
+"""The reward registry: names to builders (the built-in rewards and any added with ``register_reward``), and
+``build_reward``, which parses a command line's ``NAME[:PATH][@WEIGHT],...`` spec into one reward."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from engine.errors import UserError
+from engine.rewards.aesthetic import AestheticReward
+from engine.rewards.base import ColorfulnessReward, Reward, WeightedSum
+from engine.rewards.hpsv2 import HPSv2Reward
+from engine.rewards.pickscore import PickScoreReward
+
+
+# name -> (builder taking an optional path, needs a path)
+REWARDS: dict[str, tuple[Callable[[str | None], Reward], bool]] = {
+    "colorfulness": (lambda path: ColorfulnessReward(), False),
+    "hpsv2": (lambda path: HPSv2Reward.from_spec(path), True),
+    "pickscore": (lambda path: PickScoreReward.from_spec(path), True),
+    "aesthetic": (lambda path: AestheticReward.from_spec(path), True),
+}
+
+
+def register_reward(name: str, builder: Callable[[str | None], Reward], needs_path: bool = True) -> None:
+    """Plug in another image reward under ``name`` for ``--reward name:PATH``."""
+    REWARDS[name] = (builder, needs_path)
+
+
+def build_reward(spec: str) -> Reward:
+    """Parse ``NAME[:PATH][@WEIGHT],...`` into one reward (a WeightedSum when several or weighted)."""
+    parts: list[tuple[Reward, float]] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        item, _, weight_text = item.partition("@")
+        name, _, path = item.partition(":")
+        if name not in REWARDS:
+            raise UserError(f"unknown reward {name!r}; choose from {', '.join(sorted(REWARDS))} (NAME[:PATH][@WEIGHT])")
+        builder, needs_path = REWARDS[name]
+        if needs_path and not path:
+            raise UserError(f"reward {name!r} needs a weights file: --reward {name}:PATH")
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise UserError(f"reward weight {weight_text!r} in {spec!r} is not a number; use NAME[:PATH]@0.5") from None
+        parts.append((builder(path or None), weight))
+    if not parts:
+        raise UserError("--reward is empty; name at least one reward, e.g. --reward hpsv2:PATH")
+    if len(parts) == 1 and parts[0][1] == 1.0:
+        return parts[0][0]
+    return WeightedSum(parts)

@@ -1,0 +1,391 @@
+"""The fine-tuning recipe: ``Trainer.setup()`` builds a run from its config, ``Trainer.train()`` is the loop,
+``Trainer.finish()`` writes the weights, the reward curve and the samples; ``main`` runs the three.
+
+Each step of the loop: this process's share of a batch of source latents -> the edit (noise to tau, the
+remaining steps with CFG, gradient through the last K) -> the SegVR frames decoded and scored with TAR ->
+backward, clip, update (skipped when not finite) -> log -> held-out evaluation and checkpoint when due. The
+pieces live beside this file: ``sources`` (source latents), ``optim`` (the optimizer and its step),
+``evaluation`` (held-out edits and samples), ``checkpoint`` (checkpoint and weight files), ``run_folder`` (the
+output folder), ``samples`` (pictures and the printed summary).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import yaml
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import kernels
+from engine import distributed as dist_utils
+from engine import media
+from engine.accelerate import accelerate
+from engine.builtin import build_model, builtin
+from engine.chain import EditChain
+from engine.config import TrainConfig, resolve_config
+from engine.data import BatchSampler, build_sources, split_held_out
+from engine.distributed import ShardedGenerator
+from engine.errors import UserError, cli_entry
+from engine.lora import add_lora, adapters_disabled, load_lora
+from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
+from engine.models import VideoDiffusion
+from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
+from engine.rewards import build_reward
+from engine.runtime import NoGradPath, autocast, autocast_dtype, resolve_device
+from engine.tracking import Tracker, gpu_stats
+from engine.train import checkpoint
+from engine.train.evaluation import HeldOut
+from engine.train.optim import make_optimizer, optimizer_step
+from engine.train.run_folder import REWARD_CURVE, SAMPLES, TENSORBOARD, check_output, open_output
+from engine.train.samples import print_summary, write_samples
+from engine.train.sources import SourceLatents
+from engine.video_reward import SegmentalReward, reward_loss
+
+
+DESCRIPTION = "InstructVideo reward fine-tuning: ``python -m engine.train [--config FILE] [--flags]``."
+
+
+class Stop(Exception):
+    """Training must end early; the message says why and how to go on."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Trainer:
+    """One run. Under torchrun, LoRA runs the model on every rank independently (only gradients are exchanged,
+    and rank 0 alone evaluates and samples); a full fine-tuning run is sharded, so every rank takes part in
+    every model call (``sharded``) and rank 0 alone writes."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.records: list[dict] = []
+        self.step = 0
+        self.bad_in_row = 0
+        self.signal_received: int | None = None
+        # edited latents of the held-out sources: the latest evaluation's, and the first's (the base model's)
+        self.held_out_edits: list[torch.Tensor] = []
+        self.before_edits: list[torch.Tensor] = []
+
+    # ---------------------------------------------------------------------------------- setup
+    def setup(self) -> "Trainer":
+        """Model, reward, data, trainable weights, chain and backend, then the base model's outputs and a resumed
+        run's state; nothing is written before all of it has succeeded, so a bad input leaves the output folder
+        as it was."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        # Set the CPU thread count explicitly, even to its current value: a process where it was never set
+        # computes some CPU ops in other rounding than one where it was (measured), and a resumed run must
+        # compute bit for bit as the run it continues, wherever each was started.
+        torch.set_num_threads(torch.get_num_threads())
+        self.world = dist_utils.init_world("cuda" if cfg.device.startswith("cuda") or
+                                           (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+        if cfg.batch_size % self.world.size:
+            raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
+                            f"{self.world.size} processes")
+        self.device = resolve_device(cfg.device, self.world.local_rank)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.output = check_output(cfg.output, cfg.model, cfg.overwrite)
+        self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
+        self.model.context_gradient = cfg.decode_context == "grad"
+        self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
+                                      cfg.segvr, cfg.tar)
+        self._setup_data()
+        self.memory = self._setup_memory()
+        denoiser = self._setup_trainable_and_optimizer()
+        self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
+                               cfg.offset_noise, denoiser=denoiser, memory=self.memory,
+                               no_grad_path=NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision))
+        self.backend = self._setup_backend()
+        self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
+        self.latents = SourceLatents(self.model, self.chain, self.uncond, self.latent_shape, cfg.seed, self.device,
+                                     self.autocast)
+        self.held_out = HeldOut(self.model, self.chain, self.reward, self.eval_sources, self.latents, cfg.seed,
+                                cfg.eval_batch_size, cfg.sample_steps, self.autocast)
+        self._setup_base_model_outputs()
+        if cfg.resume:
+            checkpoint.load_checkpoint(self)
+        dist_utils.barrier(self.world)
+        if self.world.is_main:
+            open_output(self.output, clear=cfg.overwrite and not cfg.resume)
+            if cfg.resume:
+                checkpoint.rewrite_metrics(self.output, self.records)
+            else:
+                self._write_config()
+        self.tracker = Tracker(self.output / TENSORBOARD, enabled=cfg.tensorboard and self.world.is_main)
+        return self
+
+    def _setup_data(self):
+        cfg = self.config
+        self.latent_shape = self.model.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # checks the sizes
+        preset = builtin(cfg.model)
+        if cfg.prompts or cfg.videos or preset is None:
+            sources = build_sources(cfg.prompts, cfg.videos, cfg.num_frames, cfg.fps, cfg.height, cfg.width)
+        else:
+            sources = preset.sources(cfg.num_held_out, 0, cfg.num_frames, cfg.height, cfg.width)
+        self.train_sources, held_out = split_held_out(sources, cfg.num_held_out)
+        self.eval_sources = held_out or self.train_sources[:2]
+        self.sampler = BatchSampler(len(self.train_sources), cfg.batch_size, cfg.seed)
+        # Noise and SegVR draws are made for the global batch, so any number of processes gives one result.
+        self.noise_generator = ShardedGenerator(torch.Generator(self.device).manual_seed(cfg.seed + 1), self.world)
+        self.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), self.world)
+        self.uncond = self.model.encode_prompts([""])
+
+    def _setup_memory(self) -> ChainMemory | None:
+        """Activation memory of the gradient steps: the planner (keep, spill or recompute each layer within the
+        budget), every block recomputed (the official way), or everything kept."""
+        cfg = self.config
+        trained_steps = self.model.scheduler.config.num_train_timesteps
+        for option, steps in (("--ddim-steps", cfg.ddim_steps), ("--sample-steps", cfg.sample_steps)):
+            if steps > trained_steps:
+                raise UserError(f"{option} {steps} exceeds the {trained_steps} timesteps the model was trained with; "
+                                f"use at most {trained_steps}")
+        if cfg.checkpoint == "blocks":
+            checkpoint_blocks(self.model.denoiser)
+        elif cfg.checkpoint == "plan":
+            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget)
+        return None
+
+    def _setup_trainable_and_optimizer(self) -> torch.nn.Module | None:
+        """LoRA (or every weight) and its optimizer (engine.train.optim); returns what the chain calls in
+        place of the denoiser (DistributedDataParallel under torchrun), or None."""
+        cfg = self.config
+        denoiser, caller = self.model.denoiser, None
+        self.sharded = cfg.finetune == "full" and self.world.size > 1
+        if cfg.finetune == "lora":
+            self.trainable = add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha)
+            if cfg.init_lora:
+                load_lora(denoiser, cfg.init_lora)
+            if self.world.size > 1:
+                caller = dist_utils.data_parallel(denoiser, self.device)
+        else:
+            self.denoiser_class = type(denoiser).__name__  # FSDP renames the class; the saved config keeps this one
+            denoiser.requires_grad_(True)
+            if self.sharded:
+                dist_utils.shard_model(denoiser, denoiser_blocks(denoiser), self.world, self.device)
+            self.trainable = list(denoiser.parameters())
+        self.optimizer, self.lr_scheduler, self.scaler = make_optimizer(
+            self.trainable, cfg.lr, cfg.weight_decay, cfg.warmup_steps, self.device, self.amp_dtype == torch.float16,
+            self.sharded)
+        return caller
+
+    def _setup_backend(self) -> str:
+        """fused: Triton kernels for LoRA, temporal attention and the CFG + sampler step; reference: PyTorch.
+        auto is fused on CUDA and the reference on the CPU."""
+        backend = self.config.backend
+        if backend == "auto":
+            backend = "fused" if self.device.type == "cuda" else "reference"
+        kernels.set_backend(backend)
+        if backend == "fused":
+            accelerate(self.model.denoiser)
+        return backend
+
+    @property
+    def runs_model(self) -> bool:
+        """Whether this rank runs evaluation and sampling: rank 0, or every rank when the model is sharded."""
+        return self.world.is_main or self.sharded
+
+    def _setup_base_model_outputs(self):
+        """What needs the base model (LoRA off, or weights not yet updated): the prompt-generated source
+        latents (only in full fine-tuning, where no switch brings the base model back later) and the "before"
+        sample latents. Made before a checkpoint is loaded, so a resumed run uses the same ones."""
+        if self.config.finetune == "full":
+            sources = [(group, i) for group in (self.train_sources, self.eval_sources) for i in range(len(group))
+                       if group[i].frames is None]
+            for group, index in tqdm(sources, desc="source latents (base model)", disable=not self.world.is_main):
+                self.latents.get(group, index)
+        self.before_latents = None
+        if self.runs_model:
+            with adapters_disabled(self.model.denoiser):
+                self.before_latents = self.held_out.sample_latents()
+
+    def _write_config(self):
+        cfg, chain = self.config, self.chain
+        resolved = cfg.to_dict() | {
+            "output": str(self.output),
+            "derived": {"start_timestep": chain.timesteps[0], "steps_run": chain.steps_run,
+                        "grad_steps": chain.grad_steps, "device": str(self.device), "backend": self.backend,
+                        "no_grad_path": chain.no_grad_path.mode if chain.no_grad_path else "off",
+                        "processes": self.world.size,
+                        "trainable_parameters": sum(p.numel() for p in self.trainable),
+                        "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},
+        }
+        (self.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    # ---------------------------------------------------------------------------------- one step
+    def autocast(self):
+        return autocast(self.device, self.config.precision)
+
+    def batch(self, sources, indices: list[int]):
+        """(latents, prompts, text embeddings) of ``sources[i]`` for i in ``indices``."""
+        return self.latents.batch(sources, indices)
+
+    def loss_step(self, latents, prompts, context) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Edit, decode the SegVR frames, score with TAR (plus the optional motion penalty).
+
+        Returns the loss and the per-video terms to log."""
+        cfg = self.config
+        uncond = self.uncond.expand(len(prompts), -1, -1)
+        with self.autocast():
+            reference = None
+            if cfg.motion_weight > 0:
+                reference = (latents if cfg.motion_reference == "source" else
+                             base_model_edit(self.chain, latents, context, uncond, self.noise_generator))
+            edited = self.chain.edit(latents, context, uncond, self.noise_generator)
+            # decode + reward under the chain's memory budget (kept or spilled to the host, see ChainMemory)
+            with self.memory.region(self.model.vae, self.reward.reward) if self.memory else nullcontext():
+                rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.frame_generator)
+        loss = reward_loss(rewards)
+        terms = {"reward": rewards.detach()}
+        if reference is not None:
+            penalty = motion_penalty(edited, reference)
+            loss = loss + cfg.motion_weight * penalty.mean()
+            terms |= {"motion_penalty": penalty.detach(), "motion": motion_magnitude(edited),
+                      "motion_reference": motion_magnitude(reference)}
+        return loss, terms
+
+    def optimizer_step(self, loss: torch.Tensor) -> tuple[str, float]:
+        """Backward, clip, update: "updated", "skipped" (not finite: nothing changed) or "overflow" (fp16)."""
+        return optimizer_step(loss, self.trainable, self.optimizer, self.lr_scheduler, self.scaler,
+                              self.config.max_grad_norm, self.world)
+
+    def log(self, record: dict):
+        self.records.append(record)
+        if self.world.is_main:
+            with open(self.output / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            values = {f"{record['kind']}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
+            self.tracker.scalars(record["step"], values | {f"gpu/{k}": v for k, v in gpu_stats(self.device).items()})
+
+    def log_eval(self) -> bool:
+        """Held-out evaluation (every sharded rank computes the same value); saves the best weights so far.
+        Returns True when early stopping says stop."""
+        stop = False
+        if self.runs_model:
+            values, self.held_out_edits = self.held_out.evaluate()
+            if self.sharded:  # one value on every rank, so every rank takes the same early-stopping decisions
+                values = dist_utils.mean_over_ranks(values, self.world)
+            if self.world.is_main:
+                self.log({"kind": "eval", "step": self.step, **values})
+            stop = self.early_stopping.update(values["eval_reward"], self.step).stop
+            if self.early_stopping.improved and self.step > 0:
+                checkpoint.save_weights(self, "best")
+        return not dist_utils.all_ranks_agree(not stop, self.world)
+
+    # ---------------------------------------------------------------------------------- the loop
+    def train(self) -> "Trainer":
+        cfg = self.config
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.step == 0:
+            self.log_eval()
+            self.before_edits = self.held_out_edits
+        progress = tqdm(total=cfg.steps, initial=self.step, desc="fine-tuning", unit="step", dynamic_ncols=True,
+                        disable=not self.world.is_main)
+        # warnings (the memory planner's, once its first step is measured) print on their own line, not in the bar
+        with logging_redirect_tqdm():
+            try:
+                while self.step < cfg.steps:
+                    self.step += 1
+                    started = time.perf_counter()
+                    # data: this process's share of the global batch (latents cached), prompts, text embeddings
+                    latents, prompts, context = self.batch(self.train_sources, self.world.shard(next(self.sampler)))
+                    # forward: edit -> decode SegVR frames -> reward with TAR
+                    loss, terms = self.loss_step(latents, prompts, context)
+                    # backward through the last K steps, average over ranks, clip, update (skipped if non-finite)
+                    outcome, grad_norm = self.optimizer_step(loss)
+                    # log (reading the loss is a device sync point)
+                    seconds = time.perf_counter() - started
+                    record = self._step_record(loss, terms, outcome, grad_norm, seconds)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps or outcome == "skipped":
+                        self.log(record)
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{record['reward']:.4f}", loss=f"{record['loss']:.4f}",
+                                         s_step=f"{seconds:.2f}")
+                    # stop on bad steps; evaluate; stop on a signal; checkpoint
+                    self._stop_after_bad_steps()
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != cfg.steps and self.log_eval():
+                        print(f"early stop at step {self.step}: held-out reward {self.early_stopping.best:.4f} at step "
+                              f"{self.early_stopping.best_step} was not beaten in {cfg.early_stop_patience} evaluations; "
+                              f"best weights in {checkpoint.weights_folder(self, 'best')}", file=sys.stderr)
+                        break
+                    self._stop_on_signal()
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.bad_in_row == 0:
+                        checkpoint.save_checkpoint(self)
+            finally:
+                progress.close()
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
+        self.log_eval()
+        checkpoint.save_checkpoint(self)
+        return self
+
+    def _step_record(self, loss, terms, outcome: str, grad_norm: float, seconds: float) -> dict:
+        """The step's metrics, averaged over processes; counts a skipped step towards --max-bad-steps."""
+        values = dist_utils.mean_over_ranks(
+            {"loss": loss.item(), **{k: v.float().mean().item() for k, v in terms.items()}}, self.world)
+        self.bad_in_row = self.bad_in_row + 1 if outcome == "skipped" else 0
+        return {"kind": "skipped" if outcome == "skipped" else "train", "step": self.step, **values,
+                "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0], "s_per_step": seconds}
+
+    def _stop_after_bad_steps(self) -> None:
+        if self.bad_in_row >= self.config.max_bad_steps:
+            # skipped steps left weights and optimizer as they were: this is the last good state
+            bad, self.bad_in_row = self.bad_in_row, 0
+            checkpoint.save_checkpoint(self)
+            raise Stop(f"stopping at step {self.step}: {bad} non-finite losses or gradients in a row; the weights "
+                       f"of the last good step are saved in {self.output} (lower --lr or set --max-grad-norm, then "
+                       f"--resume {self.output})", 3)
+
+    def _stop_on_signal(self) -> None:
+        if not dist_utils.all_ranks_agree(self.signal_received is None, self.world):
+            checkpoint.save_checkpoint(self)  # every rank stops at the same step (sharded saving is collective)
+            signum = self.signal_received or signal.SIGTERM
+            raise Stop(f"{signal.Signals(signum).name} at step {self.step}: checkpoint saved; continue with "
+                       f"--resume {self.output}", 128 + signum)
+
+    def _on_signal(self, signum, frame):
+        self.signal_received = signum
+
+    # ---------------------------------------------------------------------------------- outputs
+    def finish(self) -> dict:
+        """The weights, the reward curve, the samples and the printed before -> after summary."""
+        cfg = self.config
+        dist_utils.barrier(self.world)
+        summary = {"output": str(self.output)}
+        checkpoint.save_weights(self)
+        after_latents = self.held_out.sample_latents() if self.runs_model else None
+        if self.world.is_main:
+            media.plot_rewards(self.records, self.output / REWARD_CURVE, title=f"reward ({cfg.reward.split(':')[0]})")
+            edits = [(self.latents.get(self.eval_sources, i), before, after)
+                     for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
+            write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],
+                          self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps)
+            self.tracker.reward_curve(self.records, self.step)
+            self.tracker.close()
+            evals = [r for r in self.records if r["kind"] == "eval"]
+            first, last = evals[0], evals[-1]
+            summary |= {f"{k}_start": first[k] for k in first if k.startswith(("eval_", "gold_"))}
+            summary |= {f"{k}_end": last[k] for k in last if k.startswith(("eval_", "gold_"))}
+            print_summary(first, last, self.output)
+        dist_utils.shutdown(self.world)
+        return summary
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    config = resolve_config(argv, description=DESCRIPTION)
+    trainer = Trainer(config).setup()
+    try:
+        trainer.train()
+    except Stop as stop:
+        print(f"error: {stop}" if stop.exit_code == 3 else str(stop), file=sys.stderr)
+        dist_utils.shutdown(trainer.world)
+        raise SystemExit(stop.exit_code) from None
+    return trainer.finish()
