@@ -108,8 +108,8 @@ setup(
         "nvidia-ml-py",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark"],
-        "dev": ["pytest>=8", "pytest-benchmark", "ruff"],
+        "test": ["pytest>=8", "pytest-benchmark", "pytest-xdist"],
+        "dev": ["pytest>=8", "pytest-benchmark", "pytest-xdist", "ruff"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -11,6 +11,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``heavy(minutes)`` run first, longest first: with two workers (``-n 2``, .ci/run) the long
+    ones then start at once and share the workers, instead of one long test starting last and running alone."""
+    def minutes(item):
+        marker = item.get_closest_marker("heavy")
+        return marker.args[0] if marker else 0
+
+    items.sort(key=minutes, reverse=True)  # stable: otherwise the collection order
+
+
 @pytest.fixture(scope="session")
 def _tiny_model_session():
     from engine.models import tiny_model

@@ -23,7 +23,7 @@ def test_official_schedule_starts_at_551_and_runs_12_steps(tiny):
 
 def test_noising_is_q_sample(tiny):
     chain = EditChain(tiny, ddim_steps=20, tau=0.6, offset_noise=0.0)
-    x0 = torch.randn(1, 4, 8, 16, 16)
+    x0 = torch.randn(1, 4, 4, 8, 8)
     noisy = chain.noise_to_start(x0, torch.Generator().manual_seed(0))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     expected = tiny.scheduler.add_noise(x0, noise, torch.tensor([551]))
@@ -33,8 +33,8 @@ def test_noising_is_q_sample(tiny):
 def test_offset_noise_shares_one_value_per_frame_and_channel(tiny):
     chain = EditChain(tiny, offset_noise=0.1)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    noise = chain.draw_noise((2, 4, 8, 16, 16), g1, "cpu")
-    base = torch.randn((2, 4, 8, 16, 16), generator=g2)
+    noise = chain.draw_noise((2, 4, 4, 8, 8), g1, "cpu")
+    base = torch.randn((2, 4, 4, 8, 8), generator=g2)
     offset = (noise - base) / 0.1
     assert torch.allclose(offset, offset[..., :1, :1].expand_as(offset), atol=1e-5)
 
@@ -44,7 +44,7 @@ def test_full_sampling_run_equals_ddim_scheduler(tiny, eta):
     """The engine's chain and a plain diffusers loop (CFG + DDIMScheduler.step) give the same video."""
     steps, guidance = 10, 3.0
     context, uncond = contexts(tiny)
-    x = torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     chain = EditChain(tiny, ddim_steps=steps, tau=1.0, guidance=guidance, eta=eta)
     with torch.no_grad():
         ours = chain.denoise(x.clone(), context, uncond, torch.Generator().manual_seed(2))
@@ -70,7 +70,7 @@ def test_guidance_one_runs_a_single_unet_pass(tiny):
     chain = EditChain(tiny, ddim_steps=4, tau=1.0, guidance=1.0)
     context, uncond = contexts(tiny, ["x"])
     with torch.no_grad():
-        chain.denoise(torch.randn(1, 4, 8, 16, 16), context, uncond)
+        chain.denoise(torch.randn(1, 4, 4, 8, 8), context, uncond)
     assert calls == [1] * 4
 
 
@@ -84,7 +84,7 @@ def test_gradient_flows_through_exactly_the_last_k_steps(tiny, k):
     tiny.denoiser.register_forward_hook(lambda m, a, out: grad_calls.append(torch.is_grad_enabled()))
     context, uncond = contexts(tiny)
     chain = EditChain(tiny, ddim_steps=8, tau=0.5, grad_steps=k, guidance=2.0)
-    x = torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     out = chain.edit(x, context, uncond, torch.Generator().manual_seed(1))
     assert grad_calls == [False] * (4 - k) + [True] * k
     params = [p for n, p in tiny.denoiser.named_parameters() if "lora_" in n]
@@ -113,7 +113,7 @@ def test_gradient_reaches_only_lora_parameters(tiny):
     revert = checkpoint_blocks(tiny.denoiser)
     context, uncond = contexts(tiny)
     chain = EditChain(tiny, ddim_steps=6, tau=0.5, grad_steps=2)
-    edited = chain.edit(torch.randn(2, 4, 8, 16, 16), context, uncond)
+    edited = chain.edit(torch.randn(2, 4, 4, 8, 8), context, uncond)
     rewards, _ = SegmentalReward(ColorfulnessReward())(tiny, edited, ["a", "b"])
     reward_loss(rewards).backward()
     revert()
@@ -133,7 +133,7 @@ def test_block_checkpointing_keeps_gradients_and_reverts(tiny):
             torch.nn.init.normal_(p, std=0.05)
     params = [p for n, p in tiny.denoiser.named_parameters() if "lora_" in n]
     context, uncond = contexts(tiny, ["a"])
-    x = torch.randn(1, 4, 8, 16, 16)
+    x = torch.randn(1, 4, 4, 8, 8)
 
     def grads():
         out = tiny.denoiser(x, 401, encoder_hidden_states=context).sample
@@ -160,7 +160,7 @@ def _edit_with(tiny, path, k=1, before=None):
     chain = EditChain(tiny, ddim_steps=20, tau=0.6, grad_steps=k, guidance=3.0, no_grad_path=path)
     if before is not None:
         before(chain, context, uncond)
-    out = chain.edit(torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(0)), context, uncond,
+    out = chain.edit(torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), context, uncond,
                      torch.Generator().manual_seed(1))
     return out, torch.autograd.grad(out.square().mean(), params)
 
@@ -190,7 +190,7 @@ def test_compiled_no_grad_steps_equal_eager_and_share_one_graph_over_the_timeste
 
     def one_step_first(chain, context, uncond):  # compiles the UNet at one timestep, then counts its graphs
         with torch.no_grad():
-            chain.guided_step(torch.randn(2, 4, 8, 16, 16), chain.timesteps[-1], context, uncond, None)
+            chain.guided_step(torch.randn(2, 4, 4, 8, 8), chain.timesteps[-1], context, uncond, None)
         compiled_after_one_step.append(len(graphs))
 
     torch._dynamo.reset()
@@ -239,7 +239,7 @@ def test_full_sampling_run_equals_the_diffusers_scheduler(tiny, kind):
     """The chain and a plain diffusers loop (CFG + the scheduler's own step) give the same video."""
     model, steps, guidance = with_scheduler(tiny, kind), 10, 5.0
     context, uncond = contexts(model)
-    x = torch.randn(2, 4, 8, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     chain = EditChain(model, ddim_steps=steps, tau=1.0, guidance=guidance)
     with torch.no_grad():
         ours = chain.sample(x.shape, context, uncond, torch.Generator().manual_seed(1))
@@ -261,7 +261,7 @@ def test_edit_noises_like_the_scheduler_and_runs_its_last_steps(tiny, kind):
     scheduler = type(model.scheduler).from_config(model.scheduler.config)
     scheduler.set_timesteps(20)
     assert chain.steps_run == 12 and chain.timesteps == [(float if kind == "flow" else int)(t) for t in scheduler.timesteps[-12:]]
-    x0 = torch.randn(1, 4, 8, 16, 16)
+    x0 = torch.randn(1, 4, 4, 8, 8)
     noisy = chain.noise_to_start(x0, torch.Generator().manual_seed(0))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     start = scheduler.timesteps[-12:][:1]

@@ -23,6 +23,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.heavy(1)
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(capsys):
     result = _run("-m", "kernels.aot")
     with capsys.disabled():

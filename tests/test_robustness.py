@@ -17,7 +17,9 @@ from engine.train import Trainer, main
 
 
 def quick(out, *extra):
-    return ["--model", "tiny", "--output", str(out), "--steps", "6", "--ddim-steps", "4", "--sample-steps", "2", *extra]
+    """A short tiny run on clips of 4 x 16 x 16 (the preset's are 8 x 32 x 32: nothing here needs more)."""
+    return ["--model", "tiny", "--output", str(out), "--steps", "6", "--ddim-steps", "4", "--sample-steps", "2",
+            "--num-frames", "4", "--height", "16", "--width", "16", *extra]
 
 
 def lora_of(run):
@@ -168,6 +170,7 @@ def test_overwrite_clears_the_old_run(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
 
 
+@pytest.mark.heavy(1)
 @pytest.mark.parametrize("extra, port", [
     ((), 29517),
     # DDP with gradient through 3 steps, units spilled and recomputed inside backward (a tight budget)
@@ -190,16 +193,26 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, extra, por
     assert "processes: 2" in config
 
 
-def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path):
-    """FSDP baseline: same global batch, gradient through 2 steps (several sharded forwards before backward)."""
+FULL = ("--finetune", "full", "--batch-size", "4", "--grad-steps", "2")
+
+
+@pytest.fixture(scope="module")
+def sharded_full_run(tmp_path_factory):
+    """Full fine-tuning sharded over two processes (FSDP): 2 steps of the global batch 4, gradient through 2 steps
+    (several sharded forwards before backward). The tests below compare against it."""
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    result = torchrun(out, *FULL, "--steps", "2", port=29519)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.heavy(2)
+def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path, sharded_full_run):
+    """FSDP baseline: the same global batch in one process gives the same losses, norms and updates."""
     from diffusers import UNet3DConditionModel
 
-    argv = ("--finetune", "full", "--steps", "2", "--batch-size", "4", "--grad-steps", "2")
-    single = tmp_path / "single"
-    main(quick(single, *argv))
-    double = tmp_path / "double"
-    result = torchrun(double, *argv, port=29519)
-    assert result.returncode == 0, result.stderr[-3000:]
+    single, double = tmp_path / "single", sharded_full_run
+    main(quick(single, *FULL, "--steps", "2"))
     assert "processes: 2" in (double / "config.yaml").read_text()
     one, two = train_records(single), train_records(double)
     for a, b in zip(one, two):  # losses and gradient norms of the global batch (a sum instead of a mean shows)
@@ -219,17 +232,16 @@ def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path):
     assert sum(p.numel() for p in unet.parameters()) == sum(v.numel() for v in b.values())
 
 
-def test_full_finetuning_sharded_resume_is_bitwise_identical(tmp_path):
-    argv = ("--finetune", "full", "--batch-size", "4")
-    uninterrupted = tmp_path / "uninterrupted"
-    assert torchrun(uninterrupted, *argv, "--steps", "4", port=29520).returncode == 0
+@pytest.mark.heavy(2)
+def test_full_finetuning_sharded_resume_is_bitwise_identical(tmp_path, sharded_full_run):
     resumed = tmp_path / "resumed"
-    assert torchrun(resumed, *argv, "--steps", "2", port=29521).returncode == 0
-    result = torchrun(resumed, *argv, "--steps", "4", "--resume", str(resumed), port=29522)
+    assert torchrun(resumed, *FULL, "--steps", "1", port=29521).returncode == 0
+    result = torchrun(resumed, *FULL, "--steps", "2", "--resume", str(resumed), port=29522)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_bitwise_equal(unet_of(resumed), unet_of(uninterrupted))
+    assert_bitwise_equal(unet_of(resumed), unet_of(sharded_full_run))
 
 
+@pytest.mark.heavy(1)
 def test_full_finetuning_sigkill_then_resume_is_bitwise_identical(tmp_path):
     argv = ("--finetune", "full", "--save-every", "2")
     reference = tmp_path / "reference"

@@ -22,6 +22,7 @@ REWARD_GAIN = 0.01
 QUALITY_GAIN_DB = 0.25
 MOTION_TOLERANCE_PX = 0.5  # the objects may drift this much further from their source paths, per frame
 
+@pytest.mark.heavy(4)
 def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(tmp_path):
     """`python -m engine.train` with no options but the output folder: the built-in world model and reward, end to
     end. The held-out reward and the gold quality (PSNR to the clean render, read from pixels, never from the
@@ -58,8 +59,12 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(tmp_pat
     assert Image.open(out / "samples" / "edits.png").height == 3 * config["num_held_out"] * pair_height // 2
 
 
+SMALL = ("--num-frames", "4", "--height", "16", "--width", "16")  # the tiny preset's clips are 8 x 32 x 32
+
+
 def quick(out, *extra):
-    return ["--model", "tiny", "--output", str(out), "--steps", "2", "--ddim-steps", "4", "--sample-steps", "2", *extra]
+    return ["--model", "tiny", "--output", str(out), "--steps", "2", "--ddim-steps", "4", "--sample-steps", "2", *SMALL,
+            *extra]
 
 
 def test_cpu_run_is_repeatable_with_one_seed(tmp_path):
@@ -145,10 +150,13 @@ def test_backend_flag_swaps_the_kernels_in(tmp_path):
     from engine.train import Trainer
 
     try:
-        fused = Trainer(resolve_config(["--model", "tiny", "--output", str(tmp_path / "f"), "--backend", "fused"])).setup()
+        # setup samples the held-out prompts' "before" videos: one prompt, one step (the fused kernels run
+        # under Triton's interpreter here)
+        small = ["--model", "tiny", *SMALL, "--num-held-out", "1", "--sample-steps", "1"]
+        fused = Trainer(resolve_config([*small, "--output", str(tmp_path / "f"), "--backend", "fused"])).setup()
         assert kernels.get_backend().value == "fused"
         assert any(_is_patched_lora(m) for m in fused.model.denoiser.modules())
-        auto = Trainer(resolve_config(["--model", "tiny", "--output", str(tmp_path / "a")])).setup()
+        auto = Trainer(resolve_config([*small, "--output", str(tmp_path / "a")])).setup()
         assert auto.backend == "reference" and kernels.get_backend().value == "reference"
         assert not any(_is_patched_lora(m) for m in auto.model.denoiser.modules())
     finally:
