@@ -1,27 +1,9 @@
 #!/usr/bin/env bash
-# CI: build csrc._C with its CUDA sources on a machine without a GPU, with a CUDA toolchain from pip matching
-# torch's CUDA version: a compile error in csrc/cuda/ fails CI. The CUDA build replaces the C++-only
-# csrc/_C*.so of this checkout (it loads and runs on a CPU machine too), so the tests that follow in .ci/run,
-# tests/test_csrc.py among them, run against it.
+# Build csrc._C with its CUDA sources on a machine without a GPU (a compile error in csrc/cuda/ fails), with the
+# CUDA toolchain of .ci/cuda_env.sh. The CUDA build replaces the C++-only csrc/_C*.so of this checkout (it loads
+# and runs on a CPU machine too). .ci/run does the same in one step: it sources cuda_env.sh before installing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cuda=$(python -c "import torch; print(torch.version.cuda or '')")
-if [ -z "$cuda" ]; then
-    echo "error: this torch is a CPU build; the CUDA build of csrc._C needs a CUDA build of torch" >&2; exit 2
-fi
-major=${cuda%%.*}
-if [ "$major" -lt 13 ]; then
-    echo "error: torch is built for CUDA $cuda; this script knows the pip layout of CUDA 13 and later" >&2; exit 2
-fi
-# Everything pinned to torch's CUDA release: left to the resolver, nvvm and crt come from a newer release and
-# ptxas rejects the PTX that cicc writes ("Unsupported .version").
-echo "installing the CUDA $cuda compiler from pip"
-pip install -q "nvidia-cuda-nvcc==$cuda.*" "nvidia-cuda-cccl==$cuda.*" "nvidia-nvvm==$cuda.*" "nvidia-cuda-crt==$cuda.*"
-CUDA_HOME=$(python -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu$major'))")
-export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
-# The runtime wheel ships libcudart.so.13 only; the linker's -lcudart wants the unversioned name.
-mkdir -p build/cuda-link && ln -sf "$(ls "$CUDA_HOME"/lib/libcudart.so.* | head -1)" build/cuda-link/libcudart.so
-export LIBRARY_PATH="$PWD/build/cuda-link${LIBRARY_PATH:+:$LIBRARY_PATH}"
-nvcc --version | tail -1
+source .ci/cuda_env.sh
 USE_CUDA=1 python setup.py -q build_ext --inplace
 python -c "import csrc; assert csrc.backend('extension').cuda, csrc.extension_error(); print('csrc._C built with CUDA')"
