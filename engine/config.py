@@ -181,7 +181,8 @@ def _field_type(f: dataclasses.Field):
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m engine.train", description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
