@@ -53,6 +53,7 @@ class Builtin:
 class WorldPreset(Builtin):
     name = "world"
     reward = "hpsv2:world"
+    size = (world.FRAMES, world.SIZE, world.SIZE)
     prompts_per_set = 12
     # The official chain (D=20, tau=0.6, CFG 3) with gradient through the last 6 of its 12 steps, 40 steps at lr
     # 1.5e-3: measured on fine-tuning seeds 0-2 (README), the held-out reward rose by 0.023-0.043 and the gold
@@ -70,7 +71,7 @@ class WorldPreset(Builtin):
     def sources(self, held_out, seed, num_frames, height, width, train_count: int = 256):
         """In-domain clips of mixed quality, the last ``held_out`` of them with captions no training source has
         (prompts never fine-tuned on)."""
-        if (num_frames, height, width) != (world.FRAMES, world.SIZE, world.SIZE):
+        if (num_frames, height, width) != self.size:
             raise UserError(f"the world model's clips are {world.FRAMES} frames of {world.SIZE}x{world.SIZE}; drop "
                             "--num-frames/--height/--width or pass --videos/--prompts")
         train, evaluation = world.finetune_split(train_count, held_out, seed)

@@ -98,6 +98,7 @@ class Trainer:
         self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
                                       cfg.segvr, cfg.tar)
         self._setup_data()
+        self._check_steps()
         self.memory = self._setup_memory()
         denoiser = self._setup_trainable_and_optimizer()
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
@@ -138,15 +139,19 @@ class Trainer:
         self.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), self.world)
         self.uncond = self.model.encode_prompts([""])
 
-    def _setup_memory(self) -> ChainMemory | None:
-        """Activation memory of the gradient steps: the planner (keep, spill or recompute each layer within the
-        budget), every block recomputed (the official way), or everything kept."""
+    def _check_steps(self):
+        """The chain's D and the samples' steps within the timesteps the model was trained with."""
         cfg = self.config
         trained_steps = self.model.scheduler.config.num_train_timesteps
         for option, steps in (("--ddim-steps", cfg.ddim_steps), ("--sample-steps", cfg.sample_steps)):
             if steps > trained_steps:
                 raise UserError(f"{option} {steps} exceeds the {trained_steps} timesteps the model was trained with; "
                                 f"use at most {trained_steps}")
+
+    def _setup_memory(self) -> ChainMemory | None:
+        """Activation memory of the gradient steps: the planner (keep, spill or recompute each layer within the
+        budget), every block recomputed (the official way), or everything kept."""
+        cfg = self.config
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.denoiser)
         elif cfg.checkpoint == "plan":
