@@ -94,7 +94,7 @@ setup(
         "torch>=2.4,<=2.14.1",
         "torchvision<=0.29.1",
         "diffusers>=0.30",
-        "transformers>=4.40",
+        "transformers>=4.40,<5.25",  # 5.25 needs the hub package named `kernels`, which this project's kernels/ shadows
         "peft>=0.13",
         "open_clip_torch>=2.24",
         "safetensors",

@@ -60,6 +60,22 @@ class HeldOut:
         result = {"eval_reward": torch.cat(values).mean().item()}
         return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold else {}), edits
 
+    @torch.no_grad()
+    def score_samples(self, latents: list[torch.Tensor]) -> dict[str, float]:
+        """The reward (SegVR evaluation frames) and, for the world model's captions, the gold metrics of videos
+        generated from noise for the held-out prompts (``sample_latents``): ``noise_reward``, ``noise_gold_*``."""
+        values, gold = [], []
+        for indices in self.batches():
+            x = torch.cat([latents[i] for i in indices]).to(self.latents.device)
+            with self.autocast():
+                rewards, _ = self.reward(self.model, x, [self.sources[i].prompt for i in indices], train=False)
+            values.append(rewards.float())
+            clips = [self.sources[i].clip for i in indices]
+            if all(clips):
+                gold += gold_scores([self.model.decode_video(v) for v in x], clips)
+        result = {"noise_reward": torch.cat(values).mean().item()}
+        return result | ({f"noise_gold_{k}": v for k, v in mean_metrics(gold).items()} if gold else {})
+
     def sample_latents(self) -> list[torch.Tensor]:
         """One video latent per held-out prompt, each from its own fixed noise (so before and after compare)."""
         latents = []

@@ -375,9 +375,10 @@ class Trainer:
             self.tracker.reward_curve(self.records, self.step)
             self.tracker.close()
             evals = [r for r in self.records if r["kind"] == "eval"]
-            first, last = evals[0], evals[-1]
-            summary |= {f"{k}_start": first[k] for k in first if k.startswith(("eval_", "gold_"))}
-            summary |= {f"{k}_end": last[k] for k in last if k.startswith(("eval_", "gold_"))}
+            first = evals[0] | self.held_out.score_samples(self.before_latents)
+            last = evals[-1] | self.held_out.score_samples(after_latents)
+            summary |= {f"{k}_start": first[k] for k in first if k.startswith(("eval_", "gold_", "noise_"))}
+            summary |= {f"{k}_end": last[k] for k in last if k.startswith(("eval_", "gold_", "noise_"))}
             print_summary(first, last, self.output)
         dist_utils.shutdown(self.world)
         return summary

@@ -39,16 +39,22 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
 
 
 def print_summary(first: dict, last: dict, output: Path, file=sys.stdout) -> None:
-    """The held-out reward and, for the world model, the gold metrics, before -> after fine-tuning."""
-    print(f"held-out reward {first['eval_reward']:.4f} -> {last['eval_reward']:.4f}", file=file)
+    """Before -> after fine-tuning, on the held-out prompts: the reward and, for the world model, the gold metrics,
+    of the edits of the held-out sources and of videos generated from noise (the same noise before and after)."""
+    print(f"held-out reward, edits {first['eval_reward']:.4f} -> {last['eval_reward']:.4f}; from noise "
+          f"{first['noise_reward']:.4f} -> {last['noise_reward']:.4f}", file=file)
     if "gold_quality" in first:
-        print(f"held-out gold metrics (from pixels, no reward model), before -> after fine-tuning:\n"
-              f"  quality (PSNR to the clean render) {first['gold_quality']:.2f} -> {last['gold_quality']:.2f} dB\n"
-              f"  colour right {first['gold_colour_acc']:.1%} -> {last['gold_colour_acc']:.1%}, "
-              f"shape right {first['gold_shape_acc']:.1%} -> {last['gold_shape_acc']:.1%}\n"
-              f"  sharpness {first['gold_sharpness']:.3f} -> {last['gold_sharpness']:.3f}, "
-              f"background noise {first['gold_bg_noise']:.4f} -> {last['gold_bg_noise']:.4f}\n"
-              f"  motion kept: distance to the source's path {first['gold_motion_error']:.2f} -> "
+        print("held-out gold metrics (from pixels, no reward model), before -> after fine-tuning:", file=file)
+        for label, prefix in (("edits", "gold_"), ("from noise", "noise_gold_")):
+            def change(key: str, form: str) -> str:
+                return f"{first[prefix + key]:{form}} -> {last[prefix + key]:{form}}"
+
+            print(f"  {label}: quality (PSNR to the clean render) {change('quality', '.2f')} dB, colour right "
+                  f"{change('colour_acc', '.1%')}, shape right {change('shape_acc', '.1%')}, direction right "
+                  f"{change('direction_acc', '.1%')}\n"
+                  f"  {' ' * len(label)}  sharpness {change('sharpness', '.3f')}, background noise "
+                  f"{change('bg_noise', '.4f')}, jitter {change('jitter', '.2f')} px", file=file)
+        print(f"  edits keep their motion: distance to the source's path {first['gold_motion_error']:.2f} -> "
               f"{last['gold_motion_error']:.2f} px/frame, speed {first['gold_motion']:.2f} -> "
               f"{last['gold_motion']:.2f} px/frame", file=file)
     print(f"outputs in {output}", file=file)

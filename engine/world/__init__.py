@@ -10,14 +10,15 @@ it does not import the build command or its stages (those import engine.rewards)
 from engine.world.gold import (GOLD_METRICS, centre_of_mass_offset, centroids, centroids_of, gold_metrics,
                                gold_scores, intended_path, mean_metrics, object_weights)
 from engine.world.rendering import compose, gaussian_blur, render, shape_mask
-from engine.world.scene import (BACKGROUNDS, COLOURS, DEGRADATIONS, FINETUNE_COLOURS, FINETUNE_SHAPES, FRAMES,
+from engine.world.scene import (BACKGROUNDS, CAPTION_GROUPS, COLOURS, DEGRADATIONS, FINETUNE_COLOURS, FINETUNE_SHAPES, FRAMES,
                                 MOTIONS, PROMPT_SETS, RADIUS, SHAPES, SIZE, SPEED, SUPERSAMPLE, TEMPLATE_B_MOTION,
-                                Clip, finetune_split, prompt_set, random_clip, shape_word, training_mixture)
+                                Clip, caption_group, evaluation_set, finetune_split, prompt_set, random_clip,
+                                shape_word, training_mixture)
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "DEGRADATIONS", "FINETUNE_COLOURS", "FINETUNE_SHAPES", "FRAMES", "GOLD_METRICS",
+    "BACKGROUNDS", "CAPTION_GROUPS", "COLOURS", "DEGRADATIONS", "FINETUNE_COLOURS", "FINETUNE_SHAPES", "FRAMES", "GOLD_METRICS",
     "MOTIONS", "PROMPT_SETS", "RADIUS", "SHAPES", "SIZE", "SPEED", "SUPERSAMPLE", "TEMPLATE_B_MOTION", "Clip",
-    "centre_of_mass_offset", "centroids", "centroids_of", "compose", "finetune_split", "gaussian_blur",
+    "caption_group", "centre_of_mass_offset", "centroids", "centroids_of", "compose", "evaluation_set", "finetune_split", "gaussian_blur",
     "gold_metrics", "gold_scores", "intended_path", "mean_metrics", "object_weights", "prompt_set", "random_clip",
     "render", "shape_mask", "shape_word", "training_mixture",
 ]

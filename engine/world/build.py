@@ -1,6 +1,11 @@
-"""The built-in model and reward, trained by the project on its procedural world (engine.world):
+"""The built-in model and reward, trained by the project on its procedural world (engine.world), in stages that
+each fit a session, continue from their own checkpoint when stopped, and write their measurements to a report:
 
-    python -m engine.world.build --seed 0             # 68 min on 2 CPU cores; writes engine/assets/
+    python -m engine.world.build vae            # the per-frame VAE            -> world-t2v/vae
+    python -m engine.world.build text-encoder   # tokenizer + caption encoder  -> world-t2v/tokenizer, text_encoder
+    python -m engine.world.build unet           # the UNet3D on both           -> world-t2v (the whole pipeline)
+    python -m engine.world.build reward         # the preference reward        -> world-hps.pt
+    python -m engine.world.build all --smoke    # every stage in minutes, into build/world-smoke
 
 1. a base text-to-video model with ModelScope's diffusers classes (``UNet3DConditionModel``, ``AutoencoderKL``,
    ``CLIPTextModel`` + ``CLIPTokenizer``, ``DDIMScheduler``, epsilon prediction), saved in the pipeline layout
@@ -10,8 +15,9 @@
    that clean, caption-faithful frames score above degraded or mismatched ones, saved in the HPS_v2 checkpoint
    format (``{"state_dict": ...}``, fp16 tensors) and loaded through ``--reward hpsv2:PATH``.
 
-Each stage is seeded; the same seed and thread count give the same files. Progress bars show each stage.
-This file builds the untrained components and writes the files; the stages are in engine.world.training.
+Each stage is seeded and reads the stages before it from ``--output``; its figures go to ``<reports>/<stage>.json``
+(bench/world for the shipped assets). The training loops are in engine.world.training, the measurements in
+engine.world.figures, the resumable runner in engine.world.stages.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import argparse
 import json
 import random
 import re
+import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,8 +36,18 @@ import torch
 from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
 from engine.errors import UserError, cli_entry
 from engine.rewards.clip import register_open_clip_configs
-from engine.world.scene import random_clip
-from engine.world.training import train_reward, train_unet, train_vae
+from engine.world.figures import (base_model_figures, ceiling, clean_clips, from_noise, reconstruct,
+                                  reward_agreement, vae_fidelity)
+from engine.world.gold import mean_metrics
+from engine.world.rendering import render
+from engine.world.scene import FINETUNE_COLOURS, FINETUNE_SHAPES, evaluation_set, random_clip, training_mixture
+from engine.world.stages import write_report
+from engine.world.training import train_reward, train_text_encoder, train_unet, train_vae
+
+
+CONTEXT_LENGTH = 16
+VAE_CHANNELS = (16, 32, 64)
+LATENT_CHANNELS = 8
 
 
 # ---------------------------------------------------------------------------------- architecture
@@ -44,7 +62,8 @@ def world_words() -> list[str]:
 
 
 def world_tokenizer(folder: Path):
-    """A CLIP BPE tokenizer whose merges make each world word one token (other text falls back to bytes)."""
+    """A CLIP BPE tokenizer whose merges make each world word one token (other text falls back to bytes), padding
+    to 16 tokens: the longest caption's 12 words and its two markers, so no attention runs over 60 pads."""
     from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
 
@@ -55,7 +74,7 @@ def world_tokenizer(folder: Path):
     def build(merge_list):
         (folder / "vocab.json").write_text(json.dumps({v: i for i, v in enumerate(vocab + ["<|startoftext|>", "<|endoftext|>"])}))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merge_list))
-        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=CONTEXT_LENGTH)
 
     # Merge each word left to right; a word that an earlier word's merges split differently gets merges for
     # the pieces it ends up with, appended last (a later merge never changes a word already in one piece).
@@ -75,81 +94,253 @@ def world_tokenizer(folder: Path):
     raise RuntimeError("could not build whole-word merges for the world's vocabulary")
 
 
-def world_model_components(tokenizer, seed: int):
-    """Untrained components at the built-in size: latent 4 x F x 8 x 8 for 32 x 32 frames."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
+def new_vae(seed: int):
+    """The untrained per-frame VAE: 32 x 32 frames to 8 x 8 x 8 latents (factor 4). Eight latent channels, not
+    four: with four, a 4 x 4 pixel patch had too few numbers for where an object's edge crosses it, and the VAE
+    rounded every shape."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, sample_size=32,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=VAE_CHANNELS, layers_per_block=1, norm_num_groups=1, scaling_factor=1.0,
+    )  # one norm group: with one channel per group, GroupNorm removed each channel's mean and the VAE lost colour
+
+
+def new_text_encoder(tokenizer, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet3DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
+    vocab = tokenizer.get_vocab()
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=CONTEXT_LENGTH, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    ))
+
+
+def new_unet(vae, text_encoder, seed: int):
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet3DConditionModel(
+        sample_size=8, in_channels=vae.config.latent_channels, out_channels=vae.config.latent_channels,
         down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
         up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=64, attention_head_dim=8,
+        cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=32,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=1, scaling_factor=1.0,
-    )  # one norm group: with one channel per group, GroupNorm removed each channel's mean and the VAE lost colour
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return unet, vae, text_encoder, scheduler
+
+
+def new_scheduler():
+    """DDPM's linear schedule: its last step keeps 1% of the signal. SD's scaled-linear one, made for 64 x 64
+    latents, keeps 9% at the first of 20 DDIM steps, which on 8 x 8 latents lets training read the layout from
+    the noise, where generation from pure noise finds nothing to read."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
+# ---------------------------------------------------------------------------------- the stages
+STAGES = ("vae", "text-encoder", "unet", "reward")
+STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "reward": 1000}
+
+
+@dataclass(frozen=True)
+class Build:
+    """Where a build reads and writes, and how large its measurements are (``--smoke``: a few of each)."""
+
+    seed: int
+    output: Path
+    work: Path
+    reports: Path
+    smoke: bool
+
+    @property
+    def model_dir(self) -> Path:
+        return self.output / MODEL_DIR.name
+
+    def count(self, full: int) -> int:
+        return 4 if self.smoke else full
+
+    def stage_work(self, stage: str, restart: bool) -> Path:
+        folder = self.work / stage
+        if restart and folder.exists():
+            shutil.rmtree(folder)
+        return folder
+
+    def load(self, *parts: str) -> dict:
+        from diffusers import AutoencoderKL, UNet3DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        classes = {"vae": AutoencoderKL, "unet": UNet3DConditionModel, "text_encoder": CLIPTextModel,
+                   "tokenizer": CLIPTokenizer}
+        missing = [p for p in parts if not (self.model_dir / p).is_dir()]
+        if missing:
+            raise UserError(f"{self.model_dir} lacks {', '.join(missing)}; run the stages before this one first "
+                            f"(python -m engine.world.build {' / '.join(STAGES)}, same --output)")
+        return {p: classes[p].from_pretrained(str(self.model_dir / p)) for p in parts}
+
+
+def stage_vae(build: Build, steps: int, restart: bool) -> dict:
+    vae = new_vae(build.seed)
+    monitor_clips = clean_clips(32, build.seed + 10)
+    train_vae(vae, steps, build.seed, build.stage_work("vae", restart), {"seed": build.seed, "steps": steps,
+              "channels": VAE_CHANNELS, "latent_channels": LATENT_CHANNELS}, monitor=lambda v: _fidelity(vae_fidelity(v, monitor_clips)))
+    vae.save_pretrained(str(build.model_dir / "vae"))
+    in_domain = clean_clips(build.count(128), build.seed + 20, shapes=FINETUNE_SHAPES, colours=FINETUNE_COLOURS)
+    every = clean_clips(build.count(128), build.seed + 21)
+    rng = random.Random(build.seed + 22)
+    mixture = [training_mixture(rng) for _ in range(build.count(64))]
+    return {"ceiling": ceiling(build.count(512), build.seed + 23),
+            "clean_in_domain": vae_fidelity(vae, in_domain), "clean_every_category": vae_fidelity(vae, every),
+            "training_mixture_psnr_db": _mixture_psnr(vae, mixture), "latent_scale": vae.config.scaling_factor}
+
+
+def stage_text_encoder(build: Build, steps: int, restart: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = world_tokenizer(Path(tmp))
+        text_encoder = new_text_encoder(tokenizer, build.seed + 1)
+        train_text_encoder(text_encoder, tokenizer, steps, build.seed + 1, build.stage_work("text-encoder", restart),
+                           {"seed": build.seed, "steps": steps})
+        tokenizer.save_pretrained(str(build.model_dir / "tokenizer"))
+    text_encoder.save_pretrained(str(build.model_dir / "text_encoder"))
+    return {"attribute_accuracy": attribute_accuracy(text_encoder, tokenizer, build.count(512), build.seed + 30)}
+
+
+def stage_unet(build: Build, steps: int, restart: bool) -> dict:
+    from diffusers import TextToVideoSDPipeline
+
+    from engine.models import VideoDiffusion
+
+    parts = build.load("vae", "text_encoder", "tokenizer")
+    vae, text_encoder, tokenizer = parts["vae"].eval(), parts["text_encoder"].eval(), parts["tokenizer"]
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet, scheduler = new_unet(vae, text_encoder, build.seed + 2), new_scheduler()
+    monitor_pairs = evaluation_set("reward_train", 1)[:build.count(36)]
+
+    def monitor(ema):
+        rows, _ = from_noise(VideoDiffusion(ema, vae, text_encoder, tokenizer, scheduler), monitor_pairs)
+        return _fidelity(mean_metrics(rows))
+
+    train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps, build.seed + 2, build.stage_work("unet", restart),
+               {"seed": build.seed, "steps": steps}, monitor=monitor, monitor_every=max(1, min(1000, steps)))
+    TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                          scheduler=scheduler).save_pretrained(str(build.model_dir))
+    ceilings = ceiling(build.count(512), build.seed + 23)
+    model = VideoDiffusion(unet, vae, text_encoder, tokenizer, scheduler)
+    return {"ceiling": ceilings,
+            "effect_set": base_model_figures(model, evaluation_set("effect", 4)[:build.count(144)], ceilings)}
+
+
+def ranked_generations(model, pairs) -> list[tuple[torch.Tensor, str, torch.Tensor, str]]:
+    """The base model's generations of ``pairs`` (reward-training captions and seeds only), as (better video, its
+    caption, worse video, its caption), ranked the way figure 5 measures the reward: any two clips whose gold
+    quality differs by 2 dB or more, the better first; and within a caption, colour and shape right first."""
+    rows, videos = from_noise(model, pairs)
+    right = [r["colour_acc"] > 0.5 and r["shape_acc"] > 0.5 for r in rows]
+    captions = [c.caption for c, _ in pairs]
+    ranked = []
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            same = captions[i] == captions[j]
+            if rows[i]["quality"] - rows[j]["quality"] >= 2.0 or (same and right[i] and not right[j]):
+                ranked.append((videos[i], captions[i], videos[j], captions[j]))
+    return ranked
+
+
+def stage_reward(build: Build, steps: int, restart: bool, generations: int = 288) -> dict:
+    import open_clip
+
+    from engine.models import load_model
+    from engine.rewards import HPSv2Reward
+
+    model = load_model(build.model_dir)
+    register_open_clip_configs()
+    torch.manual_seed(build.seed + 3)
+    reward = open_clip.create_model(REWARD_ARCH, pretrained=None)
+    ranked = ranked_generations(model, evaluation_set("reward_train", 8)[:build.count(generations)]) if generations else []
+    train_reward(reward, open_clip.get_tokenizer(REWARD_ARCH), model.vae, steps, build.seed + 3,
+                 build.stage_work("reward", restart), {"seed": build.seed, "steps": steps}, ranked=ranked)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in reward.state_dict().items()}
+    path = build.output / REWARD_FILE.name
+    torch.save({"state_dict": state, "architecture": REWARD_ARCH}, str(path))
+    pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
+    return {"ranked_generation_pairs": len(ranked), "reward_validation": reward_agreement(model, HPSv2Reward(path), pairs)}
+
+
+def _fidelity(means: dict[str, float]) -> dict[str, float]:
+    return {k: means[k] for k in ("colour_acc", "shape_acc", "direction_acc", "quality")}
+
+
+def _mixture_psnr(vae, clips) -> float:
+    frames = torch.stack([render(c) for c in clips]).flatten(0, 1)
+    mse = torch.nn.functional.mse_loss(reconstruct(vae, frames), frames)
+    return float(10 * torch.log10(1 / mse))
+
+
+@torch.no_grad()
+def attribute_accuracy(text_encoder, tokenizer, count: int, seed: int) -> dict[str, float]:
+    """How often a nearest-class-mean readout of the summary token names each attribute, on fresh captions of
+    both templates (class means from one half, tested on the other)."""
+    from engine.world.training import ATTRIBUTES
+
+    rng = random.Random(seed)
+    clips = [random_clip(rng, template=rng.choice("AB")) for _ in range(2 * count)]
+    ids = tokenizer([c.caption for c in clips], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    summary = text_encoder(ids).pooler_output
+    fit, test = summary[:count], summary[count:]
+    accuracy = {}
+    for name, values in ATTRIBUTES.items():
+        labels = torch.tensor([values.index(getattr(c, name)) for c in clips])
+        means = torch.stack([fit[labels[:count] == i].mean(0) if (labels[:count] == i).any()
+                             else torch.full_like(fit[0], float("inf")) for i in range(len(values))])
+        accuracy[name] = (torch.cdist(test, means).argmin(1) == labels[count:]).float().mean().item()
+    return accuracy
+
+
+RUNNERS = {"vae": stage_vae, "text-encoder": stage_text_encoder, "unet": stage_unet, "reward": stage_reward}
 
 
 # ---------------------------------------------------------------------------------- the command
-def build_and_train(seed: int, vae_steps: int, unet_steps: int, reward_steps: int, output: Path,
-                    unet_lr: float = 1e-3, min_snr: float = 5.0) -> None:
-    import open_clip
-    from diffusers import TextToVideoSDPipeline
-
-    torch.set_num_threads(torch.get_num_threads())
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = world_tokenizer(Path(tmp))
-        unet, vae, text_encoder, scheduler = world_model_components(tokenizer, seed)
-        train_vae(vae, vae_steps, seed)
-        vae.requires_grad_(False)
-        train_unet(unet, vae, text_encoder, tokenizer, scheduler, unet_steps, seed + 1, lr=unet_lr, min_snr=min_snr)
-        model_dir = output / MODEL_DIR.name
-        TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                              scheduler=scheduler).save_pretrained(str(model_dir))
-    print(f"base model written to {model_dir}")
-
-    register_open_clip_configs()
-    torch.manual_seed(seed + 2)
-    reward = open_clip.create_model(REWARD_ARCH, pretrained=None)
-    train_reward(reward, open_clip.get_tokenizer(REWARD_ARCH), vae, reward_steps, seed + 2)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in reward.state_dict().items()}
-    torch.save({"state_dict": state, "architecture": REWARD_ARCH}, str(output / REWARD_FILE.name))
-    print(f"reward written to {output / REWARD_FILE.name}")
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m engine.world.build", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("stage", choices=(*STAGES, "all"), help="the stage to run; 'all': every stage in order")
+    parser.add_argument("--steps", type=int, help="training steps of the stage (default: "
+                        + ", ".join(f"{k} {v}" for k, v in STEPS.items()) + "; --smoke: 3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--unet-steps", type=int, default=2400)
-    parser.add_argument("--reward-steps", type=int, default=1000)
-    parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak learning rate of the UNet stage")
-    parser.add_argument("--min-snr", type=float, default=5.0, help="min-SNR loss weighting gamma (0 = uniform weights)")
-    parser.add_argument("--output", default=str(ASSETS), help="folder for world-t2v/ and world-hps.pt")
+    parser.add_argument("--output", help=f"folder for {MODEL_DIR.name}/ and {REWARD_FILE.name} (default: {ASSETS}; "
+                        "--smoke: build/world-smoke)")
+    parser.add_argument("--work", help="checkpoints and logs of the stages (default: build/world, or OUTPUT/work)")
+    parser.add_argument("--reports", help="the stages' JSON reports (default: bench/world, or OUTPUT/reports)")
+    parser.add_argument("--generations", type=int, default=288, help="reward stage: this many base-model generations "
+                        "of the reward-training captions and seeds, ranked by the gold metrics, join its training data")
+    parser.add_argument("--smoke", action="store_true", help="a few steps and clips of each: the whole build in minutes")
+    parser.add_argument("--restart", action="store_true", help="start the stage over instead of continuing its checkpoint")
     args = parser.parse_args(argv)
-    if min(args.vae_steps, args.unet_steps, args.reward_steps) < 1:
-        raise UserError("--vae-steps, --unet-steps and --reward-steps must be at least 1")
-    if not (0 < args.unet_lr < float("inf")) or not (0 <= args.min_snr < float("inf")):
-        raise UserError("--unet-lr must be a positive number and --min-snr a non-negative one (0 = uniform weights)")
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    build_and_train(args.seed, args.vae_steps, args.unet_steps, args.reward_steps, output, args.unet_lr, args.min_snr)
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    root = ASSETS.parents[1]
+    output = Path(args.output) if args.output else (root / "build" / "world-smoke" if args.smoke else ASSETS)
+    shipped = output.resolve() == ASSETS.resolve()
+    if args.smoke and shipped:
+        raise UserError(f"--smoke would overwrite the shipped assets in {ASSETS}; pass --output another folder")
+    build = Build(args.seed, output, Path(args.work) if args.work else (root / "build" / "world" if shipped else output / "work"),
+                  Path(args.reports) if args.reports else (root / "bench" / "world" if shipped else output / "reports"),
+                  args.smoke)
+    for stage in STAGES if args.stage == "all" else (args.stage,):
+        steps = args.steps or (3 if args.smoke else STEPS[stage])
+        extra = {"generations": args.generations} if stage == "reward" else {}
+        figures = RUNNERS[stage](build, steps, args.restart, **extra)
+        path = write_report(build.reports, stage, {"stage": stage, "seed": args.seed, "steps": steps,
+                                                   "smoke": args.smoke, **figures})
+        print(f"{stage}: written to {output}; figures in {path}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The world's scenes: what a clip is (one object, shape x colour, moving in a straight line over a flat
-background, 8 frames of 32x32), its captions, and the clips each training and evaluation split draws.
+background, 8 frames of 32x32, crossing most of the frame), its captions, and the clips each training and
+evaluation split draws.
 
 Clean clips are anti-aliased renders (engine.world.rendering); degraded clips keep the caption but are blurred,
 noisy, washed out, drawn in the wrong colour or jittered along their path. A model trained on the mixture
@@ -21,7 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 
 FRAMES, SIZE = 8, 32
-RADIUS = 6.0          # half the object's extent, pixels
+RADIUS = 7.5          # half the object's extent, pixels: a clean square reads as a square in every frame
+MARGIN = 1.0          # least gap between the object and the frame's border, pixels
 SPEED = 2.0           # pixels per frame along the motion's axis
 SUPERSAMPLE = 4       # anti-aliasing of clean renders
 
@@ -73,13 +75,12 @@ def shape_word(shape: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- sampling clips
-def random_clip(rng: random.Random, shapes=SHAPES, colours=tuple(COLOURS), template: str = "A",
-                degradation: str | None = None) -> Clip:
-    """A clip whose whole path stays inside the frame, the object never touching the border."""
-    motion = rng.choice(tuple(MOTIONS))
+def start_position(rng: random.Random, motion: str) -> tuple[float, float]:
+    """Where a clip moving ``motion`` may start so that its whole path stays inside the frame, the object never
+    touching the border."""
     dx, dy = MOTIONS[motion]
     travel = SPEED * (FRAMES - 1)
-    low, high = RADIUS + 2, SIZE - RADIUS - 2
+    low, high = RADIUS + MARGIN, SIZE - RADIUS - MARGIN
 
     def coordinate(direction: float) -> float:
         if direction > 0:
@@ -88,8 +89,21 @@ def random_clip(rng: random.Random, shapes=SHAPES, colours=tuple(COLOURS), templ
             return rng.uniform(low + travel, high)
         return rng.uniform(low + 3, high - 3)
 
-    return Clip(rng.choice(shapes), rng.choice(colours), motion, rng.choice(tuple(BACKGROUNDS)),
-                (coordinate(dx), coordinate(dy)), template, degradation, rng.randrange(2**31))
+    return coordinate(dx), coordinate(dy)
+
+
+def random_clip(rng: random.Random, shapes=SHAPES, colours=tuple(COLOURS), template: str = "A",
+                degradation: str | None = None) -> Clip:
+    motion = rng.choice(tuple(MOTIONS))
+    shape, colour, background = rng.choice(shapes), rng.choice(colours), rng.choice(tuple(BACKGROUNDS))
+    return Clip(shape, colour, motion, background, start_position(rng, motion), template, degradation,
+                rng.randrange(2**31))
+
+
+def mixed_quality(rng: random.Random, clip: Clip, clean_fraction: float = 0.4) -> Clip:
+    """``clip``'s caption at a fresh place, clean or degraded as often as in the base model's training data."""
+    degradation = None if rng.random() < clean_fraction else rng.choice(DEGRADATIONS)
+    return replace(clip, start=start_position(rng, clip.motion), degradation=degradation, seed=rng.randrange(2**31))
 
 
 def training_mixture(rng: random.Random, clean_fraction: float = 0.4, template_b_fraction: float = 0.25) -> Clip:
@@ -118,25 +132,73 @@ def prompt_set(name: str, count: int, seed: int) -> list[Clip]:
 
 PROMPT_SETS = ("in_domain", "new_categories", "unrelated")
 
+# ---------------------------------------------------------------------------------- evaluation sets
+# Fixed before any asset was trained, so that no figure is tuned to the set it is reported on: the 144 in-domain
+# captions (shape x colour x motion x background) shuffled once and cut into four disjoint groups of 36, each
+# with its own range of noise seeds. ``reward_train``: captions whose base-model generations may train the
+# reward (and that fine-tuning trains on, with ``reward_validation``); ``reward_validation``: the reward's
+# agreement with the gold metrics; ``effect``: before/after figures of fine-tuning; ``fresh``: the same figures
+# again on noise seeds drawn only once the assets are final.
+CAPTION_GROUPS = ("reward_train", "reward_validation", "effect", "fresh")
+GROUP_SEED_BASE = {"reward_train": 10_000, "reward_validation": 20_000, "effect": 30_000, "fresh": 40_000}
+
+
+def in_domain_grid(template: str = "A") -> list[Clip]:
+    """Every in-domain caption once, as a clean clip at the frame's centre line (its path matters to no caption)."""
+    clips = []
+    for shape in FINETUNE_SHAPES:
+        for colour in FINETUNE_COLOURS:
+            for motion in MOTIONS:
+                for background in BACKGROUNDS:
+                    clips.append(_centred(shape, colour, motion, background, template))
+    return clips
+
+
+def _centred(shape: str, colour: str, motion: str, background: str, template: str) -> Clip:
+    dx, dy = MOTIONS[motion]
+    travel = SPEED * (FRAMES - 1)
+    start = (SIZE / 2 - dx * travel / 2, SIZE / 2 - dy * travel / 2)
+    return Clip(shape, colour, motion, background, start, template)
+
+
+def caption_group(name: str) -> list[Clip]:
+    """The 36 in-domain captions of one evaluation group (see CAPTION_GROUPS)."""
+    if name not in CAPTION_GROUPS:
+        raise ValueError(f"unknown caption group {name!r}; use one of {', '.join(CAPTION_GROUPS)}")
+    grid = in_domain_grid()
+    random.Random(2026_12_04).shuffle(grid)
+    size = len(grid) // len(CAPTION_GROUPS)
+    start = CAPTION_GROUPS.index(name) * size
+    return grid[start:start + size]
+
+
+def evaluation_set(name: str, samples_per_caption: int, seed_offset: int = 0) -> list[tuple[Clip, int]]:
+    """(clip, noise seed) pairs of one group: each caption with ``samples_per_caption`` seeds of the group's own
+    range (moved by ``seed_offset``), the same pairs every time (paired designs draw the same initial noise before
+    and after)."""
+    clips, base = caption_group(name), GROUP_SEED_BASE[name] + seed_offset
+    return [(clip, base + i * samples_per_caption + j) for i, clip in enumerate(clips) for j in range(samples_per_caption)]
+
+
+def effect_sets(samples_per_caption: int = 2, group: str = "effect", seed_offset: int = 0) -> dict[str, list[tuple[Clip, int]]]:
+    """Table 1's three sets for before/after figures, as (clip, noise seed) pairs: the in-domain captions of
+    ``group`` (never fine-tuned on), and as many captions with a held-out shape or colour and of template B,
+    with noise seeds of the group's range. ``group="fresh"`` with a ``seed_offset`` drawn once the assets are
+    final (bench.world_study takes it from their hash) is the second set no choice was made on."""
+    in_domain = evaluation_set(group, samples_per_caption, seed_offset)
+    base = GROUP_SEED_BASE[group] + 5_000 + seed_offset
+    others = {name: prompt_set(name, len(in_domain), seed=base + i) for i, name in enumerate(PROMPT_SETS[1:])}
+    return {"in_domain": in_domain, **{name: [(clip, base + 1_000 * (i + 1) + k) for k, clip in enumerate(clips)]
+                                      for i, (name, clips) in enumerate(others.items())}}
+
 
 def finetune_split(train_count: int, held_out_count: int, seed: int) -> tuple[list[Clip], list[Clip]]:
-    """Source clips for reward fine-tuning: in-domain captions with the training data's mixed quality. The
-    held-out clips' captions (category, motion and background together) never occur among the training clips."""
+    """Source clips for reward fine-tuning, in-domain with the training data's mixed quality: training clips with
+    the captions of the reward_train and reward_validation groups, held-out clips with the effect group's, which
+    fine-tuning never sees."""
     rng = random.Random(seed)
-
-    def mixed(shapes=FINETUNE_SHAPES, colours=FINETUNE_COLOURS) -> Clip:
-        degradation = None if rng.random() < 0.4 else rng.choice(DEGRADATIONS)
-        return random_clip(rng, shapes, colours, degradation=degradation)
-
-    held_out = []
-    while len(held_out) < held_out_count:
-        clip = mixed()
-        if clip.caption not in {c.caption for c in held_out}:
-            held_out.append(clip)
-    kept = {c.caption for c in held_out}
-    train = []
-    while len(train) < train_count:
-        clip = mixed()
-        if clip.caption not in kept:
-            train.append(clip)
+    train_captions = caption_group("reward_train") + caption_group("reward_validation")
+    effect = caption_group("effect")
+    held_out = [mixed_quality(rng, effect[i % len(effect)]) for i in range(held_out_count)]
+    train = [mixed_quality(rng, rng.choice(train_captions)) for _ in range(train_count)]
     return train, held_out

@@ -1,19 +1,22 @@
-"""The three training stages of the built-in assets (engine.world.build): the VAE, the UNet with its text
-encoder, and the preference reward, each on clips of the procedural world and seeded."""
+"""The training loops of the build stages (engine.world.build): the VAE, the text encoder, the UNet and the
+preference reward, each on clips of the procedural world, seeded, and resumable through ``StageRun``."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine.rewards.clip import clip_preprocess
 from engine.world.gold import object_weights
 from engine.world.rendering import render
-from engine.world.scene import COLOURS, DEGRADATIONS, FRAMES, SHAPES, Clip, random_clip, training_mixture
+from engine.world.scene import (BACKGROUNDS, COLOURS, DEGRADATIONS, FRAMES, MOTIONS, SHAPES, Clip, random_clip,
+                                training_mixture)
+from engine.world.stages import StageRun
 
 
 def render_batch(rng: random.Random, count: int, sample=training_mixture) -> tuple[torch.Tensor, list[Clip]]:
@@ -27,23 +30,26 @@ def cosine_lr(optimizer, steps: int, warmup: int):
 
 
 # ---------------------------------------------------------------------------------- stage 1: the VAE
-def train_vae(vae, steps: int, seed: int, batch: int = 32, object_weight: float = 10.0) -> None:
+def train_vae(vae, steps: int, seed: int, work: Path, config: dict, batch: int = 32, lr: float = 2e-3,
+              object_weight: float = 10.0, monitor=None) -> None:
     """Per-frame autoencoder on clean and degraded frames, trained on the posterior mean (the chain encodes
     sources with it; the KL term only keeps latents bounded); the latent scale makes scaled latents unit-variance.
 
-    The object covers about a tenth of a frame, so its pixels weigh ``1 + object_weight`` in the loss: with
+    The object covers a small part of the frame, so its pixels weigh ``1 + object_weight`` in the loss: with
     uniform weights the VAE reconstructed every object as the same orange blob (measured), and a model cannot
-    generate a colour or shape its VAE cannot decode."""
-    rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    generate a colour or shape its VAE cannot decode. ``monitor(vae)`` -> figures, logged every 250 steps."""
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = cosine_lr(optimizer, steps, 50)
+    run = StageRun("vae", work, {**config, "batch": batch, "lr": lr, "object_weight": object_weight}, steps,
+                   {"vae": vae, "optimizer": optimizer, "schedule": schedule, "rng": rng, "generator": generator})
     vae.train()
-    for _ in (bar := tqdm(range(steps), desc="1/3 VAE", dynamic_ncols=True)):
-        frames, clips = render_batch(rng, batch // FRAMES + 1)
+    for step in run:
+        frames, clips = render_batch(rng, batch)  # one frame of each of ``batch`` clips: every batch is varied
         objects = torch.stack([object_weights(render(c.clean()), c.background) for c in clips])
-        chosen = torch.randperm(frames.shape[0] * FRAMES)[:batch]
-        x = frames.flatten(0, 1)[chosen] * 2 - 1
-        weight = 1 + object_weight * objects.flatten(0, 1)[chosen].unsqueeze(1)
+        chosen = torch.randint(0, FRAMES, (batch,), generator=generator)
+        x = frames[torch.arange(batch), chosen] * 2 - 1
+        weight = 1 + object_weight * objects[torch.arange(batch), chosen].unsqueeze(1)
         posterior = vae.encode(x).latent_dist
         error = vae.decode(posterior.mode()).sample - x
         loss = ((error.abs() + error.pow(2)) * weight).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
@@ -51,44 +57,89 @@ def train_vae(vae, steps: int, seed: int, batch: int = 32, object_weight: float 
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        run.show(loss=loss.item())
+        if monitor is not None and (step + 1) % 250 == 0:
+            vae.eval()
+            run.log(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in monitor(vae).items()))
+            vae.train()
     vae.eval()
     with torch.no_grad():
         frames, _ = render_batch(random.Random(seed + 1), 64)
-        x = frames.flatten(0, 1) * 2 - 1
-        latents = vae.encode(x).latent_dist.mode()
-        mse = F.mse_loss(vae.decode(latents).sample.clamp(-1, 1) * 0.5, x * 0.5)
+        latents = vae.encode(frames.flatten(0, 1) * 2 - 1).latent_dist.mode()
     vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
-    print(f"VAE reconstruction PSNR {10 * torch.log10(1 / mse).item():.1f} dB, latent scale {vae.config.scaling_factor}")
 
 
-# ---------------------------------------------------------------------------------- stage 2: the UNet
-def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed: int, batch: int = 16,
-               lr: float = 1e-3, caption_dropout: float = 0.1, ema_decay: float = 0.998, min_snr: float = 5.0) -> None:
-    """Epsilon-prediction training of the UNet and text encoder together, with temporal offset noise as the
-    chain draws it; the EMA of the weights is what is saved.
+# ---------------------------------------------------------------------------------- stage 2: the text encoder
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "motion": tuple(MOTIONS), "background": tuple(BACKGROUNDS)}
+
+
+def train_text_encoder(text_encoder, tokenizer, steps: int, seed: int, work: Path, config: dict, batch: int = 64,
+                       lr: float = 3e-3) -> None:
+    """The caption encoder pretrained to name each caption's shape, colour, motion and background from its
+    summary token, over both templates: the UNet then starts from embeddings that already tell captions apart
+    and say the same thing for the two templates of one scene, instead of learning words from noise with it."""
+    rng = random.Random(seed)
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(text_encoder.config.hidden_size, len(v))
+                                 for k, v in ATTRIBUTES.items()})
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = cosine_lr(optimizer, steps, 20)
+    run = StageRun("text-encoder", work, {**config, "batch": batch, "lr": lr}, steps,
+                   {"text_encoder": text_encoder, "heads": heads, "optimizer": optimizer, "schedule": schedule,
+                    "rng": rng}, log_every=100)
+    text_encoder.train()
+    for _ in run:
+        clips = [random_clip(rng, template=rng.choice("AB")) for _ in range(batch)]
+        ids = tokenizer([c.caption for c in clips], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        summary = text_encoder(ids).pooler_output
+        losses = {k: F.cross_entropy(head(summary), torch.tensor([values.index(getattr(c, k)) for c in clips]))
+                  for (k, values), head in zip(ATTRIBUTES.items(), heads.values())}
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        run.show(loss=loss.item())
+    text_encoder.eval()
+
+
+# ---------------------------------------------------------------------------------- stage 3: the UNet
+def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed: int, work: Path, config: dict,
+               batch: int = 16, lr: float = 1e-3, caption_dropout: float = 0.1, ema_decay: float = 0.999,
+               min_snr: float = 5.0, monitor=None, monitor_every: int = 1000) -> None:
+    """Epsilon-prediction training of the UNet on the frozen, pretrained text encoder's embeddings (one per
+    caption, cached), with temporal offset noise as the chain draws it; the EMA of the weights is what is saved.
 
     Min-SNR loss weights (Hang et al. 2023: min(SNR, gamma) / SNR for epsilon prediction) move the weight from
-    the easy low-noise steps to the noisy ones, where colour, shape and motion are decided: with uniform weights
-    2,000 steps learned the backgrounds but hardly the captions' colours or any motion (measured)."""
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    the easy low-noise steps to the noisy ones, where colour, shape and motion are decided. ``monitor(unet)`` ->
+    figures of the EMA weights, logged every ``monitor_every`` steps."""
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     schedule = cosine_lr(optimizer, steps, 100)
-    ema = [p.detach().clone() for p in params]
-    alphas = scheduler.alphas_cumprod
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    run = StageRun("unet", work, {**config, "batch": batch, "lr": lr, "caption_dropout": caption_dropout,
+                                  "ema_decay": ema_decay, "min_snr": min_snr}, steps,
+                   {"unet": unet, "ema": ema, "optimizer": optimizer, "schedule": schedule, "rng": rng,
+                    "generator": generator})
+    alphas, scale = scheduler.alphas_cumprod, vae.config.scaling_factor
+    contexts: dict[str, torch.Tensor] = {}
+
+    def context_of(caption: str) -> torch.Tensor:
+        if caption not in contexts:
+            ids = tokenizer([caption], padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            with torch.no_grad():
+                contexts[caption] = text_encoder(ids)[0][0]
+        return contexts[caption]
+
     unet.train()
-    text_encoder.train()
-    scale = vae.config.scaling_factor
-    for step in (bar := tqdm(range(steps), desc="2/3 UNet + text encoder", dynamic_ncols=True)):
+    for step in run:
         frames, clips = render_batch(rng, batch)
         with torch.no_grad():
             latents = vae.encode(frames.flatten(0, 1) * 2 - 1).latent_dist.mode() * scale
             latents = latents.unflatten(0, (batch, FRAMES)).transpose(1, 2)
-        captions = ["" if rng.random() < caption_dropout else c.caption for c in clips]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        context = text_encoder(ids)[0]
+        context = torch.stack([context_of("" if rng.random() < caption_dropout else c.caption) for c in clips])
         noise = torch.randn(latents.shape, generator=generator)
         noise = noise + 0.1 * torch.randn((*latents.shape[:3], 1, 1), generator=generator)
         t = torch.randint(0, len(alphas), (batch,), generator=generator)
@@ -100,22 +151,21 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed: 
         loss = (weight * error).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema, params):
+            for e, p in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(p.detach(), 1 - decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    with torch.no_grad():
-        for e, p in zip(ema, params):
-            p.copy_(e)
+        run.show(loss=loss.item())
+        if monitor is not None and (step + 1) % monitor_every == 0:
+            run.log(f"step {step + 1}, EMA weights: " + " ".join(f"{k}={v:.3f}" for k, v in monitor(ema).items()))
+    unet.load_state_dict(ema.state_dict())
     unet.eval()
-    text_encoder.eval()
 
 
-# ---------------------------------------------------------------------------------- stage 3: the reward
+# ---------------------------------------------------------------------------------- stage 4: the reward
 def preference_group(rng: random.Random) -> tuple[list[torch.Tensor], str]:
     """One caption and three frames, best first: the clean render, a degraded render, and a clean render of
     another caption (other colour or shape) at the same place."""
@@ -130,16 +180,23 @@ def preference_group(rng: random.Random) -> tuple[list[torch.Tensor], str]:
     return [render(c)[frame] for c in (clip, degraded, other)], clip.caption
 
 
-def train_reward(model, tokenizer, vae, steps: int, seed: int, batch: int = 32, lr: float = 1e-3) -> None:
+def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, config: dict, batch: int = 32,
+                 lr: float = 1e-3, ranked: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None) -> None:
     """HPS-style ranking (cross-entropy over each caption's group, best first) plus CLIP's contrastive loss over
-    the clean pairs. Half the batches go through the video model's VAE, so decoded frames are ranked as well."""
+    the clean pairs. Half the batches go through the video model's VAE, so decoded frames are ranked as well.
+
+    ``ranked``: (better video, its caption, worse video, its caption) pairs of the base model's own generations
+    [F, 3, H, W], ordered by the gold metrics; each step then adds a batch of them (one frame each, the same for
+    both) with a pairwise logistic loss, so the reward also learns the model's own failures."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = cosine_lr(optimizer, steps, 50)
+    run = StageRun("reward", work, {**config, "batch": batch, "lr": lr, "ranked_pairs": len(ranked or [])}, steps,
+                   {"reward": model, "optimizer": optimizer, "schedule": schedule, "rng": rng})
     model.train()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    for _ in (bar := tqdm(range(steps), desc="3/3 reward", dynamic_ncols=True)):
+    for _ in run:
         groups, captions = zip(*(preference_group(rng) for _ in range(batch)))
         images = torch.stack([torch.stack(g) for g in groups])  # [B, 3, 3, H, W]
         if rng.random() < 0.5:
@@ -154,11 +211,23 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, batch: int = 32, 
         target = torch.arange(batch)
         contrastive = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
         loss = ranking + contrastive
+        shown = {"rank": ranking.item(), "clip": contrastive.item()}
+        if ranked:
+            chosen = [ranked[rng.randrange(len(ranked))] for _ in range(batch)]
+            frames = [rng.randrange(FRAMES) for _ in chosen]
+            pair = torch.stack([torch.stack([b[f], w[f]]) for (b, _, w, _), f in zip(chosen, frames)])  # [B, 2, 3, H, W]
+            pair = F.normalize(model.encode_image(clip_preprocess(pair.flatten(0, 1), size)), dim=-1).unflatten(0, (batch, 2))
+            texts = [c for _, better, _, worse in chosen for c in (better, worse)]
+            text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1).unflatten(0, (batch, 2))
+            margin = scale * (pair * text).sum(-1)
+            generated = F.softplus(margin[:, 1] - margin[:, 0]).mean()
+            loss = loss + generated
+            shown["generated"] = generated.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
-        bar.set_postfix(rank=f"{ranking.item():.3f}", clip=f"{contrastive.item():.3f}")
+        run.show(**shown)
     model.eval()

@@ -1,0 +1,117 @@
+"""What the build stages measure on their outputs (engine.world.build writes it to bench/world/<stage>.json):
+the gold metrics' ceiling on the training data, the VAE's fidelity on clean clips, the base model's generations
+from noise, and the reward's agreement with the gold metrics."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from engine.chain import generate
+from engine.world.gold import centroids, gold_metrics, mean_metrics
+from engine.world.rendering import render
+from engine.world.scene import FRAMES, SIZE, SPEED, Clip, random_clip, training_mixture
+
+RANGE_METRICS = ("sharpness", "bg_noise", "jitter")  # the ways a generation's quality can leave the clean range
+FIDELITY = ("colour_acc", "shape_acc", "direction_acc")
+
+
+def ceiling(count: int, seed: int) -> dict[str, dict[str, float]]:
+    """The gold metrics read on the training mixture's own clips (degraded ones are wrong by design), on its
+    clean clips alone, and on clean in-domain clips: what a perfect model of the data would score."""
+    rng = random.Random(seed)
+    mixture = [training_mixture(rng) for _ in range(count)]
+    clean = [c for c in mixture if c.degradation is None]
+    return {"training_mixture": mean_metrics([gold_metrics(render(c), c.clean()) for c in mixture]),
+            "clean_clips": mean_metrics([gold_metrics(render(c), c) for c in clean]),
+            "clips": {"training_mixture": len(mixture), "clean_clips": len(clean)}}
+
+
+@torch.no_grad()
+def reconstruct(vae, frames: torch.Tensor) -> torch.Tensor:
+    """Frames [F, 3, H, W] in [0, 1] through the VAE (posterior mean), back in [0, 1]."""
+    return (vae.decode(vae.encode(frames * 2 - 1).latent_dist.mode()).sample * 0.5 + 0.5).clamp(0, 1)
+
+
+def vae_fidelity(vae, clips: list[Clip]) -> dict[str, float]:
+    """Gold metrics of the VAE's reconstructions of clean clips (a model cannot draw what its VAE cannot)."""
+    return mean_metrics([gold_metrics(reconstruct(vae, render(c.clean())), c.clean()) for c in clips])
+
+
+def clean_clips(count: int, seed: int, **kw) -> list[Clip]:
+    rng = random.Random(seed)
+    return [random_clip(rng, **kw) for _ in range(count)]
+
+
+@torch.no_grad()
+def from_noise(model, pairs: list[tuple[Clip, int]], ddim_steps: int = 20, guidance: float = 3.0,
+               batch: int = 32, scorer=None) -> tuple[list[dict[str, float]], list[torch.Tensor]]:
+    """Gold metrics of generations from the initial noise of each (clip, seed) for the clip's caption (and, with
+    ``scorer``, an ``engine.video_reward.SegmentalReward``, their ``reward`` on its evaluation frames), and the
+    videos [F, 3, H, W] in [0, 1]. The same pairs give the same noise for every model: a paired design."""
+    rows, videos = [], []
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i:i + batch]
+        captions = [c.caption for c, _ in chunk]
+        latents = generate(model, captions, [s for _, s in chunk], (FRAMES, SIZE, SIZE), ddim_steps=ddim_steps,
+                           guidance=guidance)
+        rewards = scorer(model, latents, captions, train=False)[0].float().tolist() if scorer else [None] * len(chunk)
+        for video, (clip, _), reward in zip(latents, chunk, rewards):
+            frames = model.decode_video(video)
+            videos.append(frames)
+            rows.append(gold_metrics(frames, clip) | ({"reward": reward} if scorer else {}))
+    return rows, videos
+
+
+def quality_spread(rows: list[dict[str, float]], references: list[dict[str, float]]) -> float:
+    """Share of ``rows`` outside the range ``references`` span on any of sharpness, background noise or jitter."""
+    bounds = {k: (min(r[k] for r in references), max(r[k] for r in references)) for k in RANGE_METRICS}
+    outside = [any(not (bounds[k][0] <= r[k] <= bounds[k][1]) for k in RANGE_METRICS) for r in rows]
+    return sum(outside) / len(outside)
+
+
+def base_model_figures(model, pairs: list[tuple[Clip, int]], ceilings: dict[str, dict[str, float]],
+                       ddim_steps: int = 20, guidance: float = 3.0) -> dict:
+    """Figure 1 of the base-model issue: caption fidelity from noise (and as a share of the ceiling), how many
+    generations move across the frame at all (in any direction: the direction test's distance), and how many fall
+    outside the clean renders' range of quality (and outside the range of the VAE's reconstructions of them)."""
+    rows, videos = from_noise(model, pairs, ddim_steps, guidance)
+    clips = [c for c, _ in pairs]
+    net = [centroids(v, c.background)[[0, -1]] for v, c in zip(videos, clips)]
+    moves = [(p[1] - p[0]).norm().item() > SPEED * (FRAMES - 1) / 2 for p in net]  # the direction test's distance
+    renders = [gold_metrics(render(c), c) for c in clips]
+    reconstructions = [gold_metrics(reconstruct(model.vae, render(c)), c) for c in clips]
+    means = mean_metrics(rows)
+    return {
+        "clips": len(rows), "ddim_steps": ddim_steps, "guidance": guidance, "mean": means,
+        "share_of_ceiling": {name: {k: means[k] / ceilings[name][k] for k in FIDELITY if ceilings[name][k] > 0}
+                             for name in ("training_mixture", "clean_clips")},
+        "moves_across_any_direction": sum(moves) / len(moves),
+        "outside_clean_render_range": quality_spread(rows, renders),
+        "outside_vae_reconstruction_range": quality_spread(rows, reconstructions),
+    }
+
+
+def _video_scores(reward, videos: list[torch.Tensor], captions: list[str]) -> list[float]:
+    """The reward of each video: the mean of its per-frame scores (every frame, no SegVR draw)."""
+    with torch.no_grad():
+        return [reward(v, [caption] * len(v)).mean().item() for v, caption in zip(videos, captions)]
+
+
+def reward_agreement(model, reward, pairs: list[tuple[Clip, int]], quality_gap: float = 2.0) -> dict:
+    """Figure 5: on the base model's generations, how often the reward orders two clips as the gold metrics do.
+    ``quality``: pairs whose gold quality differs by ``quality_gap`` dB or more; ``fidelity``: pairs of one
+    caption, one with colour and shape right (in most frames), the other with either wrong."""
+    rows, videos = from_noise(model, pairs)
+    scores = _video_scores(reward, videos, [c.caption for c, _ in pairs])
+    quality = [(scores[i] > scores[j]) == (rows[i]["quality"] > rows[j]["quality"])
+               for i in range(len(rows)) for j in range(i + 1, len(rows))
+               if abs(rows[i]["quality"] - rows[j]["quality"]) >= quality_gap]
+    right = [r["colour_acc"] > 0.5 and r["shape_acc"] > 0.5 for r in rows]
+    fidelity = [scores[i] > scores[j] for i in range(len(rows)) for j in range(len(rows))
+                if pairs[i][0].caption == pairs[j][0].caption and right[i] and not right[j]]
+    return {"clips": len(rows), "quality_gap_db": quality_gap,
+            "quality_pairs": len(quality), "quality_agreement": sum(quality) / max(1, len(quality)),
+            "fidelity_pairs": len(fidelity), "fidelity_agreement": sum(fidelity) / max(1, len(fidelity)),
+            "base_model_mean": mean_metrics(rows)}
