@@ -220,7 +220,7 @@ def test_cuda_fullsize(key, report):
     recipe = BY_KEY[key]
     model, reward, step = fullsize_step(recipe, device="cuda", budget="auto")
     if key == "engine":
-        from engine.accelerate import accelerate
+        from engine.acceleration import accelerate
 
         accelerate(model.denoiser)
     else:

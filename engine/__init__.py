@@ -14,7 +14,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "accelerate": "engine.accelerate", "revert": "engine.accelerate",
+    "accelerate": "engine.acceleration", "revert": "engine.acceleration",
     "load_model": "engine.models", "build_model": "engine.builtin", "tiny_model": "engine.models",
     "VideoDiffusion": "engine.models", "gold_metrics": "engine.world",
     "EditChain": "engine.chain",

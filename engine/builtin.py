@@ -56,9 +56,8 @@ class WorldPreset(Builtin):
     size = (world.FRAMES, world.SIZE, world.SIZE)
     prompts_per_set = 12
     # The official chain (D=20, tau=0.6, CFG 3) with gradient through the last 6 of its 12 steps, 40 steps at lr
-    # 1.5e-3: measured on fine-tuning seeds 0-2 (README), the held-out reward rose by 0.023-0.043 and the gold
-    # quality by 0.21-0.38 dB on every seed. Gradient through all 12 steps at lr 3e-3 took 1.2x as long and its
-    # quality gain spread from -0.02 to +0.7 dB; K=1 for 80 steps raised the reward but not the quality.
+    # 1.5e-3: chosen on the previous built-in model; what it does to this one is Table 1 of bench/RESULTS.md
+    # (python -m bench.world_study --part table1: five seeds, paired with the base model).
     train_options = dict(num_frames=8, height=32, width=32, batch_size=2, steps=40, grad_steps="6", lr=1.5e-3,
                          warmup_steps=5, memory_budget="2GiB", lora_rank=4, num_held_out=8, sample_steps=20,
                          reward="hpsv2:world")
@@ -96,7 +95,7 @@ class TinyPreset(Builtin):
     name = "tiny"
     reward = "colorfulness"
     train_options = dict(num_frames=8, height=32, width=32, batch_size=2, steps=30, lr=2e-3, warmup_steps=3,
-                         lora_rank=4, num_held_out=2, sample_steps=20)
+                         lora_rank=4, num_held_out=2, sample_steps=20, reward="colorfulness")
     prompts = [
         "a red ball bouncing on a lawn", "a blue car driving along a coast road", "a yellow bird flying over a lake",
         "an orange fish swimming in a reef", "a green frog jumping on lily pads", "a purple kite in a windy sky",

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import kernels  # noqa: E402
-from engine.accelerate import FusedTemporalAttnProcessor, accelerate, revert  # noqa: E402
+from engine.acceleration import FusedTemporalAttnProcessor, accelerate, revert  # noqa: E402
 from engine.chain import EditChain  # noqa: E402
 from engine.memory import checkpoint_blocks  # noqa: E402
 from engine.lora import adapters_disabled, add_lora, lora_layers, lora_state_dict  # noqa: E402
@@ -142,3 +142,15 @@ def test_unsupported_processors_are_left_alone(model):
     handle = accelerate(unet, lora=False)
     assert type(attn.processor) is AttnProcessor and handle.attention_processors == 9 and handle.lora_layers == 0
     handle.revert()
+
+
+def test_the_documented_spelling_works_twice_in_one_process(model):
+    """``engine.accelerate`` is a function, never shadowed by a submodule of that name once that is imported."""
+    import importlib.util
+
+    import engine
+
+    for _ in range(2):
+        engine.accelerate(model.denoiser, backend="fused").revert()
+    shadowed = [name for name in engine.__all__ if importlib.util.find_spec(f"engine.{name}") is not None]
+    assert not shadowed, f"public names that are also submodules of engine: {shadowed}"

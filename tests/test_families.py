@@ -195,7 +195,7 @@ def test_unsupported_pipeline_and_broken_folders(saved, tmp_path):
 
 
 def cli(folder, prompts, out, *extra):
-    return ["--model", str(folder), "--prompts", str(prompts), "--output", str(out), "--ddim-steps", "4",
+    return ["--model", str(folder), "--reward", "colorfulness", "--prompts", str(prompts), "--output", str(out), "--ddim-steps", "4",
             "--sample-steps", "2", "--num-frames", "9", "--height", "32", "--width", "32", "--num-held-out", "1",
             "--segments", "2", "--grad-steps", "all", "--lr", "1e-2", *extra]
 
@@ -277,7 +277,7 @@ def test_fused_lora_kernel_swapped_into_the_transformer_predicts_as_peft(model, 
     """engine.accelerate routes every LoRA projection of the transformer through the fused kernel (Triton's
     interpreter here): the same prediction and LoRA gradients as peft; the temporal-attention kernel has nothing
     to replace in a transformer; revert restores the peft forwards."""
-    from engine.accelerate import accelerate
+    from engine.acceleration import accelerate
     from engine.lora import add_lora, lora_layers
 
     params = add_lora(model.denoiser, rank=2)

@@ -14,7 +14,7 @@ LAYERS = [
      "engine.stats"),
     ("engine.schedule",),
     ("engine.models",),
-    ("engine.lora", "engine.accelerate"),
+    ("engine.lora", "engine.acceleration"),
     ("engine.memory",),
     ("engine.chain",),
     ("engine.rewards",),

@@ -81,7 +81,7 @@ def test_wrong_weights_in_component(tmp_path, saved_tiny):
 
 def test_cli_bad_model_path_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "engine.train", "--model", str(tmp_path / "missing"),
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                             "--reward", "colorfulness", "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: model folder")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

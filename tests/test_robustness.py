@@ -291,8 +291,9 @@ def bad_inputs(tmp):
     write(tmp / "crashed" / "checkpoint.pt", "truncated")
     torch.save({"state_dict": {"visual.proj": torch.zeros(3)}}, tmp / "wrong_hps.pt")
     return [
-        ("missing model folder", ["--model", str(tmp / "nope")], "does not exist"),
-        ("corrupt model folder", ["--model", str(tmp / "corrupt_model")], "cannot load unet/"),
+        ("missing model folder", ["--model", str(tmp / "nope"), "--reward", "colorfulness"], "does not exist"),
+        ("corrupt model folder", ["--model", str(tmp / "corrupt_model"), "--reward", "colorfulness"], "cannot load unet/"),
+        ("model folder without a reward", ["--model", str(tmp / "corrupt_model")], "no --reward was given"),
         ("wrong reward checkpoint", ["--reward", f"hpsv2:{tmp / 'wrong_hps.pt'}"], "does not match open_clip ViT-H-14"),
         ("empty prompts file", ["--prompts", str(write(tmp / "empty.txt", "\n"))], "is empty"),
         ("unreadable video", ["--videos", str(tmp / "clips")], "cannot be decoded"),

@@ -11,6 +11,7 @@ import torch
 from engine import world
 from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
 from engine.world.build import world_words
+from engine.world.training import BACKGROUND_FAULTS, background_fault
 
 
 def clips(count, seed=0, **kw):
@@ -116,9 +117,20 @@ def test_built_in_reward_loads_through_hpsv2_and_prefers_clean_faithful_frames()
         clean = score(clip)
         worse = [world.Clip(**{**clip.__dict__, "degradation": d}) for d in ("blur", "noise", "washed", "wrong_colour")]
         worse.append(world.Clip(**{**clip.__dict__, "shape": next(s for s in world.SHAPES if s != clip.shape)}))
-        wins += sum(clean > score(c) for c in worse)
-        total += len(worse)
+        faults = [background_fault(frame(clip)[0], clip, f, random.Random(1))[None] for f in BACKGROUND_FAULTS]
+        wins += sum(clean > score(c) for c in worse) + sum(clean > reward(f, [clip.caption]).item() for f in faults)
+        total += len(worse) + len(faults)
     assert wins / total > 0.85, (wins, total)
+
+
+def test_background_faults_change_the_background_only():
+    clip = world.Clip("square", "green", "right", "white", (9.0, 16.0))
+    frame = world.render(clip)[0]
+    inside = world.shape_mask("square", clip.trajectory()[:1])[0] > 0.999
+    for fault in BACKGROUND_FAULTS:
+        faulty = background_fault(frame, clip, fault, random.Random(0))
+        assert torch.equal(faulty[:, inside], frame[:, inside])
+        assert (faulty[:, ~inside] - frame[:, ~inside]).abs().mean() > 0.02, fault
 
 
 def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_reports(tmp_path):

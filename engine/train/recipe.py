@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import kernels
 from engine import distributed as dist_utils
 from engine import media
-from engine.accelerate import accelerate
+from engine.acceleration import accelerate
 from engine.builtin import build_model, builtin
 from engine.chain import EditChain
 from engine.config import TrainConfig, resolve_config
