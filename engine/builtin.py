@@ -59,8 +59,7 @@ class WorldPreset(Builtin):
     # 1.5e-3: chosen on the previous built-in model; what it does to this one is Table 1 of bench/RESULTS.md
     # (python -m bench.world_study --part table1: five seeds, paired with the base model).
     train_options = dict(num_frames=8, height=32, width=32, batch_size=2, steps=40, grad_steps="6", lr=1.5e-3,
-                         warmup_steps=5, memory_budget="2GiB", lora_rank=4, num_held_out=8, sample_steps=20,
-                         reward="hpsv2:world")
+                         warmup_steps=5, memory_budget="2GiB", lora_rank=4, num_held_out=8, sample_steps=20)
 
     def build(self, seed, device):
         model = load_model(assets.MODEL_DIR, device)
@@ -95,7 +94,7 @@ class TinyPreset(Builtin):
     name = "tiny"
     reward = "colorfulness"
     train_options = dict(num_frames=8, height=32, width=32, batch_size=2, steps=30, lr=2e-3, warmup_steps=3,
-                         lora_rank=4, num_held_out=2, sample_steps=20, reward="colorfulness")
+                         lora_rank=4, num_held_out=2, sample_steps=20)
     prompts = [
         "a red ball bouncing on a lawn", "a blue car driving along a coast road", "a yellow bird flying over a lake",
         "an orange fish swimming in a reef", "a green frog jumping on lily pads", "a purple kite in a windy sky",

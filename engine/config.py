@@ -236,7 +236,7 @@ def resolve_config(argv: list[str] | None, description: str = "InstructVideo rew
     if chosen.get("resume"):
         chosen |= {"output": chosen["resume"], "overwrite": True}
     preset = builtin(chosen.get("model", TrainConfig.model))
-    values: dict[str, Any] = dict(preset.train_options if preset else {})
+    values: dict[str, Any] = {"reward": preset.reward, **preset.train_options} if preset else {}
     values.update(chosen)
     if preset is None and "reward" not in values:  # before any weight is loaded: a real model never trains on a toy
         raise UserError(f"--model {values['model']} is a model folder and no --reward was given; pass the reward to "
