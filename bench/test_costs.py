@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import platform
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,11 +23,10 @@ import pytest
 import torch
 
 from bench import fullsize
-from bench.counters import FlopCount
-from bench.recipes import BY_KEY, RECIPES, Step, trainable_bytes
+from bench.counters import FlopCount, NoGradReuse, count_step
+from bench.recipes import BY_KEY, RECIPES, PlainLoop, Step, trainable_bytes
 from bench.report import markdown_table, update_section
 from csrc import STAT_NAMES
-from engine.memory import SavedTensorMeter
 
 HERE = Path(__file__).parent
 BATCH = 1
@@ -45,17 +45,11 @@ def fullsize_step(recipe, device="meta", dtype=torch.float32, budget=ENGINE_BUDG
 
 def count_fullsize(recipe) -> dict:
     """FLOPs and bytes saved for backward of one step at full size, in bf16 (how the engine trains on a GPU)."""
-    model, reward, step = fullsize_step(recipe, dtype=torch.bfloat16)
-    if recipe.memory == "plan":
-        step("meta")  # the planner measures its units on the first gradient step; count a planned one
-    if step.memory is not None:
-        step.memory.store.reset_peaks()
-    saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
-    with FlopCount() as counter, saved:
-        step("meta")
+    _, _, step = fullsize_step(recipe, dtype=torch.bfloat16)
+    flops, saved = count_step(step)
     host = dict(zip(STAT_NAMES, step.memory.store.stats()))["peak_host_bytes"] if step.memory is not None else 0
-    return {**trainable_bytes(step.params), "tflops": counter.total / 1e12,
-            "saved_gb_bf16": saved.bytes / GB, "host_gb_bf16": host / GB}
+    return {**trainable_bytes(step.params), "tflops": flops / 1e12,
+            "saved_gb_bf16": saved / GB, "host_gb_bf16": host / GB}
 
 
 def test_flop_count_equals_flop_counter_mode():
@@ -75,6 +69,40 @@ def test_flop_count_equals_flop_counter_mode():
     with FlopCounterMode(display=False) as theirs:
         forward_backward()
     assert ours.total == theirs.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("family, key", [("unet3d", "draft1"), ("unet3d", "official"), ("unet3d", "engine"),
+                                         ("wan", "engine"), ("cogvideox", "engine")])
+def test_no_grad_reuse_counts_every_call(family, key):
+    """Reusing counts (FlopCount's of ops, NoGradReuse's of no-grad denoiser calls) gives the FLOPs and saved bytes
+    of running every op (tiny models, meta device)."""
+    from engine.models import tiny_model
+    from engine.rewards import ColorfulnessReward
+
+    def counts(reuse):
+        torch.manual_seed(0)
+        model = tiny_model(device="meta", family=family)
+        step = Step(model, ColorfulnessReward(), BY_KEY[key], model.latent_shape(9, 32, 32),
+                    (getattr(model, "text_length", 77), 32), batch=2)  # ModelScope's CLIP: 77 tokens
+        return count_step(step, reuse)
+
+    reused, every = counts(reuse=True), counts(reuse=False)
+    assert reused == every and reused[0] > 0
+
+
+def test_no_grad_reuse_counts_every_call_of_the_plain_loop():
+    """The same for the plain diffusers + peft loop, whose timesteps are CPU tensors."""
+    from engine.models import tiny_model
+    from engine.rewards import ColorfulnessReward
+
+    def flops(reuse):
+        torch.manual_seed(0)
+        loop = PlainLoop(tiny_model(device="meta"), ColorfulnessReward(), (4, 8, 16, 16), (77, 32))
+        with NoGradReuse(loop.model.denoiser) if reuse else nullcontext(), FlopCount(reuse) as counter:
+            loop("meta")
+        return counter.total
+
+    assert flops(reuse=True) == flops(reuse=False) > 0
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,10 @@ import pytest
 import torch
 
 from bench import fullsize
-from bench.counters import FlopCount
+from bench.counters import count_step
 from bench.recipes import TRANSFORMER_RECIPES, Step, trainable_bytes
 from bench.report import markdown_table, measured_line, update_section
 from csrc import STAT_NAMES
-from engine.memory import SavedTensorMeter
 
 HERE = Path(__file__).parent
 GB = 1e9
@@ -35,9 +34,6 @@ def count(name: str, recipe) -> dict:
     model, latent_shape, context_shape = fullsize.video_transformer(name, "meta", torch.bfloat16)
     reward = fullsize.hpsv2("meta", torch.bfloat16)
     step = Step(model, reward, recipe, latent_shape, context_shape, batch=1, memory_budget=BUDGET)
-    if recipe.memory == "plan":
-        step("meta")  # the planner measures its units on the first gradient step; count a planned one
-        step.memory.store.reset_peaks()
     decoded = []
     decode_prefix = model.decode_prefix
 
@@ -46,12 +42,10 @@ def count(name: str, recipe) -> dict:
         decoded.append((n, n if graded is None else model.decoded_with_gradient(graded, n)))
         return decode_prefix(latents, needed, graded)
 
-    model.decode_prefix = counted
-    saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
-    with FlopCount() as counter, saved:
-        step("meta")
+    model.decode_prefix = counted  # the counted step decodes last
+    flops, saved = count_step(step)
     host = dict(zip(STAT_NAMES, step.memory.store.stats()))["peak_host_bytes"] if step.memory is not None else 0
-    return {**trainable_bytes(step.params), "tflops": counter.total / 1e12, "saved_gb_bf16": saved.bytes / GB,
+    return {**trainable_bytes(step.params), "tflops": flops / 1e12, "saved_gb_bf16": saved / GB,
             "host_gb_bf16": host / GB, "latent_frames_decoded": decoded[-1][0],
             "latent_frames_with_gradient": decoded[-1][1], "latent_frames": latent_shape[1],
             "steps_run": len(step.chain.timesteps), "grad_steps": step.chain.grad_steps}
