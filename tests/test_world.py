@@ -150,12 +150,47 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     reward = HPSv2Reward(tmp_path / REWARD_FILE.name)
     assert reward(torch.rand(2, 3, 32, 32), ["a", "b"]).shape == (2,)
     reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
-    assert set(reports) == {"vae", "text-encoder", "unet", "reward"} and all(r["smoke"] for r in reports.values())
+    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward"} and all(r["smoke"] for r in reports.values())
     assert set(reports["vae"]["clean_in_domain"]) >= {"colour_acc", "shape_acc"}
     assert reports["unet"]["effect_set"]["clips"] == 4 and "outside_clean_render_range" in reports["unet"]["effect_set"]
     assert {"quality_agreement", "fidelity_agreement"} <= set(reports["reward"]["reward_validation"])
-    for stage in ("vae", "text-encoder", "unet", "reward"):
+    for stage in ("unet", "motion"):
+        assert reports[stage]["effect_set"]["clips"] == 4
+        assert set(reports[stage]["direction_probe"]["t650"]) >= {"opposite_direction_gap", "perpendicular_direction_gap"}
+    for stage in ("vae", "text-encoder", "unet", "motion", "reward"):
         assert (tmp_path / "work" / stage / "checkpoint.pt").is_file() and (tmp_path / "work" / stage / "log.txt").is_file()
+
+
+def test_direction_probe_tells_a_model_that_reads_the_motion_word_from_one_that_does_not():
+    """A denoiser whose clean-latent prediction is near the clip for the clip's own caption and 0 for any other: its
+    x0 error is small with the caption and the same, far larger, with either swapped motion word; one that ignores
+    its caption has gaps of exactly 0."""
+    from types import SimpleNamespace
+
+    from engine.world.figures import direction_probe
+    from engine.world.scene import evaluation_set
+
+    clips = [c for c, _ in evaluation_set("reward_train", 1)][:4]
+    scheduler = SimpleNamespace(alphas_cumprod=torch.linspace(0.9, 0.01, 1000))
+    latents = torch.randn(len(clips), 2, 8, 3, 3)
+    captions = [c.caption for c in clips]
+
+    def model(reads_caption: bool):
+        def predict(denoiser, x, t, context):
+            a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+            right = torch.tensor([reads_caption and own for _, own in context], dtype=torch.float32)
+            target = 0.9 * torch.stack([latents[i] for i, _ in context]) * right.view(-1, 1, 1, 1, 1)
+            return (x - a.sqrt() * target) / (1 - a).sqrt()
+
+        return SimpleNamespace(encode_video=lambda frames: latents, scheduler=scheduler, denoiser=None, predict=predict,
+                               encode_prompts=lambda texts: [(i, text in captions) for i, text in enumerate(texts)])
+
+    reading = direction_probe(model(True), clips, timesteps=(100, 900), batch=3)
+    for figures in reading.values():
+        assert figures["x0_mse"]["opposite_direction"] == figures["x0_mse"]["perpendicular_direction"]
+        assert figures["opposite_direction_gap"] > 50
+    for figures in direction_probe(model(False), clips, timesteps=(100, 900), batch=3).values():
+        assert figures["opposite_direction_gap"] == figures["perpendicular_direction_gap"] == 0.0
 
 
 def test_a_stopped_stage_continues_where_it_stopped(tmp_path):

@@ -4,6 +4,7 @@ each fit a session, continue from their own checkpoint when stopped, and write t
     python -m engine.world.build vae            # the per-frame VAE            -> world-t2v/vae
     python -m engine.world.build text-encoder   # tokenizer + caption encoder  -> world-t2v/tokenizer, text_encoder
     python -m engine.world.build unet           # the UNet3D on both           -> world-t2v (the whole pipeline)
+    python -m engine.world.build motion         # the UNet continued to follow the caption's direction -> world-t2v
     python -m engine.world.build reward         # the preference reward        -> world-hps.pt
     python -m engine.world.build all --smoke    # every stage in minutes, into build/world-smoke
 
@@ -36,13 +37,13 @@ import torch
 from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
 from engine.errors import UserError, cli_entry
 from engine.rewards.clip import register_open_clip_configs
-from engine.world.figures import (base_model_figures, ceiling, clean_clips, from_noise, reconstruct,
-                                  reward_agreement, vae_fidelity)
+from engine.world.figures import (base_model_figures, ceiling, clean_clips, direction_probe, from_noise,
+                                  reconstruct, reward_agreement, vae_fidelity)
 from engine.world.gold import mean_metrics
 from engine.world.rendering import render
 from engine.world.scene import FINETUNE_COLOURS, FINETUNE_SHAPES, evaluation_set, random_clip, training_mixture
 from engine.world.stages import write_report
-from engine.world.training import train_reward, train_text_encoder, train_unet, train_vae
+from engine.world.training import train_motion, train_reward, train_text_encoder, train_unet, train_vae
 
 
 CONTEXT_LENGTH = 16
@@ -144,8 +145,8 @@ def new_scheduler():
 
 
 # ---------------------------------------------------------------------------------- the stages
-STAGES = ("vae", "text-encoder", "unet", "reward")
-STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "reward": 1000}
+STAGES = ("vae", "text-encoder", "unet", "motion", "reward")
+STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "motion": 1600, "reward": 1000}
 
 
 @dataclass(frozen=True)
@@ -211,29 +212,54 @@ def stage_text_encoder(build: Build, steps: int, restart: bool) -> dict:
 
 
 def stage_unet(build: Build, steps: int, restart: bool) -> dict:
+    parts = build.load("vae", "text_encoder", "tokenizer")
+    unet = new_unet(parts["vae"], parts["text_encoder"], build.seed + 2)
+    return _train_denoiser(build, "unet", unet, new_scheduler(), lambda unet, scheduler, monitor: train_unet(
+        unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], scheduler, steps, build.seed + 2,
+        build.stage_work("unet", restart), {"seed": build.seed, "steps": steps}, monitor=monitor,
+        monitor_every=max(1, min(1000, steps))), parts)
+
+
+def stage_motion(build: Build, steps: int, restart: bool) -> dict:
+    """The UNet stage's output, continued so that it moves objects the way the caption says (MotionTerms)."""
+    from diffusers import DDIMScheduler
+
+    parts = build.load("vae", "text_encoder", "tokenizer", "unet")
+    scheduler = DDIMScheduler.from_pretrained(str(build.model_dir / "scheduler"))
+    return _train_denoiser(build, "motion", parts["unet"], scheduler, lambda unet, scheduler, monitor: train_motion(
+        unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], scheduler, steps, build.seed + 4,
+        build.stage_work("motion", restart), {"seed": build.seed, "steps": steps}, monitor=monitor,
+        monitor_every=max(1, min(400, steps))), parts)
+
+
+def _train_denoiser(build: Build, stage: str, unet, scheduler, train, parts: dict) -> dict:
+    """Trains ``unet`` (monitored from noise on reward-training captions, with the direction probe), saves the
+    pipeline, and measures it: caption fidelity and quality from noise on the effect set, the direction probe."""
     from diffusers import TextToVideoSDPipeline
 
     from engine.models import VideoDiffusion
 
-    parts = build.load("vae", "text_encoder", "tokenizer")
     vae, text_encoder, tokenizer = parts["vae"].eval(), parts["text_encoder"].eval(), parts["tokenizer"]
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet, scheduler = new_unet(vae, text_encoder, build.seed + 2), new_scheduler()
+    unet.requires_grad_(True)
     monitor_pairs = evaluation_set("reward_train", 1)[:build.count(36)]
+    probe_clips = [c for c, _ in evaluation_set("reward_train", 2)][:build.count(64)]
 
     def monitor(ema):
-        rows, _ = from_noise(VideoDiffusion(ema, vae, text_encoder, tokenizer, scheduler), monitor_pairs)
-        return _fidelity(mean_metrics(rows))
+        model = VideoDiffusion(ema, vae, text_encoder, tokenizer, scheduler)
+        rows, _ = from_noise(model, monitor_pairs)
+        probe = direction_probe(model, probe_clips[:32], timesteps=(750,))["t750"]
+        return {**_fidelity(mean_metrics(rows)), **{k: probe[k] for k in ("opposite_direction_gap", "perpendicular_direction_gap")}}
 
-    train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps, build.seed + 2, build.stage_work("unet", restart),
-               {"seed": build.seed, "steps": steps}, monitor=monitor, monitor_every=max(1, min(1000, steps)))
+    train(unet, scheduler, monitor)
     TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                           scheduler=scheduler).save_pretrained(str(build.model_dir))
     ceilings = ceiling(build.count(512), build.seed + 23)
     model = VideoDiffusion(unet, vae, text_encoder, tokenizer, scheduler)
     return {"ceiling": ceilings,
-            "effect_set": base_model_figures(model, evaluation_set("effect", 4)[:build.count(144)], ceilings)}
+            "effect_set": base_model_figures(model, evaluation_set("effect", 4)[:build.count(144)], ceilings),
+            "direction_probe": direction_probe(model, probe_clips)}
 
 
 def ranked_generations(model, pairs) -> list[tuple[torch.Tensor, str, torch.Tensor, str]]:
@@ -303,7 +329,8 @@ def attribute_accuracy(text_encoder, tokenizer, count: int, seed: int) -> dict[s
     return accuracy
 
 
-RUNNERS = {"vae": stage_vae, "text-encoder": stage_text_encoder, "unet": stage_unet, "reward": stage_reward}
+RUNNERS = {"vae": stage_vae, "text-encoder": stage_text_encoder, "unet": stage_unet, "motion": stage_motion,
+           "reward": stage_reward}
 
 
 # ---------------------------------------------------------------------------------- the command

@@ -5,13 +5,14 @@ from noise, and the reward's agreement with the gold metrics."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import torch
 
 from engine.chain import generate
 from engine.world.gold import centroids, gold_metrics, mean_metrics
 from engine.world.rendering import render
-from engine.world.scene import FRAMES, SIZE, SPEED, Clip, random_clip, training_mixture
+from engine.world.scene import FRAMES, SIZE, SPEED, Clip, opposite_motion, perpendicular_motion, random_clip, training_mixture
 
 RANGE_METRICS = ("sharpness", "bg_noise", "jitter")  # the ways a generation's quality can leave the clean range
 FIDELITY = ("colour_acc", "shape_acc", "direction_acc")
@@ -62,6 +63,35 @@ def from_noise(model, pairs: list[tuple[Clip, int]], ddim_steps: int = 20, guida
             videos.append(frames)
             rows.append(gold_metrics(frames, clip) | ({"reward": reward} if scorer else {}))
     return rows, videos
+
+
+@torch.no_grad()
+def direction_probe(model, clips: list[Clip], timesteps=(850, 750, 650, 550), seed: int = 0,
+                    batch: int = 16) -> dict[str, dict[str, float]]:
+    """Whether the denoiser reads the caption's motion: at each timestep, the error of its clean-latent
+    prediction (x0, from the epsilon it predicts) on the noised clean clips, with each clip's own caption and
+    with the motion word swapped for the opposite and for a perpendicular one (the same noise). A model that
+    ignores the motion word predicts the same under all three; one that reads only the axis of motion predicts
+    worse with the perpendicular word but not with the opposite one (the opposite direction tells the first
+    frame from the last: the denoiser must know the order of the frames)."""
+    latents = model.encode_video(torch.stack([render(c) for c in clips]) * 2 - 1)
+    captions = {"caption": [c.caption for c in clips],
+                "opposite_direction": [replace(c, motion=opposite_motion(c.motion)).caption for c in clips],
+                "perpendicular_direction": [replace(c, motion=perpendicular_motion(c.motion)).caption for c in clips]}
+    contexts = {k: model.encode_prompts(v) for k, v in captions.items()}
+    alphas, generator = model.scheduler.alphas_cumprod, torch.Generator().manual_seed(seed)
+    figures = {}
+    for t in timesteps:
+        a = alphas[t].to(latents)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * torch.randn(latents.shape, generator=generator).to(latents)
+        errors = {}
+        for name, context in contexts.items():
+            eps = torch.cat([model.predict(model.denoiser, noisy[i:i + batch], torch.full((len(noisy[i:i + batch]),), t),
+                                           context[i:i + batch]) for i in range(0, len(noisy), batch)])
+            errors[name] = ((noisy - (1 - a).sqrt() * eps) / a.sqrt() - latents).pow(2).mean().item()
+        figures[f"t{t}"] = {"x0_mse": errors, "snr": (a / (1 - a)).item(),
+                            **{f"{k}_gap": errors[k] / errors["caption"] - 1 for k in captions if k != "caption"}}
+    return figures
 
 
 def quality_spread(rows: list[dict[str, float]], references: list[dict[str, float]]) -> float:

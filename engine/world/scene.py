@@ -70,6 +70,14 @@ class Clip:
         return replace(self, degradation=None)
 
 
+def opposite_motion(motion: str) -> str:
+    return {"left": "right", "right": "left", "up": "down", "down": "up"}[motion]
+
+
+def perpendicular_motion(motion: str) -> str:
+    return {"left": "up", "right": "down", "up": "left", "down": "right"}[motion]
+
+
 def shape_word(shape: str) -> str:
     return {"circle": "disc", "square": "box", "triangle": "triangle", "cross": "plus sign"}[shape]
 
