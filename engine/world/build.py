@@ -214,7 +214,7 @@ def stage_text_encoder(build: Build, steps: int, restart: bool) -> dict:
 def stage_unet(build: Build, steps: int, restart: bool) -> dict:
     parts = build.load("vae", "text_encoder", "tokenizer")
     unet = new_unet(parts["vae"], parts["text_encoder"], build.seed + 2)
-    return _train_denoiser(build, "unet", unet, new_scheduler(), lambda unet, scheduler, monitor: train_unet(
+    return _train_denoiser(build, unet, new_scheduler(), lambda unet, scheduler, monitor: train_unet(
         unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], scheduler, steps, build.seed + 2,
         build.stage_work("unet", restart), {"seed": build.seed, "steps": steps}, monitor=monitor,
         monitor_every=max(1, min(1000, steps))), parts)
@@ -226,13 +226,13 @@ def stage_motion(build: Build, steps: int, restart: bool) -> dict:
 
     parts = build.load("vae", "text_encoder", "tokenizer", "unet")
     scheduler = DDIMScheduler.from_pretrained(str(build.model_dir / "scheduler"))
-    return _train_denoiser(build, "motion", parts["unet"], scheduler, lambda unet, scheduler, monitor: train_motion(
+    return _train_denoiser(build, parts["unet"], scheduler, lambda unet, scheduler, monitor: train_motion(
         unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], scheduler, steps, build.seed + 4,
         build.stage_work("motion", restart), {"seed": build.seed, "steps": steps}, monitor=monitor,
         monitor_every=max(1, min(400, steps))), parts)
 
 
-def _train_denoiser(build: Build, stage: str, unet, scheduler, train, parts: dict) -> dict:
+def _train_denoiser(build: Build, unet, scheduler, train, parts: dict) -> dict:
     """Trains ``unet`` (monitored from noise on reward-training captions, with the direction probe), saves the
     pipeline, and measures it: caption fidelity and quality from noise on the effect set, the direction probe."""
     from diffusers import TextToVideoSDPipeline

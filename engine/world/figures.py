@@ -143,5 +143,6 @@ def reward_agreement(model, reward, pairs: list[tuple[Clip, int]], quality_gap: 
                 if pairs[i][0].caption == pairs[j][0].caption and right[i] and not right[j]]
     return {"clips": len(rows), "quality_gap_db": quality_gap,
             "quality_pairs": len(quality), "quality_agreement": sum(quality) / max(1, len(quality)),
-            "fidelity_pairs": len(fidelity), "fidelity_agreement": sum(fidelity) / max(1, len(fidelity)),
+            "fidelity_pairs": len(fidelity),  # none where the base model draws every colour and shape right
+            "fidelity_agreement": sum(fidelity) / len(fidelity) if fidelity else None,
             "base_model_mean": mean_metrics(rows)}
