@@ -250,7 +250,8 @@ def _train_denoiser(build: Build, unet, scheduler, train, parts: dict) -> dict:
         model = VideoDiffusion(ema, vae, text_encoder, tokenizer, scheduler)
         rows, _ = from_noise(model, monitor_pairs)
         probe = direction_probe(model, probe_clips[:32], timesteps=(750,))["t750"]
-        return {**_fidelity(mean_metrics(rows)), **{k: probe[k] for k in ("opposite_direction_gap", "perpendicular_direction_gap")}}
+        gaps = ("opposite_direction_gap", "perpendicular_direction_gap")
+        return {**_fidelity(mean_metrics(rows)), **{k: probe[k] for k in gaps}}
 
     train(unet, scheduler, monitor)
     TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -134,6 +134,17 @@ def offset_noise(shape, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator) + 0.1 * torch.randn((*shape[:3], 1, 1), generator=generator)
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor):
+    """(the latents noised to timesteps ``t``, their SNR per sample)."""
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    return a.sqrt() * latents + (1 - a).sqrt() * noise, alphas[t] / (1 - alphas[t])
+
+
+def log_monitor(run: StageRun, step: int, monitor, ema, every: int) -> None:
+    if monitor is not None and (step + 1) % every == 0:
+        run.log(f"step {step + 1}, EMA weights: " + " ".join(f"{k}={v:.3f}" for k, v in monitor(ema).items()))
+
+
 def optimizer_step(optimizer, loss: torch.Tensor, model) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -171,9 +182,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed: 
         context = torch.stack([context_of("" if rng.random() < caption_dropout else c.caption) for c in clips])
         noise = offset_noise(latents.shape, generator)
         t = torch.randint(0, len(alphas), (batch,), generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        snr = alphas[t] / (1 - alphas[t])
+        noisy, snr = noised(latents, noise, t, alphas)
         weight = snr.clamp(max=min_snr) / snr if min_snr > 0 else torch.ones_like(snr)
         error = (unet(noisy, t, encoder_hidden_states=context).sample - noise).pow(2).mean((1, 2, 3, 4))
         loss = (weight * error).mean()
@@ -181,8 +190,7 @@ def train_unet(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed: 
         schedule.step()
         ema_update(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
         run.show(loss=loss.item())
-        if monitor is not None and (step + 1) % monitor_every == 0:
-            run.log(f"step {step + 1}, EMA weights: " + " ".join(f"{k}={v:.3f}" for k, v in monitor(ema).items()))
+        log_monitor(run, step, monitor, ema, monitor_every)
     unet.load_state_dict(ema.state_dict())
     unet.eval()
 
@@ -236,8 +244,7 @@ def train_motion(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed
         noise = offset_noise(latents.shape, generator)
         t = torch.cat([torch.randint(0, len(alphas), (half,), generator=generator),
                        torch.randint(*terms.band, (batch - half,), generator=generator)])
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        noisy, snr = a.sqrt() * latents + (1 - a).sqrt() * noise, alphas[t] / (1 - alphas[t])
+        noisy, snr = noised(latents, noise, t, alphas)
 
         def error(rows, texts):
             eps = unet(noisy[rows], t[rows], encoder_hidden_states=torch.stack([context_of(c) for c in texts])).sample
@@ -256,8 +263,7 @@ def train_motion(unet, vae, text_encoder, tokenizer, scheduler, steps: int, seed
         optimizer_step(optimizer, loss, unet)
         ema_update(ema, unet, ema_decay)
         run.show(loss=loss.item(), contrast=contrast.item(), order=order.item())
-        if monitor is not None and (step + 1) % monitor_every == 0:
-            run.log(f"step {step + 1}, EMA weights: " + " ".join(f"{k}={v:.3f}" for k, v in monitor(ema).items()))
+        log_monitor(run, step, monitor, ema, monitor_every)
     hook.remove()
     unet.load_state_dict(ema.state_dict())
     unet.eval()
