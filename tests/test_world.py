@@ -47,6 +47,20 @@ def test_gold_metrics_rank_rendered_ground_truth():
         assert world.gold_metrics(static, clip)["direction_acc"] == 0.0 and gold(clip, static)["motion_error"] > 3
 
 
+def test_clean_reference_is_what_quality_compares_against():
+    """The clean render with the object where the frames show it: a jittered clip is close to its reference, far
+    from the clean render on the intended path, and a clean render is its own reference."""
+    clip = world.Clip("square", "red", "right", "white", start=(10.0, 16.0), degradation="jitter", seed=3)
+    frames = world.render(clip)
+
+    def psnr(a, b):
+        return (-10 * ((a - b) ** 2).mean().log10()).item()
+
+    assert psnr(world.clean_reference(frames, clip.clean()), frames) > 30 > 20 > psnr(world.render(clip.clean()), frames)
+    clean = world.render(clip.clean())
+    assert psnr(world.clean_reference(clean, clip.clean()), clean) > 30
+
+
 def test_splits_hold_out_what_they_say():
     train, held_out = world.finetune_split(200, 8, seed=0)
     assert not {c.caption for c in train} & {c.caption for c in held_out}
@@ -153,7 +167,9 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward"} and all(r["smoke"] for r in reports.values())
     assert set(reports["vae"]["clean_in_domain"]) >= {"colour_acc", "shape_acc"}
     assert reports["unet"]["effect_set"]["clips"] == 4 and "outside_clean_render_range" in reports["unet"]["effect_set"]
-    assert {"quality_agreement", "fidelity_agreement"} <= set(reports["reward"]["reward_validation"])
+    assert {"quality_agreement", "same_caption_quality_agreement", "reference_agreement",
+            "fidelity_agreement"} <= set(reports["reward"]["reward_validation"])
+    assert reports["reward"]["reference_pairs"] >= 0
     for stage in ("unet", "motion"):
         assert reports[stage]["effect_set"]["clips"] == 4
         assert set(reports[stage]["direction_probe"]["t650"]) >= {"opposite_direction_gap", "perpendicular_direction_gap"}

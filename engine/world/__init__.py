@@ -7,7 +7,7 @@ The package re-exports the pure modules' names (``world.render``, ``world.gold_s
 it does not import the build command or its stages (those import engine.rewards).
 """
 
-from engine.world.gold import (GOLD_METRICS, centre_of_mass_offset, centroids, centroids_of, gold_metrics,
+from engine.world.gold import (GOLD_METRICS, centre_of_mass_offset, centroids, centroids_of, clean_reference, gold_metrics,
                                gold_scores, intended_path, mean_metrics, object_weights)
 from engine.world.rendering import compose, gaussian_blur, render, shape_mask
 from engine.world.scene import (BACKGROUNDS, CAPTION_GROUPS, COLOURS, DEGRADATIONS, FINETUNE_COLOURS, FINETUNE_SHAPES, FRAMES,
@@ -18,7 +18,7 @@ from engine.world.scene import (BACKGROUNDS, CAPTION_GROUPS, COLOURS, DEGRADATIO
 __all__ = [
     "BACKGROUNDS", "CAPTION_GROUPS", "COLOURS", "DEGRADATIONS", "FINETUNE_COLOURS", "FINETUNE_SHAPES", "FRAMES", "GOLD_METRICS",
     "MOTIONS", "PROMPT_SETS", "RADIUS", "SHAPES", "SIZE", "SPEED", "SUPERSAMPLE", "TEMPLATE_B_MOTION", "Clip",
-    "caption_group", "centre_of_mass_offset", "centroids", "centroids_of", "compose", "evaluation_set", "finetune_split", "gaussian_blur",
+    "caption_group", "centre_of_mass_offset", "centroids", "centroids_of", "clean_reference", "compose", "evaluation_set", "finetune_split", "gaussian_blur",
     "gold_metrics", "gold_scores", "intended_path", "mean_metrics", "object_weights", "prompt_set", "random_clip",
     "render", "shape_mask", "shape_word", "training_mixture",
 ]

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from engine.chain import generate
-from engine.world.gold import centroids, gold_metrics, mean_metrics
+from engine.world.gold import centroids, clean_reference, gold_metrics, mean_metrics
 from engine.world.rendering import render
 from engine.world.scene import FRAMES, SIZE, SPEED, Clip, opposite_motion, perpendicular_motion, random_clip, training_mixture
 
@@ -129,20 +129,54 @@ def _video_scores(reward, videos: list[torch.Tensor], captions: list[str]) -> li
         return [reward(v, [caption] * len(v)).mean().item() for v, caption in zip(videos, captions)]
 
 
+@torch.no_grad()
+def clean_references(model, videos: list[torch.Tensor], clips: list[Clip]) -> tuple[list[torch.Tensor], list[float]]:
+    """For each generation, the clean render its gold quality compares it against (the caption's object where the
+    generation shows it) through the VAE, the best the model could draw there, and that reconstruction's quality."""
+    references = [reconstruct(model.vae, clean_reference(v, c)) for v, c in zip(videos, clips)]
+    return references, [gold_metrics(r, c)["quality"] for r, c in zip(references, clips)]
+
+
 def reward_agreement(model, reward, pairs: list[tuple[Clip, int]], quality_gap: float = 2.0) -> dict:
     """Figure 5: on the base model's generations, how often the reward orders two clips as the gold metrics do.
-    ``quality``: pairs whose gold quality differs by ``quality_gap`` dB or more; ``fidelity``: pairs of one
-    caption, one with colour and shape right (in most frames), the other with either wrong."""
+    ``quality``: pairs whose gold quality differs by ``quality_gap`` dB or more (``same_caption``: those of one
+    caption, where the caption's own reward level cannot decide); ``reference``: each generation against its
+    clean reference through the VAE (``clean_references``) where that is ``quality_gap`` dB better: what
+    fine-tuning from noise asks of the reward; ``fidelity``: pairs of one caption, one with colour and shape right
+    (in most frames), the other with either wrong."""
     rows, videos = from_noise(model, pairs)
-    scores = _video_scores(reward, videos, [c.caption for c, _ in pairs])
-    quality = [(scores[i] > scores[j]) == (rows[i]["quality"] > rows[j]["quality"])
-               for i in range(len(rows)) for j in range(i + 1, len(rows))
+    clips, captions = [c for c, _ in pairs], [c.caption for c, _ in pairs]
+    scores = _video_scores(reward, videos, captions)
+    quality = [(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))
                if abs(rows[i]["quality"] - rows[j]["quality"]) >= quality_gap]
+    agree = [(scores[i] > scores[j]) == (rows[i]["quality"] > rows[j]["quality"]) for i, j in quality]
+    same = [a for a, (i, j) in zip(agree, quality) if captions[i] == captions[j]]
+    references, reference_quality = clean_references(model, videos, clips)
+    reference_scores = _video_scores(reward, references, captions)
+    reference = [reference_scores[i] > scores[i] for i in range(len(rows))
+                 if reference_quality[i] - rows[i]["quality"] >= quality_gap]
     right = [r["colour_acc"] > 0.5 and r["shape_acc"] > 0.5 for r in rows]
     fidelity = [scores[i] > scores[j] for i in range(len(rows)) for j in range(len(rows))
-                if pairs[i][0].caption == pairs[j][0].caption and right[i] and not right[j]]
+                if captions[i] == captions[j] and right[i] and not right[j]]
     return {"clips": len(rows), "quality_gap_db": quality_gap,
-            "quality_pairs": len(quality), "quality_agreement": sum(quality) / max(1, len(quality)),
-            "fidelity_pairs": len(fidelity),  # none where the base model draws every colour and shape right
-            "fidelity_agreement": sum(fidelity) / len(fidelity) if fidelity else None,
-            "base_model_mean": mean_metrics(rows)}
+            **_share("quality", agree), **_share("same_caption_quality", same), **_share("reference", reference),
+            **_share("fidelity", fidelity),  # no pair where the base model draws every colour and shape right
+            "gradient_alignment": gradient_alignment(reward, videos, clips), "base_model_mean": mean_metrics(rows)}
+
+
+def gradient_alignment(reward, videos: list[torch.Tensor], clips: list[Clip]) -> float:
+    """Mean cosine, over ``videos``, between the reward's gradient in pixel space and the gold quality's (towards
+    the clean reference): what fine-tuning climbs against what it should climb. Near 0 the reward can rise while
+    the videos get no better."""
+    cosines = []
+    for video, clip in zip(videos, clips):
+        x = video.float().clamp(0, 1).requires_grad_(True)
+        gradient, = torch.autograd.grad(reward(x, [clip.caption] * len(x)).sum(), x)
+        towards = clean_reference(video, clip) - video.float()
+        cosines.append(torch.nn.functional.cosine_similarity(gradient.flatten(), towards.flatten(), 0).item())
+    return sum(cosines) / len(cosines)
+
+
+def _share(name: str, outcomes: list[bool]) -> dict:
+    """``name_pairs`` and ``name_agreement`` (the share of True; None without a pair: 0 would mislead)."""
+    return {f"{name}_pairs": len(outcomes), f"{name}_agreement": sum(outcomes) / len(outcomes) if outcomes else None}

@@ -41,6 +41,15 @@ def centre_of_mass_offset(shape: str) -> torch.Tensor:
     return centroids_of(mask[:, None].expand(-1, 3, -1, -1) * 1.0, torch.zeros(3))[0] - centre[0]
 
 
+def clean_reference(frames: torch.Tensor, clip: Clip, path: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``quality`` compares ``frames`` [F, 3, H, W] against: the clean render of the caption with its object
+    where the frames show it (``path``, the measured centres, when already known), so that a wrong position costs
+    direction and jitter, not quality."""
+    if path is None:
+        path = centroids(frames.detach().float().cpu().clamp(0, 1), clip.background)
+    return compose(clip.clean(), path - centre_of_mass_offset(clip.shape))
+
+
 def _gradient_magnitude(frames: torch.Tensor) -> torch.Tensor:
     gx = frames[..., :, 1:] - frames[..., :, :-1]
     gy = frames[..., 1:, :] - frames[..., :-1, :]
@@ -64,7 +73,7 @@ def gold_metrics(frames: torch.Tensor, clip: Clip, source_trajectory: torch.Tens
     """
     frames = frames.detach().float().cpu().clamp(0, 1)
     path = centroids(frames, clip.background)
-    reference = compose(clip.clean(), path - centre_of_mass_offset(clip.shape))
+    reference = clean_reference(frames, clip, path)
 
     bg = torch.tensor(BACKGROUNDS[clip.background]).view(1, 3, 1, 1)
     distance = (frames - bg).norm(dim=1)

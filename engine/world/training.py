@@ -311,17 +311,21 @@ def preference_group(rng: random.Random) -> tuple[list[torch.Tensor], str]:
 
 
 def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, config: dict, batch: int = 32,
-                 lr: float = 1e-3, ranked: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None) -> None:
+                 lr: float = 1e-3, ranked: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None,
+                 references: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None) -> None:
     """HPS-style ranking (cross-entropy over each caption's group, best first) plus CLIP's contrastive loss over
     the clean pairs. Half the batches go through the video model's VAE, so decoded frames are ranked as well.
 
     ``ranked``: (better video, its caption, worse video, its caption) pairs of the base model's own generations
     [F, 3, H, W], ordered by the gold metrics; each step then adds a batch of them (one frame each, the same for
-    both) with a pairwise logistic loss, so the reward also learns the model's own failures."""
+    both) with a pairwise logistic loss, so the reward also learns the model's own failures. ``references``: pairs
+    of the same form, a generation's clean reference above it; half of that batch is drawn from them when given
+    (among the many ranked pairs they would be rare, and they are what fine-tuning from noise climbs)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = cosine_lr(optimizer, steps, 50)
-    run = StageRun("reward", work, {**config, "batch": batch, "lr": lr, "ranked_pairs": len(ranked or [])}, steps,
+    run = StageRun("reward", work, {**config, "batch": batch, "lr": lr, "ranked_pairs": len(ranked or []),
+                                    "reference_pairs": len(references or [])}, steps,
                    {"reward": model, "optimizer": optimizer, "schedule": schedule, "rng": rng})
     model.train()
     size = model.visual.image_size
@@ -343,7 +347,8 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
         loss = ranking + contrastive
         shown = {"rank": ranking.item(), "clip": contrastive.item()}
         if ranked:
-            chosen = [ranked[rng.randrange(len(ranked))] for _ in range(batch)]
+            pools = [ranked, references] if references else [ranked]
+            chosen = [pools[k % len(pools)][rng.randrange(len(pools[k % len(pools)]))] for k in range(batch)]
             frames = [rng.randrange(FRAMES) for _ in chosen]
             pair = torch.stack([torch.stack([b[f], w[f]]) for (b, _, w, _), f in zip(chosen, frames)])  # [B, 2, 3, H, W]
             pair = F.normalize(model.encode_image(clip_preprocess(pair.flatten(0, 1), size)), dim=-1).unflatten(0, (batch, 2))
