@@ -37,8 +37,8 @@ import torch
 from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
 from engine.errors import UserError, cli_entry
 from engine.rewards.clip import register_open_clip_configs
-from engine.world.figures import (base_model_figures, ceiling, clean_clips, clean_references, direction_probe,
-                                  from_noise, reconstruct, reward_agreement, vae_fidelity)
+from engine.world.figures import (QUALITY_GAP, base_model_figures, ceiling, clean_clips, clean_references,
+                                  direction_probe, from_noise, reconstruct, reward_agreement, vae_fidelity)
 from engine.world.gold import mean_metrics
 from engine.world.rendering import render
 from engine.world.scene import FINETUNE_COLOURS, FINETUNE_SHAPES, evaluation_set, random_clip, training_mixture
@@ -278,11 +278,11 @@ def ranked_generations(model, pairs) -> tuple[list, list]:
     for i in range(len(rows)):
         for j in range(len(rows)):
             same = captions[i] == captions[j]
-            if rows[i]["quality"] - rows[j]["quality"] >= 2.0 or (same and right[i] and not right[j]):
+            if rows[i]["quality"] - rows[j]["quality"] >= QUALITY_GAP or (same and right[i] and not right[j]):
                 ranked.append((videos[i], captions[i], videos[j], captions[j]))
     references, quality = clean_references(model, videos, clips)
     below = [(r, c, v, c) for r, q, v, c, row in zip(references, quality, videos, captions, rows)
-             if q - row["quality"] >= 2.0]
+             if q - row["quality"] >= QUALITY_GAP]
     return ranked, below
 
 
@@ -305,7 +305,8 @@ def stage_reward(build: Build, steps: int, restart: bool, generations: int = 288
     path = build.output / REWARD_FILE.name
     torch.save({"state_dict": state, "architecture": REWARD_ARCH}, str(path))
     pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
-    return {"ranked_generation_pairs": len(ranked), "reference_pairs": len(references), "reward_validation": reward_agreement(model, HPSv2Reward(path), pairs)}
+    return {"ranked_generation_pairs": len(ranked), "reference_pairs": len(references),
+            "reward_validation": reward_agreement(model, HPSv2Reward(path), pairs)}
 
 
 def _fidelity(means: dict[str, float]) -> dict[str, float]:

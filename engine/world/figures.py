@@ -137,7 +137,10 @@ def clean_references(model, videos: list[torch.Tensor], clips: list[Clip]) -> tu
     return references, [gold_metrics(r, c)["quality"] for r, c in zip(references, clips)]
 
 
-def reward_agreement(model, reward, pairs: list[tuple[Clip, int]], quality_gap: float = 2.0) -> dict:
+QUALITY_GAP = 2.0  # dB: a difference in gold quality the reward is asked to see (figure 5 and its training pairs)
+
+
+def reward_agreement(model, reward, pairs: list[tuple[Clip, int]], quality_gap: float = QUALITY_GAP) -> dict:
     """Figure 5: on the base model's generations, how often the reward orders two clips as the gold metrics do.
     ``quality``: pairs whose gold quality differs by ``quality_gap`` dB or more (``same_caption``: those of one
     caption, where the caption's own reward level cannot decide); ``reference``: each generation against its
