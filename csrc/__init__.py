@@ -25,7 +25,7 @@ from csrc import fallback
 from csrc.fallback import DECISION_NAMES, KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD, STAT_NAMES
 
 __all__ = ["DECISION_NAMES", "KEEP", "OFFLOAD", "RECOMPUTE", "RECOMPUTE_OFFLOAD", "STAT_NAMES", "Backend", "Plan",
-           "Rates", "backend", "extension_available", "extension_error", "make_plan"]
+           "Rates", "backend", "extension_available", "extension_error", "extension_has_cuda", "make_plan"]
 
 logger = logging.getLogger(__name__)
 BUILD_HINT = 'build it with: pip install --no-build-isolation -e ".[test]"'
@@ -59,6 +59,11 @@ def _load() -> bool:
 def extension_available() -> bool:
     """True when csrc._C is built and loads against this torch."""
     return _load()
+
+
+def extension_has_cuda() -> bool:
+    """True when csrc._C loads and was built with its CUDA part (csrc/cuda/*.cu)."""
+    return _load() and bool(_extension_state["cuda"])
 
 
 def extension_error() -> str | None:

@@ -96,15 +96,40 @@ def read_video(path: str | Path, num_frames: int, fps: float, height: int, width
     return resize_center_crop(frames, height, width) * 2 - 1
 
 
-def probe_video(path: str | Path) -> None:
-    """Fail at start-up, not hours into a run: open the file and decode its first frame."""
+def probe_video(path: str | Path) -> float:
+    """Fail at start-up, not hours into a run: open the file and decode its first frame. Returns the clip's length
+    in seconds as ``read_video`` sees it (the last frame's time plus its duration), read from the packets without
+    decoding them."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            next(container.decode(container.streams.video[0]))
+            stream = container.streams.video[0]
+            next(container.decode(stream))
+            container.seek(0)
+            times = sorted((p.pts, p.duration or 0) for p in container.demux(stream) if p.pts is not None)
     except (av.error.FFmpegError, IndexError, OSError, StopIteration) as err:
         raise UserError(f"video {path} cannot be decoded ({err or 'no frames'}); re-encode it (e.g. H.264 mp4) or remove it from the captions file") from None
+    if not times:
+        return 0.0
+    last, duration = times[-1]
+    if not duration and len(times) > 1:
+        duration = (last - times[0][0]) / (len(times) - 1)
+    return float((last + duration) * stream.time_base)
+
+
+def check_lengths(lengths: dict[Path, float], num_frames: int, fps: float) -> None:
+    """Say once how many clips are shorter than the ``num_frames`` at ``fps`` a run reads (``read_video`` repeats
+    their last frame), and refuse a folder where none is long enough."""
+    needed = (num_frames - 1) / fps
+    short = [path for path, length in lengths.items() if length <= needed + 1e-6]  # no frame at the last time read
+    if not short:
+        return
+    what = f"shorter than {num_frames} frames at {fps:g} fps ({num_frames / fps:g} s)"
+    if len(short) == len(lengths):
+        raise UserError(f"every clip in the folder is {what}; lower --num-frames or --fps, or add longer clips")
+    print(f"note: {len(short)} of {len(lengths)} clips are {what}; they are padded by repeating their last frame "
+          f"(e.g. {short[0].name})")
 
 
 @dataclass
@@ -123,8 +148,7 @@ def build_sources(prompts: str | None, videos: str | None, num_frames: int, fps:
     engine.builtin)."""
     if videos:
         pairs = read_captions(videos)
-        for path, _ in pairs:
-            probe_video(path)
+        check_lengths({path: probe_video(path) for path, _ in pairs}, num_frames, fps)
         return [Source(caption, lambda p=path: read_video(p, num_frames, fps, height, width)) for path, caption in pairs]
     if prompts:
         return [Source(p) for p in read_prompts(prompts)]

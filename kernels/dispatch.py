@@ -69,6 +69,23 @@ def _cannot_launch(tensors: list[torch.Tensor]) -> str | None:
     return None
 
 
+def device_status(device: torch.device | str) -> tuple[bool, str]:
+    """Whether the ops run their Triton kernels on tensors of ``device`` under the current backend, and why (what
+    ``run`` decides before it looks at an op's own inputs)."""
+    device = torch.device(device)
+    if _backend is Backend.REFERENCE:
+        return False, "the backend is set to 'reference'"
+    if not _utils.triton_available():
+        return False, "Triton is not installed"
+    if device.type == "cuda":
+        return True, "Triton on CUDA"
+    if _backend is Backend.AUTO and not _utils.interpret_requested():
+        return False, "CPU tensors run the PyTorch reference unless TRITON_INTERPRET=1 (the tests' setting)"
+    if not _utils.interpreter_active():
+        return False, "CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 before anything imports triton"
+    return True, "Triton under its interpreter (TRITON_INTERPRET=1)"
+
+
 def run(name: str, fused: Callable, reference: Callable, unsupported: Callable[..., str | None], *args, **kwargs):
     """Call ``fused`` or ``reference`` on the arguments, per the backend and ``unsupported`` (a reason or None)."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]

@@ -32,6 +32,18 @@ def test_short_video_repeats_its_last_frame(tmp_path):
     assert torch.allclose(frames[3], frames[5])
 
 
+def test_short_clips_are_named_once_and_none_long_enough_is_refused(tmp_path, capsys):
+    ramp_video(tmp_path / "long.mp4", count=24, fps=24)
+    ramp_video(tmp_path / "short.mp4", count=4, fps=8)  # 0.5 s: 8 frames at 8 fps need 0.875 s
+    (tmp_path / "captions.csv").write_text("video,caption\nlong.mp4,a\nshort.mp4,b\n")
+    assert len(build_sources(None, str(tmp_path), num_frames=8, fps=8, height=16, width=16)) == 2
+    assert "note: 1 of 2 clips are shorter than 8 frames at 8 fps" in capsys.readouterr().out
+    build_sources(None, str(tmp_path), num_frames=4, fps=8, height=16, width=16)
+    assert capsys.readouterr().out == ""  # 4 frames at 8 fps: both are long enough
+    with pytest.raises(UserError, match="every clip in the folder is shorter than 30 frames"):
+        build_sources(None, str(tmp_path), num_frames=30, fps=8, height=16, width=16)
+
+
 def test_unreadable_video_is_a_clear_error(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="cannot be decoded"):
@@ -39,7 +51,7 @@ def test_unreadable_video_is_a_clear_error(tmp_path):
 
 
 def test_captions_csv_and_jsonl(tmp_path):
-    ramp_video(tmp_path / "a.mp4", count=4)
+    ramp_video(tmp_path / "a.mp4", count=12)  # 0.5 s at 24 fps: long enough for 4 frames at 8 fps
     (tmp_path / "captions.csv").write_text('video,caption\na.mp4,"a ramp, slowly"\n')
     assert read_captions(tmp_path) == [(tmp_path / "a.mp4", "a ramp, slowly")]
     (tmp_path / "captions.csv").unlink()

@@ -144,6 +144,16 @@ def test_output_holding_another_run_is_refused_and_untouched(tmp_path):
     assert (out / "metrics.jsonl").read_text() == "precious\n"
 
 
+def test_memory_budget_below_the_least_is_refused_before_any_update(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "engine.train", *quick(out, "--memory-budget", "1B")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--memory-budget 1 B is below the" in result.stderr, result.stderr[-2000:]
+    assert "MiB or more" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "lora").exists() and not [r for r in map(json.loads, (out / "metrics.jsonl").open())
+                                                if r["kind"] == "train"]
+
+
 def test_early_stopping_and_motion_penalty(tmp_path, capsys):
     out = tmp_path / "early"
     main(quick(out, "--steps", "6", "--eval-every", "1", "--early-stop-patience", "2",

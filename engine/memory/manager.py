@@ -7,6 +7,7 @@ every unit call by its decision: kept, spilled to the host store, or recomputed 
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from contextlib import contextmanager
 from typing import Callable
@@ -19,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 import csrc
 from csrc import DECISION_NAMES, KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD, STAT_NAMES, Plan, Rates
 
+from engine.errors import UserError
 from engine.memory.budget import DEFAULT_RATES, inflight_bytes, make_plan, parse_budget
 from engine.memory.recompute import _Recompute, _Spilled
 from engine.memory.units import ChainProfile, UnitCost, _storage, _storage_ids, denoiser_units
@@ -44,13 +46,16 @@ class ChainMemory:
         profile: a ChainProfile measured earlier (skips the measuring step when the signature matches).
         max_inflight_bytes: device bytes of spills whose copy has not finished before forward waits; by default
             the in-flight allowance the plan reserves (before the plan: a quarter of the budget, at most 1 GiB).
+        strict: a budget below the least the plan needs raises ``UserError`` (naming that least) when the plan is
+            made, inside the first chain's forward, before any backward; otherwise a warning and the least-memory
+            plan.
     """
 
     def __init__(self, unet: nn.Module, grad_steps: int, budget: int | str = "auto", *, granularity: str = "layers",
                  backend: str | None = None, host_offload: bool = True, rates: Rates | None = None,
                  prefetch_depth: int = 1, resolution: int = 1024,
                  decisions: int | Callable[[int, int, str], int] | None = None,
-                 profile: ChainProfile | None = None, max_inflight_bytes: int | None = None):
+                 profile: ChainProfile | None = None, max_inflight_bytes: int | None = None, strict: bool = False):
         if grad_steps < 1:
             raise ValueError(f"grad_steps must be at least 1, got {grad_steps}")
         self.unet = unet
@@ -61,7 +66,7 @@ class ChainMemory:
         self.host_offload = host_offload
         base = rates or DEFAULT_RATES["cpu" if self.device.type == "cpu" else "cuda"]
         self.rates = base if host_offload else base._replace(host_bytes_per_s=0.0)
-        self.prefetch_depth, self.resolution = prefetch_depth, resolution
+        self.prefetch_depth, self.resolution, self.strict = prefetch_depth, resolution, strict
         self._fixed_inflight = max_inflight_bytes is not None
         if max_inflight_bytes is None:
             max_inflight_bytes = 1 << 30 if self.budget == "auto" else max(1, min(1 << 30, self.budget // 4))
@@ -239,6 +244,11 @@ class ChainMemory:
             return
         if not self._fixed_inflight:
             self.store.set_max_inflight_bytes(inflight_bytes(self.profile, self.grad_steps, self.prefetch_depth))
+        if not self.plan.feasible and self.strict:
+            least = self.plan.device_bytes
+            raise UserError(f"--memory-budget {budget} B is below the {least} B ({least / 2 ** 20:.1f} MiB) that "
+                            f"{self.grad_steps} gradient step(s) need at least with this model and shape; pass "
+                            f"--memory-budget {math.ceil(least / 2 ** 20)}MiB or more, or fewer --grad-steps")
         if not self.plan.feasible:
             self._warn("budget", f"warning: memory budget {budget} B is below the {self.plan.device_bytes} B "
                                  f"({self.plan.device_bytes / 2 ** 20:.1f} MiB) that {self.grad_steps} gradient step(s) "

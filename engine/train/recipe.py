@@ -155,7 +155,7 @@ class Trainer:
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.denoiser)
         elif cfg.checkpoint == "plan":
-            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget)
+            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget, strict=True)
         return None
 
     def _setup_trainable_and_optimizer(self) -> torch.nn.Module | None:

@@ -1,0 +1,99 @@
+"""``python -m engine.doctor``: one screen about this machine and install to paste into a bug report (versions,
+the device and its bf16 support, free memory, the C++ extension, which fused kernels run and why any does not,
+the attention backend). Exit 0 whenever it could look; it changes nothing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+
+import torch
+
+PACKAGES = ("torch", "torchvision", "triton", "diffusers", "transformers", "peft", "open_clip_torch", "safetensors",
+            "av", "tensorboard", "nvidia-ml-py")
+KERNELS = ("lora_linear", "temporal_attention", "cfg_ddim_step", "cfg_flow_step")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+def _host_memory() -> str:
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        return f"{_gib(os.sysconf('SC_AVPHYS_PAGES') * page)} free of {_gib(os.sysconf('SC_PHYS_PAGES') * page)}"
+    except (ValueError, OSError, AttributeError):  # not every OS names these
+        return "unknown"
+
+
+def _devices() -> list[tuple[str, str]]:
+    from engine.runtime import native_bf16
+
+    rows = [("cpu", f"{os.cpu_count()} cores, bf16 units: {'yes' if native_bf16(torch.device('cpu')) else 'no'}, "
+                    f"memory {_host_memory()}")]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            major, minor = torch.cuda.get_device_capability(index)
+            rows.append((f"cuda:{index}", f"{torch.cuda.get_device_name(index)}, capability {major}.{minor}, bf16: "
+                                          f"{'yes' if torch.cuda.is_bf16_supported() else 'no'}, memory {_gib(free)} "
+                                          f"free of {_gib(total)}"))
+    else:
+        rows.append(("cuda", f"not available (torch built with CUDA {torch.version.cuda})" if torch.version.cuda
+                     else "not available (a CPU build of torch)"))
+    return rows
+
+
+def _extension() -> str:
+    import csrc
+
+    if not csrc.extension_available():
+        return f"not loaded ({csrc.extension_error()}); the Python fallback runs ({csrc.BUILD_HINT})"
+    return f"built, CUDA part {'built' if csrc.extension_has_cuda() else 'not built'}"
+
+
+def _attention(device: torch.device) -> str:
+    if device.type == "cuda":
+        enabled = [name for name, on in (("flash", torch.backends.cuda.flash_sdp_enabled()),
+                                         ("memory-efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                                         ("cuDNN", torch.backends.cuda.cudnn_sdp_enabled()),
+                                         ("math", torch.backends.cuda.math_sdp_enabled())) if on]
+        return (f"PyTorch SDPA ({', '.join(enabled)} enabled); temporal self-attention in an accelerated UNet: the "
+                f"fused kernel when it runs (above), else the same SDPA")
+    return ("PyTorch SDPA (CPU); temporal self-attention in an accelerated UNet: the fused kernel when it runs "
+            "(above), else the same SDPA")
+
+
+def report() -> str:
+    from kernels import dispatch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lines = [f"python {platform.python_version()} on {platform.platform()}", "", "packages:"]
+    lines += [f"  {p:<16} {_version(p)}" for p in PACKAGES]
+    lines += ["", "devices:"] + [f"  {name:<8} {text}" for name, text in _devices()]
+    lines += ["", f"C++ extension (csrc._C): {_extension()}", "",
+              f"fused kernels on {device.type} (backend {dispatch.get_backend().value}):"]
+    fused, why = dispatch.device_status(device)
+    lines += [f"  {k:<19} {'fused' if fused else 'reference'}: {why}" for k in KERNELS]
+    lines += ["", f"attention: {_attention(device)}", f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m engine.doctor", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    print(report())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
