@@ -89,6 +89,7 @@ class TrainConfig:
     seed: int = _opt(0, "one seed for LoRA init, data order and noise: a CPU run repeats exactly")
     output: str | None = _opt(None, "output folder (default runs/<model>-<time>)")
     overwrite: bool = _opt(False, "allow writing into an output folder that holds another run")
+    break_lock: bool = _opt(False, "take over an output folder locked by a run on another host (when that run is gone)")
     init_lora: str | None = _opt(None, "start from a saved LoRA folder (adapter_model.safetensors + adapter_config.json)")
     save_every: int = _opt(0, "steps between crash-safe checkpoints (0 = only at the end and on SIGINT/SIGTERM)")
     resume: str | None = _opt(None, "continue the run in this output folder from its last checkpoint")
@@ -223,7 +224,7 @@ def saved_run_config(folder: str) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--resume {folder} holds no run (no config.yaml); pass the output folder of an earlier run")
     saved = load_yaml(str(path))
-    return saved | {"output": folder, "overwrite": True, "resume": folder}
+    return saved | {"output": folder, "overwrite": True, "resume": folder, "break_lock": False}
 
 
 def resolve_config(argv: list[str] | None, description: str = "InstructVideo reward fine-tuning") -> TrainConfig:

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,8 +79,10 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path, reference_ru
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 2
+    assert json.loads((out / "run.lock").read_text())["pid"] == process.pid  # stale now: --resume takes it over
     main(["--resume", str(out)])
     assert_bitwise_equal(lora_of(out), lora_of(reference_run))
+    assert not (out / "run.lock").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "train"]
     assert steps == list(range(1, 7)), "metric lines after the checkpoint must be replaced, not repeated"
@@ -158,6 +161,45 @@ def test_resume_takes_new_learning_rate_and_weight_decay(tmp_path):
         assert group["lr"] == pytest.approx(1e-4 * min(1.0, 3 / warmup)) and group["weight_decay"] == 0.01
     trainer.train()
     assert train_records(out)[-1]["lr"] == pytest.approx(1e-4)
+
+
+def write_lock(out, pid, host=None, start_time="own"):
+    from engine.train.run_folder import _start_time
+
+    (out / "run.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": "then",
+                                              "start_time": _start_time(pid) if start_time == "own" else start_time}))
+
+
+def test_a_live_run_keeps_its_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    from engine.errors import UserError
+    from engine.train.run_folder import check_output
+
+    out = tmp_path / "run"
+    main(quick(out, "--steps", "1"))
+    assert not (out / "run.lock").exists(), "a finished run releases its lock"
+    metrics = (out / "metrics.jsonl").read_text()
+    owner = subprocess.Popen(["sleep", "120"])
+    try:
+        write_lock(out, owner.pid)
+        for flags in (["--overwrite"], ["--resume", str(out)]):
+            result = subprocess.run([sys.executable, "-m", "engine.train", *quick(out), *flags], capture_output=True,
+                                    text=True, timeout=300)
+            assert result.returncode == 2 and f"belongs to a live run (pid {owner.pid} on" in result.stderr, result.stderr
+        assert (out / "metrics.jsonl").read_text() == metrics
+        write_lock(out, owner.pid, start_time=1)  # the same pid, another start: a reused pid is not the owner
+        check_output(str(out), "tiny", overwrite=True)
+        write_lock(out, owner.pid, host="another-host")
+        with pytest.raises(UserError, match="locked by a run on another host .* pass --break-lock"):
+            check_output(str(out), "tiny", overwrite=True)
+        check_output(str(out), "tiny", overwrite=True, break_lock=True)
+    finally:
+        owner.kill()
+        owner.wait()
+    write_lock(out, owner.pid, start_time=None)
+    capsys.readouterr()
+    main(quick(out, "--steps", "1", "--overwrite"))
+    assert f"taking over the lock of pid {owner.pid}" in capsys.readouterr().out
+    assert not (out / "run.lock").exists()
 
 
 def test_overwrite_clears_the_old_run(tmp_path):

@@ -42,7 +42,7 @@ from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
 from engine.train.evaluation import HeldOut
 from engine.train.optim import make_optimizer, optimizer_step
-from engine.train.run_folder import REWARD_CURVE, SAMPLES, TENSORBOARD, check_output, open_output
+from engine.train.run_folder import REWARD_CURVE, SAMPLES, TENSORBOARD, check_output, open_output, release_lock
 from engine.train.samples import print_summary, write_samples
 from engine.train.sources import SourceLatents
 from engine.video_reward import SegmentalReward, reward_loss
@@ -92,7 +92,7 @@ class Trainer:
                             f"{self.world.size} processes")
         self.device = resolve_device(cfg.device, self.world.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
-        self.output = check_output(cfg.output, cfg.model, cfg.overwrite)
+        self.output = check_output(cfg.output, cfg.model, cfg.overwrite, cfg.break_lock)
         self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
         self.model.context_gradient = cfg.decode_context == "grad"
         self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
@@ -115,7 +115,7 @@ class Trainer:
             checkpoint.load_checkpoint(self)
         dist_utils.barrier(self.world)
         if self.world.is_main:
-            open_output(self.output, clear=cfg.overwrite and not cfg.resume)
+            open_output(self.output, clear=cfg.overwrite and not cfg.resume, break_lock=cfg.break_lock)
             if cfg.resume:
                 checkpoint.rewrite_metrics(self.output, self.records)
             else:
@@ -389,9 +389,12 @@ def main(argv: list[str] | None = None) -> dict:
     config = resolve_config(argv, description=DESCRIPTION)
     trainer = Trainer(config).setup()
     try:
-        trainer.train()
-    except Stop as stop:
-        print(f"error: {stop}" if stop.exit_code == 3 else str(stop), file=sys.stderr)
-        dist_utils.shutdown(trainer.world)
-        raise SystemExit(stop.exit_code) from None
-    return trainer.finish()
+        try:
+            trainer.train()
+        except Stop as stop:
+            print(f"error: {stop}" if stop.exit_code == 3 else str(stop), file=sys.stderr)
+            dist_utils.shutdown(trainer.world)
+            raise SystemExit(stop.exit_code) from None
+        return trainer.finish()
+    finally:
+        release_lock(trainer.output)  # this process's own lock only: other ranks and other runs keep theirs
