@@ -3,6 +3,7 @@ released file formats; reward specs that combine them."""
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import UserError
-from engine.rewards import (AESTHETIC_HEAD_FILE, AestheticHead, AestheticReward, PickScoreReward, WeightedSum,
-                            build_reward, clip_preprocess)
+from engine.rewards import (AESTHETIC_HEAD_FILE, CLIP_STD, AestheticHead, AestheticReward, PickScoreReward,
+                            WeightedSum, build_reward, clip_preprocess)
 
 TINY_L14 = "tiny-l14-test"
 
@@ -202,3 +203,76 @@ def test_aesthetic_bad_inputs_are_clear_errors(tmp_path, aesthetic_files, monkey
     for spec, message in cases:
         with pytest.raises(UserError, match=message):
             build_reward(spec)
+
+
+# ---------------------------------------------------------------------------------- preprocessing as the authors do it
+GOLDEN = Path(__file__).parent / "golden" / "hpsv2.safetensors"
+NON_SQUARE = [(48, 80), (32, 58), (48, 83), (48, 72), (80, 48)]  # 48x80; zeroscope, Wan, CogVideoX at 1/10; portrait
+
+
+def _pixel_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference of two normalised CLIP inputs, in 1/255 steps of the [0, 1] image."""
+    return ((a - b) * torch.tensor(CLIP_STD).view(1, 3, 1, 1)).abs().mean().item() * 255
+
+
+def test_hpsv2_pads_and_scores_as_the_hpsv2_package():
+    """Against tests/golden/hpsv2.safetensors, written by the hpsv2 package's own transform and score
+    (tests/golden/make_hpsv2_golden.py) on the built-in reward: square and non-square frames."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    golden = load_file(str(GOLDEN))
+    with safe_open(str(GOLDEN), "pt") as f:
+        prompts = f.metadata()["prompts"].split("\n")
+    reward = build_reward("hpsv2:world")
+    for h, w in [(32, 32), *NON_SQUARE]:
+        images = golden[f"images_{h}x{w}"].float() / 255
+        assert _pixel_gap(clip_preprocess(images, 32, fit="pad"), golden[f"pixels_{h}x{w}"]) <= 0.01
+        enlarged = golden[f"pixels112_{h}x{w}"].float()[None]
+        assert _pixel_gap(clip_preprocess(images[:1], 112, fit="pad"), enlarged) <= 0.05  # fp16 golden
+        scores = reward(images, prompts)
+        assert torch.allclose(scores, golden[f"scores_{h}x{w}"], atol=2e-4), (h, w)
+        if h != w:  # the test can fail: the crop CLIP uses is not what HPSv2 scores
+            assert _pixel_gap(clip_preprocess(images, 32, fit="crop"), golden[f"pixels_{h}x{w}"]) > 20
+
+
+def _frames(h: int, w: int) -> tuple[torch.Tensor, list]:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(h * 1000 + w)
+    base = torch.rand(2, 3, h // 4 + 1, w // 4 + 1, generator=g)
+    uint8 = (F.interpolate(base, size=(h, w), mode="bilinear") * 255).round().to(torch.uint8)
+    return uint8.float() / 255, [Image.fromarray(f.permute(1, 2, 0).numpy()) for f in uint8]
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), *NON_SQUARE])
+def test_pickscore_and_aesthetic_preprocess_as_their_authors(h, w, pickscore_dirs, tiny_l14, aesthetic_files):
+    """PickScore: transformers' CLIPImageProcessor (its processor); the aesthetic predictor: open_clip's
+    validation transform (torchvision Resize + CenterCrop, what OpenAI's clip.load returns). Within 2/255: PIL
+    rounds its resized image to 8 bits, the engine does not."""
+    import open_clip
+    from transformers import CLIPImageProcessor
+
+    model_dir, processor_dir, reference = pickscore_dirs
+    images, pil = _frames(h, w)
+    processed = CLIPImageProcessor()(images=pil, return_tensors="pt")["pixel_values"]
+    assert _pixel_gap(clip_preprocess(images, 224), processed) <= 2
+    reward = build_reward(f"pickscore:{model_dir};{processor_dir}")
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(str(processor_dir))(["a cat", "a dog"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img = reference.get_image_features(pixel_values=processed)
+        txt = reference.get_text_features(**tokens)
+        img, txt = (getattr(t, "pooler_output", t) for t in (img, txt))
+        expected = reference.logit_scale.exp() * (F.normalize(img, dim=-1) * F.normalize(txt, dim=-1)).sum(-1)
+    assert torch.allclose(reward(images, ["a cat", "a dog"]), expected, rtol=1e-2, atol=1e-2)
+
+    transform = open_clip.image_transform(224, is_train=False)
+    aesthetic_input = torch.stack([transform(p) for p in pil])
+    assert _pixel_gap(clip_preprocess(images, 224, offset="round"), aesthetic_input) <= 2
+    root, head = aesthetic_files
+    aesthetic = AestheticReward(root / "open_clip_model.safetensors", root / AESTHETIC_HEAD_FILE, arch=TINY_L14)
+    with torch.no_grad():
+        expected = head(F.normalize(tiny_l14.encode_image(aesthetic_input), dim=-1)).squeeze(-1)
+    assert torch.allclose(aesthetic(images, ["", ""]), expected, rtol=1e-2, atol=1e-3)

@@ -109,6 +109,6 @@ class AestheticReward(Reward):
         return cls(clip, folder / AESTHETIC_HEAD_FILE)
 
     def forward(self, images, prompts):
-        pixels = clip_preprocess(images, self.image_size).to(next(self.clip.parameters()).dtype)
+        pixels = clip_preprocess(images, self.image_size, offset="round").to(next(self.clip.parameters()).dtype)
         embedding = F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
         return self.head(embedding).squeeze(-1)

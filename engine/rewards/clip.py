@@ -17,15 +17,33 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Differentiable CLIP preprocessing: clamp, resize the short side to ``size``, centre-crop, normalise."""
+def clip_preprocess(images: torch.Tensor, size: int, fit: str = "crop", offset: str = "floor") -> torch.Tensor:
+    """Differentiable CLIP preprocessing of images [N, 3, H, W] in [0, 1] (clamped) as each reward's authors do it,
+    then normalised. Resizing is bicubic and antialiased (PIL's and torchvision's kernel, also when enlarging):
+
+    - ``crop``: the short side resized to ``size`` (the long one to ``int(size * long / short)``), centre-cropped
+      at ``offset`` ``floor`` (transformers' CLIPProcessor: PickScore) or ``round`` (torchvision's CenterCrop:
+      open_clip's validation transform, the aesthetic predictor's);
+    - ``pad``: the long side resized to ``size``, padded to a square with black around the centre (HPSv2's
+      ``ResizeMaxSize``: its validation transform with ``light_augmentation=True``)."""
     images = images.float().clamp(0, 1)
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=scale < 1)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    images = images[..., top:top + size, left:left + size]
+    if fit == "pad":
+        scale = size / max(h, w)
+        new_h, new_w = round(h * scale), round(w * scale)
+        if scale != 1:
+            images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        pad_h, pad_w = size - new_h, size - new_w
+        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    elif fit == "crop":
+        new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        if (new_h, new_w) != (h, w):
+            images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        centre = (lambda n: (n - size) // 2) if offset == "floor" else (lambda n: int(round((n - size) / 2.0)))
+        top, left = centre(new_h), centre(new_w)
+        images = images[..., top:top + size, left:left + size]
+    else:
+        raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
     mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
     return (images - mean) / std

@@ -76,6 +76,6 @@ class HPSv2Reward(Reward):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def forward(self, images, prompts):
-        pixels = clip_preprocess(images, self.image_size).to(next(self.model.parameters()).dtype)
+        pixels = clip_preprocess(images, self.image_size, fit="pad").to(next(self.model.parameters()).dtype)
         image = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
         return (image * self.text_features(prompts).to(image.device)).sum(-1)

@@ -344,7 +344,7 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
             with torch.no_grad():
                 images = (vae.decode(vae.encode(images.flatten(0, 1) * 2 - 1).latent_dist.mode()).sample * 0.5 + 0.5)
                 images = images.clamp(0, 1).unflatten(0, (batch, 3))
-        image = F.normalize(model.encode_image(clip_preprocess(images.flatten(0, 1), size)), dim=-1).unflatten(0, (batch, 3))
+        image = F.normalize(model.encode_image(clip_preprocess(images.flatten(0, 1), size, fit="pad")), dim=-1).unflatten(0, (batch, 3))
         text = F.normalize(model.encode_text(tokenizer(list(captions))), dim=-1)
         scale = model.logit_scale.exp()
         ranking = F.cross_entropy(scale * torch.einsum("bgd,bd->bg", image, text), torch.zeros(batch, dtype=torch.long))
@@ -358,7 +358,7 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
             chosen = [pools[k % len(pools)][rng.randrange(len(pools[k % len(pools)]))] for k in range(batch)]
             frames = [rng.randrange(FRAMES) for _ in chosen]
             pair = torch.stack([torch.stack([b[f], w[f]]) for (b, _, w, _), f in zip(chosen, frames)])  # [B, 2, 3, H, W]
-            pair = F.normalize(model.encode_image(clip_preprocess(pair.flatten(0, 1), size)), dim=-1).unflatten(0, (batch, 2))
+            pair = F.normalize(model.encode_image(clip_preprocess(pair.flatten(0, 1), size, fit="pad")), dim=-1).unflatten(0, (batch, 2))
             texts = [c for _, better, _, worse in chosen for c in (better, worse)]
             text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1).unflatten(0, (batch, 2))
             margin = scale * (pair * text).sum(-1)
@@ -388,7 +388,7 @@ def gradient_cosine(model, tokenizer, pairs, rng: random.Random, size: int) -> t
     x = torch.stack([g[f] for (_, _, g, _), f in zip(pairs, frames)]).float().requires_grad_(True)
     towards = torch.stack([r[f] for (r, _, _, _), f in zip(pairs, frames)]).float() - x.detach()
     with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward on the CPU
-        image = F.normalize(model.encode_image(clip_preprocess(x, size)), dim=-1)
+        image = F.normalize(model.encode_image(clip_preprocess(x, size, fit="pad")), dim=-1)
         text = F.normalize(model.encode_text(tokenizer([c for _, c, _, _ in pairs])), dim=-1)
         gradient, = torch.autograd.grad((image * text).sum(), x, create_graph=True)
     return F.cosine_similarity(gradient.flatten(1), towards.flatten(1), dim=1).mean()
