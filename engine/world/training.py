@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.rewards.clip import clip_preprocess
 from engine.world.gold import object_weights
@@ -313,8 +312,7 @@ def preference_group(rng: random.Random) -> tuple[list[torch.Tensor], str]:
 
 def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, config: dict, batch: int = 32,
                  lr: float = 1e-3, ranked: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None,
-                 references: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None,
-                 align_weight: float = 0.0, align_batch: int = 8) -> None:
+                 references: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None) -> None:
     """HPS-style ranking (cross-entropy over each caption's group, best first) plus CLIP's contrastive loss over
     the clean pairs. Half the batches go through the video model's VAE, so decoded frames are ranked as well.
 
@@ -322,12 +320,7 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
     [F, 3, H, W], ordered by the gold metrics; each step then adds a batch of them (one frame each, the same for
     both) with a pairwise logistic loss, so the reward also learns the model's own failures. ``references``: pairs
     of the same form, a generation's clean reference above it; half of that batch is drawn from them when given
-    (among the many ranked pairs they would be rare, and they are what fine-tuning from noise climbs).
-
-    ``align_weight``: each step also takes ``align_batch`` frames of those generations and asks the reward's
-    gradient in pixel space to point towards their clean reference (the gold quality's ascent direction), as one
-    minus their cosine; the ranking losses alone left that cosine at 0.02 and fine-tuning climbed the reward along
-    directions that lowered the gold quality."""
+    (among the many ranked pairs they would be rare, and they are what fine-tuning from noise climbs)."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = cosine_lr(optimizer, steps, 50)
@@ -365,11 +358,6 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
             generated = F.softplus(margin[:, 1] - margin[:, 0]).mean()
             loss = loss + generated
             shown["generated"] = generated.item()
-        if references and align_weight > 0:
-            alignment = gradient_cosine(model, tokenizer, [references[rng.randrange(len(references))]
-                                                           for _ in range(align_batch)], rng, size)
-            loss = loss + align_weight * (1 - alignment)
-            shown["align"] = alignment.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -379,16 +367,3 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
         run.show(**shown)
     model.eval()
 
-
-def gradient_cosine(model, tokenizer, pairs, rng: random.Random, size: int) -> torch.Tensor:
-    """Mean cosine, one random frame of each (reference, caption, generation, caption) pair, between the gradient of
-    the reward's score in pixel space and the direction from the generation to its reference; differentiable in the
-    reward's weights (double backpropagation)."""
-    frames = [rng.randrange(FRAMES) for _ in pairs]
-    x = torch.stack([g[f] for (_, _, g, _), f in zip(pairs, frames)]).float().requires_grad_(True)
-    towards = torch.stack([r[f] for (r, _, _, _), f in zip(pairs, frames)]).float() - x.detach()
-    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward on the CPU
-        image = F.normalize(model.encode_image(clip_preprocess(x, size, fit="pad")), dim=-1)
-        text = F.normalize(model.encode_text(tokenizer([c for _, c, _, _ in pairs])), dim=-1)
-        gradient, = torch.autograd.grad((image * text).sum(), x, create_graph=True)
-    return F.cosine_similarity(gradient.flatten(1), towards.flatten(1), dim=1).mean()
