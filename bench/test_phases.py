@@ -16,6 +16,8 @@ The report goes to stdout, bench/RESULTS.md ("time per phase (CPU)" or "(CUDA)")
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import statistics
@@ -31,12 +33,21 @@ from bench.report import markdown_table, measured_line, update_section
 from engine.runtime import NoGradPath
 
 HERE = Path(__file__).parent
-ROUNDS = int(os.environ.get("BENCH_PHASE_ROUNDS", "2"))  # timed steps per configuration, after one warm-up step
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Timed steps per configuration, after one warm-up step: one on a CPU, where a step at this size takes about a minute
+# (with two, ``pytest bench/`` took 21 minutes, over its 15), two on CUDA; more with BENCH_PHASE_ROUNDS.
+ROUNDS = int(os.environ.get("BENCH_PHASE_ROUNDS", "1" if DEVICE == "cpu" else "2"))
+
+
+@functools.cache
+def pristine(device: str):
+    """The mid-size model and reward, built once per device (about 10 s on this CPU); ``build`` copies them."""
+    return fullsize.midsize(device)
 
 
 def build(key: str, device: str):
-    """(title, step) of configuration ``key`` on a fresh mid-size model."""
-    model, reward = fullsize.midsize(device)
+    """(title, step) of configuration ``key`` on a fresh copy of the mid-size model."""
+    model, reward = copy.deepcopy(pristine(device))
     shapes = (fullsize.MID_LATENT, fullsize.CONTEXT)
     if key.startswith("plain"):
         decode_all = key == "plain16"
@@ -49,7 +60,6 @@ def build(key: str, device: str):
     return title, Step(model, reward, BY_KEY[recipe], *shapes, optimizer=True, no_grad_path=path)
 
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Timed on CUDA only: K = 4, whose host store is the same RAM on a CPU (at this size it ran a 24 GiB machine out of
 # memory), and torch.compile of the no-grad steps (CUDA graphs; on this CPU it measured 0.95x of eager at this size
 # after a 30 s compile, see engine.runtime.NoGradPath).
@@ -104,8 +114,8 @@ def render(figures: dict) -> str:
     where = "on this CPU" if device == "cpu" else f"on {torch.cuda.get_device_name()} (bf16 autocast)"
     lines = [measured_line(), "",
              f"`pytest bench/test_phases.py` (BENCH_PHASE_ROUNDS={ROUNDS}): one step of batch 1 at mid size "
-             f"(ModelScope UNet at 2/5 width, 16 x 128 x 128, reward on ViT-B-16) {where}, median of {ROUNDS} timed "
-             f"steps after one warm-up. Each phase: seconds (share of the step's time / share of its FLOPs, {flops_from}).",
+             f"(ModelScope UNet at 2/5 width, 16 x 128 x 128, reward on ViT-B-16) {where}, "
+             f"{'median of ' + str(ROUNDS) + ' timed steps' if ROUNDS > 1 else 'one timed step'} after one warm-up. Each phase: seconds (share of the step's time / share of its FLOPs, {flops_from}).",
              "",
              markdown_table(["configuration", "s / step", "vs plain loop"] + list(PHASES), rows)]
     if "engine" in figures and "engine_off" in figures and device in figures["engine"]:

@@ -366,4 +366,3 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
             model.logit_scale.clamp_(0, 4.6052)
         run.show(**shown)
     model.eval()
-
