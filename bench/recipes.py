@@ -196,12 +196,13 @@ class Step:
 
         return ChainMemory(self.model.denoiser, grad_steps, budget)
 
-    def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
-        """Run forward and backward (and the optimizer, when it has one); returns the (detached) loss."""
+    def __call__(self, device, clock: PhaseClock | None = None, no_grad_steps: bool = True) -> torch.Tensor:
+        """Run forward and backward (and the optimizer, when it has one); returns the (detached) loss.
+        ``no_grad_steps=False`` leaves out the chain's steps without gradient (a cheaper warm-up)."""
         clock = clock or PhaseClock()
         with (clock.patched(self.model, "decode_frames", "decode"), clock.patched(self.scorer.reward, "forward", "reward"),
               self._bookkeeping_timed(clock)):
-            return self._step(device, clock)
+            return self._step(device, clock, no_grad_steps)
 
     @contextmanager
     def _bookkeeping_timed(self, clock: PhaseClock):
@@ -218,14 +219,15 @@ class Step:
         finally:
             self.memory.store = store
 
-    def _step(self, device, clock: PhaseClock) -> torch.Tensor:
+    def _step(self, device, clock: PhaseClock, no_grad_steps: bool) -> torch.Tensor:
         b = self.batch
         latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.denoiser.dtype)
         prompts = ["a corgi running on the beach"] * b
         x = latents if self.recipe.from_noise else self.chain.noise_to_start(latents)
         first_grad = len(self.chain.timesteps) - self.chain.grad_steps
-        with clock("no-grad steps"):
-            x = self.chain.denoise(x, context, uncond, timesteps=self.chain.timesteps[:first_grad], grad_steps=0)
+        if no_grad_steps:
+            with clock("no-grad steps"):
+                x = self.chain.denoise(x, context, uncond, timesteps=self.chain.timesteps[:first_grad], grad_steps=0)
         with clock("gradient steps, forward"):
             edited = self.chain.denoise(x, context, uncond, timesteps=self.chain.timesteps[first_grad:])
         if self.recipe.decode_all:  # the official code: decode all frames with gradient, then pick
@@ -275,13 +277,13 @@ class PlainLoop:
         eps_u, eps_c = self.model.denoiser(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, context])).sample.chunk(2)
         return self.scheduler.step(eps_u + self.guidance * (eps_c - eps_u), t, x).prev_sample
 
-    def __call__(self, device, clock: PhaseClock | None = None) -> torch.Tensor:
+    def __call__(self, device, clock: PhaseClock | None = None, no_grad_steps: bool = True) -> torch.Tensor:
         clock = clock or PhaseClock()
         b = self.batch
         latents, context, uncond = random_inputs(b, self.latent_shape, self.context_shape, device, self.model.denoiser.dtype)
         x = self.scheduler.add_noise(latents, torch.randn_like(latents), self.timesteps[:1])
         with clock("no-grad steps"), torch.no_grad():
-            for t in self.timesteps[:-1]:
+            for t in self.timesteps[:-1] if no_grad_steps else []:
                 x = self._guided_step(x, t, context, uncond)
         with clock("gradient steps, forward"):
             x = checkpoint(self._guided_step, x, self.timesteps[-1], context, uncond, use_reentrant=False)

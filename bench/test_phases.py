@@ -35,7 +35,8 @@ from engine.runtime import NoGradPath
 HERE = Path(__file__).parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Timed steps per configuration, after one warm-up step: one on a CPU, where a step at this size takes about a minute
-# (with two, ``pytest bench/`` took 21 minutes, over its 15), two on CUDA; more with BENCH_PHASE_ROUNDS.
+# (with two and a whole warm-up step, ``pytest bench/`` took 21 minutes, over its 15), two on CUDA; more with
+# BENCH_PHASE_ROUNDS.
 ROUNDS = int(os.environ.get("BENCH_PHASE_ROUNDS", "1" if DEVICE == "cpu" else "2"))
 
 
@@ -115,7 +116,7 @@ def render(figures: dict) -> str:
     lines = [measured_line(), "",
              f"`pytest bench/test_phases.py` (BENCH_PHASE_ROUNDS={ROUNDS}): one step of batch 1 at mid size "
              f"(ModelScope UNet at 2/5 width, 16 x 128 x 128, reward on ViT-B-16) {where}, "
-             f"{'median of ' + str(ROUNDS) + ' timed steps' if ROUNDS > 1 else 'one timed step'} after one warm-up. Each phase: seconds (share of the step's time / share of its FLOPs, {flops_from}).",
+             f"{'median of ' + str(ROUNDS) + ' timed steps' if ROUNDS > 1 else 'one timed step'} after one warm-up{' (on a CPU without its no-grad steps)' if DEVICE == 'cpu' else ''}. Each phase: seconds (share of the step's time / share of its FLOPs, {flops_from}).",
              "",
              markdown_table(["configuration", "s / step", "vs plain loop"] + list(PHASES), rows)]
     if "engine" in figures and "engine_off" in figures and device in figures["engine"]:
@@ -145,7 +146,9 @@ def test_time_per_phase(key, report):
     title, step = build(key, device)
     clocks = []
     with torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False):
-        step(device)  # warm-up: the planner measures its units, allocators and caches fill
+        # warm-up: the planner measures its units, allocators and caches fill; on a CPU without the no-grad steps
+        # (60% of a step at this size, nothing in them to measure), so that pytest bench/ stays within 15 minutes
+        step(device, no_grad_steps=device == "cuda")
         for _ in range(ROUNDS):
             clocks.append(PhaseClock(sync=device == "cuda"))
             step(device, clocks[-1])

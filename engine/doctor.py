@@ -8,6 +8,7 @@ import os
 import platform
 import sys
 from importlib import metadata
+from unittest import mock
 
 import torch
 
@@ -73,6 +74,30 @@ def _attention(device: torch.device) -> str:
             "(above), else the same SDPA")
 
 
+def _self_checks(device: torch.device) -> dict[str, str | None]:
+    """Each kernel run once at a small shape, so that its self-check (kernels.dispatch) runs: kernel -> None
+    (passed) or why it fell back to its reference."""
+    import kernels
+    from kernels import dispatch
+
+    g = torch.Generator().manual_seed(0)
+    x = lambda *shape: torch.randn(shape, generator=g).to(device)  # noqa: E731
+    with mock.patch.dict(os.environ, {"KERNEL_SELF_CHECK": "1"}):
+        kernels.lora_linear(x(16, 64), x(32, 64), x(32), x(4, 64), x(32, 4), 1.0)
+        kernels.temporal_attention(x(2, 4, 16, 32), x(2, 4, 16, 32), x(2, 4, 16, 32))
+        kernels.cfg_ddim_step(x(2, 4, 8, 8), x(2, 4, 8, 8), x(2, 4, 8, 8), 3.0, 0.5, 0.7)
+        kernels.cfg_flow_step(x(2, 4, 8, 8), x(2, 4, 8, 8), x(2, 4, 8, 8), 3.0, 0.7, 0.5)
+    return {kernel: reason for (kernel, _, _), reason in dispatch.self_check_results().items()}
+
+
+def _kernel_state(kernel: str, fused: bool, why: str, checks: dict[str, str | None]) -> str:
+    if not fused:
+        return f"reference: {why}"
+    if kernel not in checks:
+        return f"fused: {why}"
+    return f"fused: {why}, self-check passed" if checks[kernel] is None else f"reference: {checks[kernel]}"
+
+
 def report() -> str:
     from kernels import dispatch
 
@@ -83,7 +108,8 @@ def report() -> str:
     lines += ["", f"C++ extension (csrc._C): {_extension()}", "",
               f"fused kernels on {device.type} (backend {dispatch.get_backend().value}):"]
     fused, why = dispatch.device_status(device)
-    lines += [f"  {k:<19} {'fused' if fused else 'reference'}: {why}" for k in KERNELS]
+    checks = _self_checks(device) if fused else {}
+    lines += [f"  {k:<19} {_kernel_state(k, fused, why, checks)}" for k in KERNELS]
     lines += ["", f"attention: {_attention(device)}", f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"]
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from engine.builtin import build_model, builtin
 from engine.cli import check_model, check_output_folder
-from engine.errors import UserError, cli_entry
+from engine.errors import UserError, cli_entry, disk_writes
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, check_lora_folder, load_lora, lora_layers
 from engine.runtime import resolve_device
 
@@ -100,7 +100,8 @@ def merge_lora(unet: nn.Module) -> int:
     return len(names)
 
 
-def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dtype) -> Path:
+def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dtype, named: Path | None = None) -> Path:
+    """The merged pipeline written to ``folder``; its README names ``named`` (where it will live) or ``folder``."""
     load_lora(model.denoiser, lora, scale)
     merged = merge_lora(model.denoiser)
     if lora_layers(model.denoiser) or merged == 0:
@@ -109,11 +110,13 @@ def export_merged(model, lora: Path, scale: float, folder: Path, dtype: torch.dt
         model.denoiser.to(dtype)
     model.save(folder)
     note = f" at scale {scale}" if scale != 1.0 else ""
-    (folder / "README.md").write_text(MERGED_README.format(lora=lora, folder=folder, scale_note=note, **_readme_names(model)))
+    (folder / "README.md").write_text(MERGED_README.format(lora=lora, folder=named or folder, scale_note=note,
+                                                           **_readme_names(model)))
     return folder
 
 
-def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Path:
+def export_peft(model, lora: Path, scale: float, folder: Path, base: str, named: Path | None = None) -> Path:
+    """The peft adapter written to ``folder``; its README names ``named`` (where it will live) or ``folder``."""
     load_lora(model.denoiser, lora, 1.0)  # only to check the adapter fits the model
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(lora / WEIGHTS_NAME, folder / WEIGHTS_NAME)
@@ -123,7 +126,8 @@ def export_peft(model, lora: Path, scale: float, folder: Path, base: str) -> Pat
         config["alpha_pattern"] = {k: v * scale for k, v in (config.get("alpha_pattern") or {}).items()}
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     note = f" (strength {scale} folded into lora_alpha)" if scale != 1.0 else ""
-    (folder / "README.md").write_text(PEFT_README.format(base=base, folder=folder, scale_note=note, **_readme_names(model)))
+    (folder / "README.md").write_text(PEFT_README.format(base=base, folder=named or folder, scale_note=note,
+                                                         **_readme_names(model)))
     return folder
 
 
@@ -157,13 +161,22 @@ def main(argv: list[str] | None = None) -> dict:
     preset = builtin(args.model)
     base = preset.base_name() if preset else str(Path(args.model).resolve())
     for form in forms:  # each form starts from a fresh base model: merging changes the weights in place
+        model = build_model(args.model, seed=0, device=device)
+        partial = out / f".{form}.partial"  # replaces out/form only once whole: a full disk loses no old export
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            with disk_writes(out, f"the {form} export"):
+                if form == "merged":
+                    export_merged(model, lora, args.lora_scale, partial, DTYPES[args.dtype], named=out / form)
+                else:
+                    export_peft(model, lora, args.lora_scale, partial, base, named=out / form)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if (out / form).exists():
             shutil.rmtree(out / form)
-        model = build_model(args.model, seed=0, device=device)
-        if form == "merged":
-            written[form] = str(export_merged(model, lora, args.lora_scale, out / form, DTYPES[args.dtype]))
-        else:
-            written[form] = str(export_peft(model, lora, args.lora_scale, out / form, base))
+        partial.rename(out / form)
+        written[form] = str(out / form)
         del model
     for form, folder in written.items():
         print(f"{form}: {folder}")

@@ -154,3 +154,25 @@ def test_export_rejects_adapter_of_another_model(tmp_path, exported):
         from engine.models import load_model
 
         export_peft(load_model(exported / "base"), tmp_path / "lora16", 1.0, tmp_path / "p", "base")
+
+
+def test_a_full_disk_keeps_the_old_export_and_leaves_no_partial_one(tmp_path, exported, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(exported / "out" / "peft", out / "peft")
+    before = {p.name: p.read_bytes() for p in (out / "peft").iterdir()}
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("engine.export.shutil.copyfile", no_space)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(exported / "base"), "--lora", str(exported / "lora"), "--output", str(out), "--peft",
+              "--overwrite"])
+    assert exit_info.value.code == 4
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: the disk holding {out} is full: writing the peft export") and "\n" not in error
+    assert {p.name: p.read_bytes() for p in (out / "peft").iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["peft"]

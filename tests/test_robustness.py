@@ -1,5 +1,6 @@
 """Crash-safe resume, non-finite steps, data parallelism and bad input (issue: multi-GPU, resume, hardening)."""
 
+import errno
 import json
 import os
 import signal
@@ -200,6 +201,113 @@ def test_a_live_run_keeps_its_folder_and_a_stale_lock_is_taken_over(tmp_path, ca
     main(quick(out, "--steps", "1", "--overwrite"))
     assert f"taking over the lock of pid {owner.pid}" in capsys.readouterr().out
     assert not (out / "run.lock").exists()
+
+
+def _no_space(*args):
+    return OSError(errno.ENOSPC, "No space left on device", *args)
+
+
+class _FillingFile:
+    """A file whose write stores half of the data, then fails as a full disk does."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        self.handle.write(data[:len(data) // 2])
+        self.handle.flush()
+        raise _no_space()
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def fail_writes(monkeypatch, name_ends: str, after: int = 0):
+    """Writes to files whose name ends with ``name_ends`` (through engine.train.run_folder) fail after ``after``."""
+    import builtins
+
+    from engine.train import run_folder
+
+    seen = []
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        handle = builtins.open(path, mode, *args, **kwargs)
+        if str(path).endswith(name_ends) and any(m in mode for m in "wa"):
+            seen.append(path)
+            if len(seen) > after:
+                return _FillingFile(handle)
+        return handle
+
+    monkeypatch.setattr(run_folder, "open", fake_open, raising=False)
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+WRITERS = {  # writer -> (how it is made to fail, what the error line names)
+    "checkpoint": (lambda mp: fail_writes(mp, "checkpoint.pt.tmp", after=1), "the checkpoint of step 4"),
+    "metrics": (lambda mp: fail_writes(mp, "metrics.jsonl", after=3), "metrics.jsonl"),
+    "tensorboard": (lambda mp: mp.setattr("engine.tracking.Tracker.scalars", _raise(_no_space())), "TensorBoard"),
+    "weights": (lambda mp: mp.setattr("safetensors.torch.save_file", _raise(RuntimeError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'))),
+        "the LoRA weights"),
+    "samples": (lambda mp: mp.setattr("engine.media.write_gif", _raise(_no_space("x.gif"))), "sample videos"),
+}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_full_disk_at_each_writer_is_one_line_and_loses_nothing(tmp_path, monkeypatch, capsys, writer, reference_run):
+    out = tmp_path / "run"
+    make_fail, names = WRITERS[writer]
+    make_fail(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(quick(out, "--save-every", "2"))
+    assert exit_info.value.code == 4
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: the disk holding {out}") and names in error, error
+    assert not list(out.rglob("*.tmp")) and not (out / "run.lock").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # every line whole
+    monkeypatch.undo()
+    if writer == "checkpoint":
+        assert "continues from its checkpoint of step 2" in error
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    if (out / "checkpoint.pt").exists():  # space freed: the run goes on from its last checkpoint, bit for bit
+        main(["--resume", str(out)])
+        assert_bitwise_equal(lora_of(out), lora_of(reference_run))
+    assert records
+
+
+def test_a_run_on_a_small_tmpfs_fails_in_one_line_and_resumes_bit_for_bit(tmp_path, reference_run):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("this machine does not let the tests mount a tmpfs (needs root); the patched writers above run")
+    try:
+        out = disk / "run"
+        result = subprocess.run([sys.executable, "-m", "engine.train", *quick(out, "--save-every", "2")],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 4, result.stderr[-3000:]
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"error: the disk holding {out}") and "Traceback" not in result.stderr, result.stderr
+        [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        if (out / "checkpoint.pt").exists():
+            main(["--resume", str(out)])
+        else:
+            main(quick(out, "--save-every", "2", "--overwrite"))
+        assert_bitwise_equal(lora_of(out), lora_of(reference_run))
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def test_overwrite_clears_the_old_run(tmp_path):

@@ -6,13 +6,14 @@ Each function takes the run (``engine.train.recipe.Trainer``) whose state it sav
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
 
 from engine import distributed as dist_utils
-from engine.errors import UserError, first_line
+from engine.errors import UserError, disk_writes, first_line
 from engine.lora import lora_state_dict, save_lora
 from engine.train.run_folder import CHECKPOINT, atomic_write
 
@@ -40,7 +41,9 @@ def save_checkpoint(run) -> None:
         "noise_generator": run.noise_generator.get_state(), "frame_generator": run.frame_generator.get_state(),
         "torch_rng": torch.get_rng_state(), "early_stopping": run.early_stopping.state_dict(),
     }
-    atomic_write(run.output / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(run.output / CHECKPOINT, buffer.getvalue(), f"the checkpoint of step {run.step}")
 
 
 def read_checkpoint(output: Path) -> dict:
@@ -52,6 +55,14 @@ def read_checkpoint(output: Path) -> dict:
     except Exception as err:  # noqa: BLE001 (a damaged pickle fails in many ways: any of them means corrupt)
         raise UserError(f"{path} is corrupt ({first_line(err)}); resume from a copy of the run, "
                         "or start again") from None
+
+
+def saved_step(output: Path) -> int | None:
+    """The step of the run's last complete checkpoint, None when there is none (or it cannot be read)."""
+    try:
+        return int(torch.load(output / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 (missing or damaged: either way nothing to resume from)
+        return None
 
 
 def load_checkpoint(run) -> None:
@@ -92,7 +103,7 @@ def apply_optimizer_options(run) -> None:
 def rewrite_metrics(output: Path, records: list[dict]) -> None:
     """Resumed: the metric lines up to the checkpoint (lines written after it are dropped)."""
     lines = "".join(json.dumps(r) + "\n" for r in records)
-    atomic_write(output / "metrics.jsonl", lambda tmp: tmp.write_text(lines))
+    atomic_write(output / "metrics.jsonl", lines.encode(), "metrics.jsonl")
 
 
 def weights_folder(run, suffix: str = "") -> Path:
@@ -108,16 +119,23 @@ def save_weights(run, suffix: str = "") -> Path:
     folder = weights_folder(run, suffix)
     if cfg.finetune == "lora":
         if run.world.is_main:
-            save_lora(run.model.denoiser, folder, cfg.lora_rank, cfg.lora_alpha)
+            with disk_writes(folder, "the LoRA weights"):
+                save_lora(run.model.denoiser, folder, cfg.lora_rank, cfg.lora_alpha)
         return folder
     weights, _ = dist_utils.full_state(run.model.denoiser)
     if run.world.is_main:
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        run.model.denoiser.save_config(folder)
-        config_file = folder / "config.json"
-        config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": run.denoiser_class},
-                                          indent=2))
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
+        with disk_writes(folder, f"the {run.model.denoiser_name} weights"):
+            _save_denoiser(run, folder, weights)
     return folder
+
+
+def _save_denoiser(run, folder: Path, weights: dict) -> None:
+    """diffusers' layout: config.json (with the class name) + diffusion_pytorch_model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    run.model.denoiser.save_config(folder)
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": run.denoiser_class},
+                                      indent=2))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "diffusion_pytorch_model.safetensors"))

@@ -11,6 +11,7 @@ output folder), ``samples`` (pictures and the printed summary).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -31,7 +32,7 @@ from engine.chain import EditChain
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, build_sources, split_held_out
 from engine.distributed import ShardedGenerator
-from engine.errors import UserError, cli_entry
+from engine.errors import DiskFull, UserError, cli_entry, disk_writes
 from engine.lora import add_lora, adapters_disabled, load_lora
 from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.models import VideoDiffusion
@@ -42,7 +43,8 @@ from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
 from engine.train.evaluation import HeldOut
 from engine.train.optim import make_optimizer, optimizer_step
-from engine.train.run_folder import REWARD_CURVE, SAMPLES, TENSORBOARD, check_output, open_output, release_lock
+from engine.train.run_folder import (REWARD_CURVE, SAMPLES, TENSORBOARD, append_line, check_output, open_output,
+                                     release_lock)
 from engine.train.samples import print_summary, write_samples
 from engine.train.sources import SourceLatents
 from engine.video_reward import SegmentalReward, reward_loss
@@ -222,7 +224,8 @@ class Trainer:
                         "trainable_parameters": sum(p.numel() for p in self.trainable),
                         "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},
         }
-        (self.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        with disk_writes(self.output, "config.yaml"):
+            (self.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     # ---------------------------------------------------------------------------------- one step
     def autocast(self):
@@ -264,10 +267,10 @@ class Trainer:
     def log(self, record: dict):
         self.records.append(record)
         if self.world.is_main:
-            with open(self.output / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            append_line(self.output / "metrics.jsonl", json.dumps(record) + "\n", "metrics.jsonl")
             values = {f"{record['kind']}/{k}": v for k, v in record.items() if k not in ("kind", "step")}
-            self.tracker.scalars(record["step"], values | {f"gpu/{k}": v for k, v in gpu_stats(self.device).items()})
+            with disk_writes(self.output / TENSORBOARD, "TensorBoard scalars"):
+                self.tracker.scalars(record["step"], values | {f"gpu/{k}": v for k, v in gpu_stats(self.device).items()})
 
     def log_eval(self) -> bool:
         """Held-out evaluation (every sharded rank computes the same value); saves the best weights so far.
@@ -367,13 +370,14 @@ class Trainer:
         checkpoint.save_weights(self)
         after_latents = self.held_out.sample_latents() if self.runs_model else None
         if self.world.is_main:
-            media.plot_rewards(self.records, self.output / REWARD_CURVE, title=f"reward ({cfg.reward.split(':')[0]})")
-            edits = [(self.latents.get(self.eval_sources, i), before, after)
-                     for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
-            write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],
-                          self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps)
-            self.tracker.reward_curve(self.records, self.step)
-            self.tracker.close()
+            with disk_writes(self.output, "the reward curve, the sample videos and pictures"):
+                media.plot_rewards(self.records, self.output / REWARD_CURVE, title=f"reward ({cfg.reward.split(':')[0]})")
+                edits = [(self.latents.get(self.eval_sources, i), before, after)
+                         for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
+                write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],
+                              self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps)
+                self.tracker.reward_curve(self.records, self.step)
+                self.tracker.close()
             evals = [r for r in self.records if r["kind"] == "eval"]
             first = evals[0] | self.held_out.score_samples(self.before_latents)
             last = evals[-1] | self.held_out.score_samples(after_latents)
@@ -396,5 +400,11 @@ def main(argv: list[str] | None = None) -> dict:
             dist_utils.shutdown(trainer.world)
             raise SystemExit(stop.exit_code) from None
         return trainer.finish()
+    except DiskFull as full:
+        with contextlib.suppress(Exception):  # its last flush meets the same full disk
+            trainer.tracker.close()
+        saved = checkpoint.saved_step(trainer.output)
+        raise DiskFull(f"{full}; then --resume {trainer.output} continues from its checkpoint of step {saved}" if saved
+                       else str(full)) from None
     finally:
         release_lock(trainer.output)  # this process's own lock only: other ranks and other runs keep theirs
