@@ -20,6 +20,8 @@ from engine import assets, world
 from engine.data import Source
 from engine.errors import UserError
 from engine.models import VideoDiffusion, load_model, tiny_model
+from engine.rewards import register_reward
+from engine.world.gold_reward import GoldQualityReward
 
 
 class Builtin:
@@ -137,6 +139,8 @@ def synthetic_video(index: int, num_frames: int, height: int, width: int) -> tor
 
 
 BUILTINS: dict[str, Builtin] = {"world": WorldPreset(), "tiny": TinyPreset()}
+# the world's gold quality as a reward, for studying how far a learned reward is from it (README, default job)
+register_reward("gold", lambda path: GoldQualityReward(), needs_path=False)
 
 
 def builtin(spec: str | None) -> Builtin | None:

@@ -109,6 +109,13 @@ class Tracker:
             self.writer = None
             self.enabled = False
 
+    def abandon(self) -> None:
+        """Close after a failed write (a full disk): its last flush would fail the same way, so errors are dropped."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (whatever the writer's thread met, the run already stops for it)
+            self.writer, self.enabled = None, False
+
     def __enter__(self) -> "Tracker":
         return self
 

@@ -257,3 +257,22 @@ def test_evaluation_sets_are_disjoint_and_fixed():
     assert all(not (a & b) for i, a in enumerate(seeds) for b in seeds[i + 1:])
     assert world.evaluation_set("effect", 2)[:3] == world.evaluation_set("effect", 2)[:3]
     assert world.caption_group("effect")[0].caption == "a yellow square moving right on a black background"
+
+
+def test_gold_reward_is_the_gold_quality_per_frame_with_a_gradient():
+    import engine.builtin  # noqa: F401  (registers --reward gold)
+    from engine.errors import UserError
+    from engine.rewards import build_reward
+
+    reward = build_reward("gold")
+    clip = world.prompt_set("in_domain", 2, seed=100)[0]
+    for degradation in (None, "blur", "noise"):
+        frames = world.render(world.Clip(**{**clip.__dict__, "degradation": degradation, "seed": 1}))
+        x = frames.clone().requires_grad_(True)
+        scores = reward(x, [clip.caption] * len(x))
+        assert abs(10 * scores.mean().item() - world.gold_metrics(frames, clip)["quality"]) < 1e-3, degradation
+        if degradation:
+            scores.sum().backward()
+            assert x.grad.abs().sum() > 0
+    with pytest.raises(UserError, match="world captions only"):
+        reward(frames[:1], ["a cat on a mat"])

@@ -18,9 +18,11 @@ held-out edits).
 with FSDP under torchrun, and writes unet/ or transformer/ (diffusers layout, by the pipeline's name) in place of
 lora/.
 
-The recipe is ``engine.train.recipe`` (setup, the loop, finish); the files beside it hold what the loop calls.
+The recipe is ``engine.train.recipe`` (setup, the loop, finish), run by ``engine.train.command``; the files beside
+it hold what the loop calls.
 """
 
-from engine.train.recipe import Stop, Trainer, main
+from engine.train.command import main
+from engine.train.recipe import Stop, Trainer
 
 __all__ = ["Stop", "Trainer", "main"]

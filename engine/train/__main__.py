@@ -1,5 +1,5 @@
 """``python -m engine.train``: the fine-tuning command (see engine.train)."""
 
-from engine.train.recipe import main
+from engine.train.command import main
 
 main()

@@ -1,17 +1,17 @@
 """The fine-tuning recipe: ``Trainer.setup()`` builds a run from its config, ``Trainer.train()`` is the loop,
-``Trainer.finish()`` writes the weights, the reward curve and the samples; ``main`` runs the three.
+``Trainer.finish()`` writes the weights, the reward curve and the samples; ``engine.train.command.main`` runs
+the three.
 
 Each step of the loop: this process's share of a batch of source latents -> the edit (noise to tau, the
 remaining steps with CFG, gradient through the last K) -> the SegVR frames decoded and scored with TAR ->
 backward, clip, update (skipped when not finite) -> log -> held-out evaluation and checkpoint when due. The
 pieces live beside this file: ``sources`` (source latents), ``optim`` (the optimizer and its step),
 ``evaluation`` (held-out edits and samples), ``checkpoint`` (checkpoint and weight files), ``run_folder`` (the
-output folder), ``samples`` (pictures and the printed summary).
+output folder), ``samples`` (pictures and the printed summary), ``command`` (the CLI: exit codes, the lock).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sys
@@ -32,7 +32,7 @@ from engine.chain import EditChain
 from engine.config import TrainConfig, resolve_config
 from engine.data import BatchSampler, build_sources, split_held_out
 from engine.distributed import ShardedGenerator
-from engine.errors import DiskFull, UserError, cli_entry, disk_writes
+from engine.errors import UserError, disk_writes
 from engine.lora import add_lora, adapters_disabled, load_lora
 from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.models import VideoDiffusion
@@ -43,8 +43,7 @@ from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
 from engine.train.evaluation import HeldOut
 from engine.train.optim import make_optimizer, optimizer_step
-from engine.train.run_folder import (REWARD_CURVE, SAMPLES, TENSORBOARD, append_line, check_output, open_output,
-                                     release_lock)
+from engine.train.run_folder import REWARD_CURVE, SAMPLES, TENSORBOARD, append_line, check_output, open_output
 from engine.train.samples import print_summary, write_samples
 from engine.train.sources import SourceLatents
 from engine.video_reward import SegmentalReward, reward_loss
@@ -386,25 +385,3 @@ class Trainer:
             print_summary(first, last, self.output)
         dist_utils.shutdown(self.world)
         return summary
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> dict:
-    config = resolve_config(argv, description=DESCRIPTION)
-    trainer = Trainer(config).setup()
-    try:
-        try:
-            trainer.train()
-        except Stop as stop:
-            print(f"error: {stop}" if stop.exit_code == 3 else str(stop), file=sys.stderr)
-            dist_utils.shutdown(trainer.world)
-            raise SystemExit(stop.exit_code) from None
-        return trainer.finish()
-    except DiskFull as full:
-        with contextlib.suppress(Exception):  # its last flush meets the same full disk
-            trainer.tracker.close()
-        saved = checkpoint.saved_step(trainer.output)
-        raise DiskFull(f"{full}; then --resume {trainer.output} continues from its checkpoint of step {saved}" if saved
-                       else str(full)) from None
-    finally:
-        release_lock(trainer.output)  # this process's own lock only: other ranks and other runs keep theirs

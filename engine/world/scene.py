@@ -16,6 +16,7 @@ Splits, modelled on InstructVideo's Table 1 (in-domain animals / new animals / n
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, replace
 
@@ -167,6 +168,15 @@ def _centred(shape: str, colour: str, motion: str, background: str, template: st
     travel = SPEED * (FRAMES - 1)
     start = (SIZE / 2 - dx * travel / 2, SIZE / 2 - dy * travel / 2)
     return Clip(shape, colour, motion, background, start, template)
+
+
+@functools.cache
+def caption_clips() -> dict[str, Clip]:
+    """Every caption the world can write (every shape, colour, motion, background and template) -> a clean clip
+    of it at the frame's centre line."""
+    return {clip.caption: clip for template in ("A", "B") for shape in SHAPES for colour in COLOURS
+            for motion in MOTIONS for background in BACKGROUNDS
+            for clip in [_centred(shape, colour, motion, background, template)]}
 
 
 def caption_group(name: str) -> list[Clip]:
