@@ -174,6 +174,8 @@ def accelerate(unet: nn.Module, lora: bool = True, temporal_attention: bool = Tr
                 continue
             attn.set_processor(FusedTemporalAttnProcessor(attn.processor))
             processors += 1
+    if processors and hasattr(type(unet), "set_default_attn_processor"):
+        unet.set_default_attn_processor = MethodType(_set_default_attn_processor, unet)
     for reason, count in skipped.items():
         logger.warning("accelerate: left %d x %s unchanged", count, reason)
     if temporal_attention and not _temporal_attentions(unet):
@@ -184,11 +186,25 @@ def accelerate(unet: nn.Module, lora: bool = True, temporal_attention: bool = Tr
     return AccelerateHandle(unet, lora_layers, processors, previous)
 
 
-def revert(unet: nn.Module) -> None:
-    """Restore every forward and processor ``accelerate`` replaced (the backend is restored by the handle)."""
+def _set_default_attn_processor(unet: nn.Module) -> None:
+    """diffusers' ``set_default_attn_processor`` on an accelerated UNet: it accepts only processor classes it
+    knows, so the fused temporal processors give back the originals first (as diffusers asks, every attention
+    then runs its default processor; the fused LoRA linears stay)."""
+    _restore_processors(unet)
+    type(unet).set_default_attn_processor(unet)
+
+
+def _restore_processors(unet: nn.Module) -> None:
     for module in unet.modules():
-        if _is_patched_lora(module):
-            del module.forward
         processor = getattr(module, "processor", None)
         if isinstance(processor, FusedTemporalAttnProcessor):
             module.set_processor(processor.original)
+
+
+def revert(unet: nn.Module) -> None:
+    """Restore every forward and processor ``accelerate`` replaced (the backend is restored by the handle)."""
+    unet.__dict__.pop("set_default_attn_processor", None)
+    _restore_processors(unet)
+    for module in unet.modules():
+        if _is_patched_lora(module):
+            del module.forward

@@ -154,3 +154,22 @@ def test_the_documented_spelling_works_twice_in_one_process(model):
         engine.accelerate(model.denoiser, backend="fused").revert()
     shadowed = [name for name in engine.__all__ if importlib.util.find_spec(f"engine.{name}") is not None]
     assert not shadowed, f"public names that are also submodules of engine: {shadowed}"
+
+
+def test_set_default_attn_processor_works_on_an_accelerated_unet(model):
+    """diffusers' own tests call it on every component (it raised ValueError on the fused temporal processors)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = model.denoiser
+    x, context = unet_inputs()
+    stock = copy.deepcopy(unet)
+    stock.set_default_attn_processor()
+    handle = accelerate(unet, backend="reference")
+    unet.set_default_attn_processor()
+    assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, 500, encoder_hidden_states=context).sample,
+                                   stock(x, 500, encoder_hidden_states=context).sample, atol=1e-5, rtol=1e-4)
+    handle.revert()
+    assert "set_default_attn_processor" not in unet.__dict__
+    assert all("forward" not in layer.__dict__ for layer in lora_layers(unet))
