@@ -51,11 +51,15 @@ def disk_full_message(path: str | Path, what: str, nbytes: int | None = None) ->
 
 
 @contextmanager
-def disk_writes(path: str | Path, what: str, nbytes: int | None = None):
-    """Writes to ``path`` inside: a full disk becomes ``DiskFull`` naming it (other errors pass through)."""
+def disk_writes(path: str | Path, what: str, nbytes: int | None = None, cleanup=None):
+    """Writes to ``path`` inside: on any error ``cleanup()`` runs first (a partial file removed or cut back, so the
+    free space reported is what a retry finds), then a full disk becomes ``DiskFull`` naming it (other errors pass
+    through)."""
     try:
         yield
-    except Exception as err:
+    except BaseException as err:
+        if cleanup is not None:
+            cleanup()
         if isinstance(err, DiskFull) or not is_disk_full(err):
             raise
         raise DiskFull(disk_full_message(path, what, nbytes)) from None

@@ -164,15 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
         model = build_model(args.model, seed=0, device=device)
         partial = out / f".{form}.partial"  # replaces out/form only once whole: a full disk loses no old export
         shutil.rmtree(partial, ignore_errors=True)
-        try:
-            with disk_writes(out, f"the {form} export"):
-                if form == "merged":
-                    export_merged(model, lora, args.lora_scale, partial, DTYPES[args.dtype], named=out / form)
-                else:
-                    export_peft(model, lora, args.lora_scale, partial, base, named=out / form)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
+        with disk_writes(out, f"the {form} export", cleanup=lambda: shutil.rmtree(partial, ignore_errors=True)):
+            if form == "merged":
+                export_merged(model, lora, args.lora_scale, partial, DTYPES[args.dtype], named=out / form)
+            else:
+                export_peft(model, lora, args.lora_scale, partial, base, named=out / form)
         if (out / form).exists():
             shutil.rmtree(out / form)
         partial.rename(out / form)

@@ -12,7 +12,7 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
-from engine.errors import DiskFull, UserError, disk_full_message, disk_writes, is_disk_full
+from engine.errors import UserError, disk_writes
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = "run.lock"
@@ -128,12 +128,9 @@ def take_lock(out: Path, break_lock: bool) -> None:
         if (lock := _read_lock(out)) and lock.get("pid") == os.getpid():
             return
         raise UserError(f"output folder {out} was locked by another run a moment ago; pass another --output") from None
-    try:
-        with disk_writes(out / LOCK, "the run's lock"), os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(_owner()) + "\n")
-    except BaseException:
-        (out / LOCK).unlink(missing_ok=True)
-        raise
+    with disk_writes(out / LOCK, "the run's lock", cleanup=lambda: (out / LOCK).unlink(missing_ok=True)), \
+            os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(_owner()) + "\n")
     atexit.register(release_lock, out)
 
 
@@ -147,15 +144,10 @@ def atomic_write(path: Path, data: bytes, what: str) -> None:
     """``data`` to a temporary file, synced, then renamed over ``path``: a crash (or power loss) leaves the old
     file or the new one, never half; a full disk leaves the old one and raises ``DiskFull`` naming ``what``."""
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        _raise_if_full(err, path, what, len(data))
-        raise
+    with disk_writes(path, what, len(data), cleanup=lambda: tmp.unlink(missing_ok=True)), open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -167,18 +159,11 @@ def atomic_write(path: Path, data: bytes, what: str) -> None:
 def append_line(path: Path, line: str, what: str) -> None:
     """One line appended; a full disk cuts the file back to its last whole line and raises ``DiskFull``."""
     size = path.stat().st_size if path.exists() else 0
-    try:
-        with open(path, "a") as fh:
-            fh.write(line)
-            fh.flush()
-    except BaseException as err:
+
+    def cut_back():
         if path.exists() and path.stat().st_size > size:
             os.truncate(path, size)
-        _raise_if_full(err, path, what, len(line.encode()))
-        raise
 
-
-def _raise_if_full(err: BaseException, path: Path, what: str, nbytes: int) -> None:
-    """After the cleanup, so that the free space it reports is what the next try will find."""
-    if is_disk_full(err):
-        raise DiskFull(disk_full_message(path, what, nbytes)) from None
+    with disk_writes(path, what, len(line.encode()), cleanup=cut_back), open(path, "a") as fh:
+        fh.write(line)
+        fh.flush()
