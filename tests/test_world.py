@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -164,7 +165,8 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     reward = HPSv2Reward(tmp_path / REWARD_FILE.name)
     assert reward(torch.rand(2, 3, 32, 32), ["a", "b"]).shape == (2,)
     reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
-    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward"} and all(r["smoke"] for r in reports.values())
+    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward", "onpolicy"}
+    assert all(r["smoke"] for r in reports.values())
     assert set(reports["vae"]["clean_in_domain"]) >= {"colour_acc", "shape_acc"}
     assert reports["unet"]["effect_set"]["clips"] == 4 and "outside_clean_render_range" in reports["unet"]["effect_set"]
     assert {"quality_agreement", "same_caption_quality_agreement", "reference_agreement",
@@ -175,6 +177,35 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
         assert set(reports[stage]["direction_probe"]["t650"]) >= {"opposite_direction_gap", "perpendicular_direction_gap"}
     for stage in ("vae", "text-encoder", "unet", "motion", "reward"):
         assert (tmp_path / "work" / stage / "checkpoint.pt").is_file() and (tmp_path / "work" / stage / "log.txt").is_file()
+    # on-policy rounds: the first fine-tuned a LoRA against the reward with the engine's trainer on the model built
+    # here; a second run is the second round, retrained on the first one's pairs as well
+    first = reports["onpolicy"]
+    assert first["round"] == 1 and first["earlier_rounds"] == [] and len(first["loras"]) == 1
+    assert (tmp_path / "work" / "onpolicy" / "round-1" / "lora-0" / "lora" / "adapter_config.json").is_file()
+    result = subprocess.run([sys.executable, "-m", "engine.world.build", "onpolicy", "--smoke", "--output", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = json.loads((tmp_path / "reports" / "onpolicy.json").read_text())
+    assert second["round"] == 2 and [r["round"] for r in second["earlier_rounds"]] == [1]
+    assert second["onpolicy_pairs"] == first["new_pairs"] + second["new_pairs"]
+
+
+def test_the_world_preset_loads_the_folder_it_is_pointed_at_and_reverts(tmp_path):
+    """The asset build fine-tunes the model it is building: ``world_model_at`` makes ``--model world`` load that
+    folder meanwhile, and the shipped one after."""
+    from diffusers import UNet3DConditionModel
+
+    from engine.builtin import build_model, world_model_at
+
+    shipped = build_model("world").denoiser.conv_in.weight
+    other = tmp_path / "world-t2v"
+    shutil.copytree(MODEL_DIR, other)
+    changed = UNet3DConditionModel.from_pretrained(str(other / "unet"))
+    changed.conv_in.weight.data.add_(1.0)
+    changed.save_pretrained(str(other / "unet"))
+    with world_model_at(other):
+        assert torch.equal(build_model("world").denoiser.conv_in.weight, shipped + 1.0)
+    assert torch.equal(build_model("world").denoiser.conv_in.weight, shipped)
 
 
 def test_direction_probe_tells_a_model_that_reads_the_motion_word_from_one_that_does_not():

@@ -6,6 +6,7 @@ each fit a session, continue from their own checkpoint when stopped, and write t
     python -m engine.world.build unet           # the UNet3D on both           -> world-t2v (the whole pipeline)
     python -m engine.world.build motion         # the UNet continued to follow the caption's direction -> world-t2v
     python -m engine.world.build reward         # the preference reward        -> world-hps.pt
+    python -m engine.world.build onpolicy       # one round of the reward's on-policy refinement -> world-hps.pt
     python -m engine.world.build all --smoke    # every stage in minutes, into build/world-smoke
 
 1. a base text-to-video model with ModelScope's diffusers classes (``UNet3DConditionModel``, ``AutoencoderKL``,
@@ -145,8 +146,8 @@ def new_scheduler():
 
 
 # ---------------------------------------------------------------------------------- the stages
-STAGES = ("vae", "text-encoder", "unet", "motion", "reward")
-STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "motion": 1600, "reward": 1000}
+STAGES = ("vae", "text-encoder", "unet", "motion", "reward", "onpolicy")
+STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "motion": 1600, "reward": 1000, "onpolicy": 1000}
 
 
 @dataclass(frozen=True)
@@ -287,26 +288,130 @@ def ranked_generations(model, pairs) -> tuple[list, list]:
 
 
 def stage_reward(build: Build, steps: int, restart: bool, generations: int = 288) -> dict:
-    import open_clip
-
     from engine.models import load_model
-    from engine.rewards import HPSv2Reward
 
     model = load_model(build.model_dir)
+    ranked, references = (ranked_generations(model, evaluation_set("reward_train", 8)[:build.count(generations)])
+                          if generations else ([], []))
+    figures = _train_and_save_reward(build, model, steps, build.stage_work("reward", restart),
+                                     {"seed": build.seed, "steps": steps}, ranked, references)
+    if (build.work / "onpolicy").exists():  # its rounds refined the reward this stage has just replaced
+        shutil.rmtree(build.work / "onpolicy")
+    return {"ranked_generation_pairs": len(ranked), "reference_pairs": len(references), **figures}
+
+
+def _train_and_save_reward(build: Build, model, steps: int, work: Path, config: dict, ranked: list,
+                           references: list) -> dict:
+    """A fresh reward trained on the world's preference groups and the given pairs of generations, written to
+    ``world-hps.pt`` in the HPS_v2 checkpoint format, and its agreement with the gold metrics (figure 5)."""
+    import open_clip
+
+    from engine.rewards import HPSv2Reward
+
     register_open_clip_configs()
     torch.manual_seed(build.seed + 3)
     reward = open_clip.create_model(REWARD_ARCH, pretrained=None)
-    ranked, references = (ranked_generations(model, evaluation_set("reward_train", 8)[:build.count(generations)])
-                          if generations else ([], []))
-    train_reward(reward, open_clip.get_tokenizer(REWARD_ARCH), model.vae, steps, build.seed + 3,
-                 build.stage_work("reward", restart), {"seed": build.seed, "steps": steps}, ranked=ranked,
-                 references=references)
+    train_reward(reward, open_clip.get_tokenizer(REWARD_ARCH), model.vae, steps, build.seed + 3, work, config,
+                 ranked=ranked, references=references)
     state = {k: v.half() if v.is_floating_point() else v for k, v in reward.state_dict().items()}
     path = build.output / REWARD_FILE.name
     torch.save({"state_dict": state, "architecture": REWARD_ARCH}, str(path))
     pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
-    return {"ranked_generation_pairs": len(ranked), "reference_pairs": len(references),
-            "reward_validation": reward_agreement(model, HPSv2Reward(path), pairs)}
+    return {"reward_validation": reward_agreement(model, HPSv2Reward(path), pairs)}
+
+
+# The fine-tuning recipes whose generations teach the reward each round: the world preset, the whole chain from
+# noise (DRaFT-style), and both three times longer, where a reward is hacked first.
+ONPOLICY_RECIPES = ({}, {"tau": 1.0}, {"steps": 120}, {"tau": 1.0, "steps": 120})
+ONPOLICY_GAP = 1.0  # dB between a fine-tuned generation and the base model's of the same noise to make a pair
+
+
+def stage_onpolicy(build: Build, steps: int, restart: bool) -> dict:
+    """One round of the reward's on-policy refinement: LoRAs fine-tuned against the current reward (the engine's
+    own trainer, ``ONPOLICY_RECIPES``) generate from noise on reward-training captions and seeds; each generation
+    is ranked against the base model's of the same noise where their gold quality differs by ``ONPOLICY_GAP`` dB,
+    and below its clean reference; then the reward is trained afresh on the reward stage's data plus every round's
+    pairs. What fine-tuning learns to exploit in one round is what the next reward learns to score down. Each run
+    is one more round (``build/world/onpolicy/round-N``); the reward stage starts the rounds over."""
+    from engine.models import load_model
+
+    root = build.work / "onpolicy"
+    done = sorted(root.glob("round-*/figures.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    work = root / f"round-{len(done) + 1}"
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    reward_file = build.output / REWARD_FILE.name
+    if not reward_file.exists():
+        raise UserError(f"{reward_file} is missing; run the reward stage first (same --output)")
+    base_model = load_model(build.model_dir)
+    base_data = _cached(root / "base.pt", lambda: ranked_generations(
+        base_model, evaluation_set("reward_train", 8)[:build.count(288)]))
+    pairs = evaluation_set("reward_train", 8)[:build.count(288)][::2]
+    base_rows, base_videos = _cached(root / "base_generations.pt", lambda: from_noise(base_model, pairs))
+    round_pairs, loras = _cached(work / "pairs.pt", lambda: _onpolicy_pairs(
+        build, work, reward_file, len(done) + 1, pairs, base_rows, base_videos))
+    earlier = [p for f in done for p in torch.load(f.parent / "pairs.pt", weights_only=False)[0]]
+    ranked, references = base_data
+    figures = _train_and_save_reward(build, base_model, steps, work / "reward",
+                                     {"seed": build.seed, "steps": steps, "round": len(done) + 1},
+                                     ranked, references + earlier + round_pairs)
+    figures = {"round": len(done) + 1, "loras": loras, "new_pairs": len(round_pairs),
+               "onpolicy_pairs": len(earlier) + len(round_pairs), **figures,
+               "earlier_rounds": [json.loads(f.read_text()) for f in done]}
+    (work / "figures.json").write_text(json.dumps({k: v for k, v in figures.items() if k != "earlier_rounds"}))
+    return figures
+
+
+def _cached(path: Path, compute):
+    """``compute()``, kept in ``path`` so that a stopped stage does not redo it."""
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    value = compute()
+    torch.save(value, path.with_suffix(".partial"))
+    path.with_suffix(".partial").replace(path)
+    return value
+
+
+def _onpolicy_pairs(build: Build, work: Path, reward_file: Path, round_: int, pairs, base_rows, base_videos):
+    """Fine-tunes one LoRA per recipe against ``reward_file`` and turns its generations of ``pairs`` into
+    (better video, caption, worse video, caption) pairs; returns them and what each LoRA did to the gold quality."""
+    from engine.builtin import build_model, world_model_at
+    from engine.lora import load_lora
+    from engine.train.command import main as train
+
+    clips = [c for c, _ in pairs]
+    found, loras = [], []
+    for k, recipe in enumerate(ONPOLICY_RECIPES[:1] if build.smoke else ONPOLICY_RECIPES):
+        run, seed = work / f"lora-{k}", build.seed + 100 * round_ + k
+        options = {"seed": seed, "reward": f"hpsv2:{reward_file}", **recipe}
+        if build.smoke:
+            options.update(steps=2, num_held_out=1, sample_steps=2)
+        with world_model_at(build.model_dir):
+            if not (run / "lora" / "adapter_config.json").exists():
+                train(["--model", "world", "--output", str(run), "--overwrite", "--no-tensorboard",
+                       *[a for key, value in options.items() for a in (f"--{key.replace('_', '-')}", str(value))]])
+            model = build_model("world")
+        load_lora(model.denoiser, run / "lora")
+        rows, videos = from_noise(model, pairs)
+        references, reference_quality = clean_references(model, videos, clips)
+        counts = {"worse_than_base": 0, "better_than_base": 0, "below_reference": 0}
+        for clip, base_row, base_video, row, video, reference, quality in zip(
+                clips, base_rows, base_videos, rows, videos, references, reference_quality):
+            if base_row["quality"] - row["quality"] >= ONPOLICY_GAP:
+                found.append((base_video, clip.caption, video, clip.caption))
+                counts["worse_than_base"] += 1
+            elif row["quality"] - base_row["quality"] >= ONPOLICY_GAP:
+                found.append((video, clip.caption, base_video, clip.caption))
+                counts["better_than_base"] += 1
+            if quality - row["quality"] >= QUALITY_GAP:
+                found.append((reference, clip.caption, video, clip.caption))
+                counts["below_reference"] += 1
+        change = sum(r["quality"] - b["quality"] for r, b in zip(rows, base_rows)) / len(rows)
+        loras.append({"recipe": recipe, "seed": seed, "from_noise_quality_change_db": change, **counts})
+        print(f"onpolicy round {round_}, LoRA {k + 1} ({recipe or 'the preset'}): from noise {change:+.2f} dB; "
+              + ", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items()), flush=True)
+    return found, loras
 
 
 def _fidelity(means: dict[str, float]) -> dict[str, float]:
@@ -341,7 +446,7 @@ def attribute_accuracy(text_encoder, tokenizer, count: int, seed: int) -> dict[s
 
 
 RUNNERS = {"vae": stage_vae, "text-encoder": stage_text_encoder, "unet": stage_unet, "motion": stage_motion,
-           "reward": stage_reward}
+           "reward": stage_reward, "onpolicy": stage_onpolicy}
 
 
 # ---------------------------------------------------------------------------------- the command
