@@ -23,7 +23,8 @@ LAYERS = [
     ("engine.data",),
     ("engine.builtin",),
     ("engine.config", "engine.cli"),
-    ("engine.train", "engine.sample", "engine.evaluate", "engine.export", "engine.world.build", "engine.world.training"),
+    ("engine.train", "engine.sample", "engine.evaluate", "engine.export", "engine.world.build", "engine.world.reward_stages",
+     "engine.world.training"),
     ("engine",),  # engine/__init__.py: the public names, imported lazily by name
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80

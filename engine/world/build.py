@@ -35,16 +35,16 @@ from pathlib import Path
 
 import torch
 
-from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
+from engine.assets import ASSETS, MODEL_DIR, REWARD_FILE
 from engine.errors import UserError, cli_entry
-from engine.rewards.clip import register_open_clip_configs
-from engine.world.figures import (QUALITY_GAP, base_model_figures, ceiling, clean_clips, clean_references,
-                                  direction_probe, from_noise, reconstruct, reward_agreement, vae_fidelity)
+from engine.world.figures import (base_model_figures, ceiling, clean_clips, direction_probe, from_noise, reconstruct,
+                                  vae_fidelity)
 from engine.world.gold import mean_metrics
 from engine.world.rendering import render
 from engine.world.scene import FINETUNE_COLOURS, FINETUNE_SHAPES, evaluation_set, random_clip, training_mixture
 from engine.world.stages import write_report
-from engine.world.training import train_motion, train_reward, train_text_encoder, train_unet, train_vae
+from engine.world.reward_stages import stage_onpolicy, stage_reward
+from engine.world.training import train_motion, train_text_encoder, train_unet, train_vae
 
 
 CONTEXT_LENGTH = 16
@@ -262,156 +262,6 @@ def _train_denoiser(build: Build, unet, scheduler, train, parts: dict) -> dict:
     return {"ceiling": ceilings,
             "effect_set": base_model_figures(model, evaluation_set("effect", 4)[:build.count(144)], ceilings),
             "direction_probe": direction_probe(model, probe_clips)}
-
-
-def ranked_generations(model, pairs) -> tuple[list, list]:
-    """The base model's generations of ``pairs`` (reward-training captions and seeds only) as (better video, its
-    caption, worse video, its caption), ranked the way figure 5 measures the reward: any two clips whose gold
-    quality differs by 2 dB or more, the better first, and within a caption, colour and shape right first; and
-    apart, each generation below its clean reference through the VAE (``clean_references``) where that is 2 dB
-    better. Without those the reward scored the model's generations as high as the clean renders (61% of
-    references above their generation), and fine-tuning from noise had nothing to climb."""
-    rows, videos = from_noise(model, pairs)
-    clips = [c for c, _ in pairs]
-    captions = [c.caption for c in clips]
-    right = [r["colour_acc"] > 0.5 and r["shape_acc"] > 0.5 for r in rows]
-    ranked = []
-    for i in range(len(rows)):
-        for j in range(len(rows)):
-            same = captions[i] == captions[j]
-            if rows[i]["quality"] - rows[j]["quality"] >= QUALITY_GAP or (same and right[i] and not right[j]):
-                ranked.append((videos[i], captions[i], videos[j], captions[j]))
-    references, quality = clean_references(model, videos, clips)
-    below = [(r, c, v, c) for r, q, v, c, row in zip(references, quality, videos, captions, rows)
-             if q - row["quality"] >= QUALITY_GAP]
-    return ranked, below
-
-
-def stage_reward(build: Build, steps: int, restart: bool, generations: int = 288) -> dict:
-    from engine.models import load_model
-
-    model = load_model(build.model_dir)
-    ranked, references = (ranked_generations(model, evaluation_set("reward_train", 8)[:build.count(generations)])
-                          if generations else ([], []))
-    figures = _train_and_save_reward(build, model, steps, build.stage_work("reward", restart),
-                                     {"seed": build.seed, "steps": steps}, ranked, references)
-    if (build.work / "onpolicy").exists():  # its rounds refined the reward this stage has just replaced
-        shutil.rmtree(build.work / "onpolicy")
-    return {"ranked_generation_pairs": len(ranked), "reference_pairs": len(references), **figures}
-
-
-def _train_and_save_reward(build: Build, model, steps: int, work: Path, config: dict, ranked: list,
-                           references: list) -> dict:
-    """A fresh reward trained on the world's preference groups and the given pairs of generations, written to
-    ``world-hps.pt`` in the HPS_v2 checkpoint format, and its agreement with the gold metrics (figure 5)."""
-    import open_clip
-
-    from engine.rewards import HPSv2Reward
-
-    register_open_clip_configs()
-    torch.manual_seed(build.seed + 3)
-    reward = open_clip.create_model(REWARD_ARCH, pretrained=None)
-    train_reward(reward, open_clip.get_tokenizer(REWARD_ARCH), model.vae, steps, build.seed + 3, work, config,
-                 ranked=ranked, references=references)
-    state = {k: v.half() if v.is_floating_point() else v for k, v in reward.state_dict().items()}
-    path = build.output / REWARD_FILE.name
-    torch.save({"state_dict": state, "architecture": REWARD_ARCH}, str(path))
-    pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
-    return {"reward_validation": reward_agreement(model, HPSv2Reward(path), pairs)}
-
-
-# The fine-tuning recipes whose generations teach the reward each round: the world preset, the whole chain from
-# noise (DRaFT-style), and both three times longer, where a reward is hacked first.
-ONPOLICY_RECIPES = ({}, {"tau": 1.0}, {"steps": 120}, {"tau": 1.0, "steps": 120})
-ONPOLICY_GAP = 1.0  # dB between a fine-tuned generation and the base model's of the same noise to make a pair
-
-
-def stage_onpolicy(build: Build, steps: int, restart: bool) -> dict:
-    """One round of the reward's on-policy refinement: LoRAs fine-tuned against the current reward (the engine's
-    own trainer, ``ONPOLICY_RECIPES``) generate from noise on reward-training captions and seeds; each generation
-    is ranked against the base model's of the same noise where their gold quality differs by ``ONPOLICY_GAP`` dB,
-    and below its clean reference; then the reward is trained afresh on the reward stage's data plus every round's
-    pairs. What fine-tuning learns to exploit in one round is what the next reward learns to score down. Each run
-    is one more round (``build/world/onpolicy/round-N``); the reward stage starts the rounds over."""
-    from engine.models import load_model
-
-    root = build.work / "onpolicy"
-    done = sorted(root.glob("round-*/figures.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    work = root / f"round-{len(done) + 1}"
-    if restart and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    reward_file = build.output / REWARD_FILE.name
-    if not reward_file.exists():
-        raise UserError(f"{reward_file} is missing; run the reward stage first (same --output)")
-    base_model = load_model(build.model_dir)
-    base_data = _cached(root / "base.pt", lambda: ranked_generations(
-        base_model, evaluation_set("reward_train", 8)[:build.count(288)]))
-    pairs = evaluation_set("reward_train", 8)[:build.count(288)][::2]
-    base_rows, base_videos = _cached(root / "base_generations.pt", lambda: from_noise(base_model, pairs))
-    round_pairs, loras = _cached(work / "pairs.pt", lambda: _onpolicy_pairs(
-        build, work, reward_file, len(done) + 1, pairs, base_rows, base_videos))
-    earlier = [p for f in done for p in torch.load(f.parent / "pairs.pt", weights_only=False)[0]]
-    ranked, references = base_data
-    figures = _train_and_save_reward(build, base_model, steps, work / "reward",
-                                     {"seed": build.seed, "steps": steps, "round": len(done) + 1},
-                                     ranked, references + earlier + round_pairs)
-    figures = {"round": len(done) + 1, "loras": loras, "new_pairs": len(round_pairs),
-               "onpolicy_pairs": len(earlier) + len(round_pairs), **figures,
-               "earlier_rounds": [json.loads(f.read_text()) for f in done]}
-    (work / "figures.json").write_text(json.dumps({k: v for k, v in figures.items() if k != "earlier_rounds"}))
-    return figures
-
-
-def _cached(path: Path, compute):
-    """``compute()``, kept in ``path`` so that a stopped stage does not redo it."""
-    if path.exists():
-        return torch.load(path, weights_only=False)
-    value = compute()
-    torch.save(value, path.with_suffix(".partial"))
-    path.with_suffix(".partial").replace(path)
-    return value
-
-
-def _onpolicy_pairs(build: Build, work: Path, reward_file: Path, round_: int, pairs, base_rows, base_videos):
-    """Fine-tunes one LoRA per recipe against ``reward_file`` and turns its generations of ``pairs`` into
-    (better video, caption, worse video, caption) pairs; returns them and what each LoRA did to the gold quality."""
-    from engine.builtin import build_model, world_model_at
-    from engine.lora import load_lora
-    from engine.train.command import main as train
-
-    clips = [c for c, _ in pairs]
-    found, loras = [], []
-    for k, recipe in enumerate(ONPOLICY_RECIPES[:1] if build.smoke else ONPOLICY_RECIPES):
-        run, seed = work / f"lora-{k}", build.seed + 100 * round_ + k
-        options = {"seed": seed, "reward": f"hpsv2:{reward_file}", **recipe}
-        if build.smoke:
-            options.update(steps=2, num_held_out=1, sample_steps=2)
-        with world_model_at(build.model_dir):
-            if not (run / "lora" / "adapter_config.json").exists():
-                train(["--model", "world", "--output", str(run), "--overwrite", "--no-tensorboard",
-                       *[a for key, value in options.items() for a in (f"--{key.replace('_', '-')}", str(value))]])
-            model = build_model("world")
-        load_lora(model.denoiser, run / "lora")
-        rows, videos = from_noise(model, pairs)
-        references, reference_quality = clean_references(model, videos, clips)
-        counts = {"worse_than_base": 0, "better_than_base": 0, "below_reference": 0}
-        for clip, base_row, base_video, row, video, reference, quality in zip(
-                clips, base_rows, base_videos, rows, videos, references, reference_quality):
-            if base_row["quality"] - row["quality"] >= ONPOLICY_GAP:
-                found.append((base_video, clip.caption, video, clip.caption))
-                counts["worse_than_base"] += 1
-            elif row["quality"] - base_row["quality"] >= ONPOLICY_GAP:
-                found.append((video, clip.caption, base_video, clip.caption))
-                counts["better_than_base"] += 1
-            if quality - row["quality"] >= QUALITY_GAP:
-                found.append((reference, clip.caption, video, clip.caption))
-                counts["below_reference"] += 1
-        change = sum(r["quality"] - b["quality"] for r, b in zip(rows, base_rows)) / len(rows)
-        loras.append({"recipe": recipe, "seed": seed, "from_noise_quality_change_db": change, **counts})
-        print(f"onpolicy round {round_}, LoRA {k + 1} ({recipe or 'the preset'}): from noise {change:+.2f} dB; "
-              + ", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items()), flush=True)
-    return found, loras
 
 
 def _fidelity(means: dict[str, float]) -> dict[str, float]:
