@@ -153,9 +153,12 @@ class EditChain:
         return x
 
     def edit(self, latents: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor,
-             generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """The InstructVideo edit: noise the source latent to tau, then run the remaining steps."""
-        return self.denoise(self.noise_to_start(latents, generator, noise), context, uncond, generator)
+             generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+             grad_steps: int | None = None) -> torch.Tensor:
+        """The InstructVideo edit: noise the source latent to tau, then run the remaining steps (gradient through
+        the last ``grad_steps``, default the chain's K)."""
+        return self.denoise(self.noise_to_start(latents, generator, noise), context, uncond, generator,
+                            grad_steps=grad_steps)
 
     @torch.no_grad()
     def sample(self, shape, context: torch.Tensor, uncond: torch.Tensor, generator: torch.Generator | None = None,

@@ -43,7 +43,9 @@ class TrainConfig:
     # The editing chain
     ddim_steps: int = _opt(20, "D: length of the DDIM schedule")
     tau: float = _opt(0.6, "fraction of the D-step chain the source latent is noised to (0.6 -> t=551, 12 steps)")
-    grad_steps: str = _opt("1", "K: keep gradient through the last K DDIM steps ('all' = every step run)")
+    grad_steps: str = _opt("1", "K: keep gradient through the last K DDIM steps ('all' = every step run; 'rand' = K drawn "
+                           "uniformly from 1 to every step run at each training step, AlignProp / VADER's randomised "
+                           "truncation; needs --checkpoint blocks or none)")
     guidance: float = _opt(3.0, "classifier-free guidance scale (1 = no guidance)")
     eta: float = _opt(0.0, "DDIM eta (0 = deterministic)")
     offset_noise: float = _opt(0.1, "temporal offset noise: noise = randn + s * randn(b, c, f, 1, 1)")
@@ -150,7 +152,9 @@ class TrainConfig:
         run = self.steps_run
         k = self.grad_steps_resolved
         if not 1 <= k <= run:
-            raise UserError(f"--grad-steps {self.grad_steps} must be between 1 and the {run} steps run (or 'all')")
+            raise UserError(f"--grad-steps {self.grad_steps} must be between 1 and the {run} steps run (or 'all', 'rand')")
+        if self.random_grad_steps and self.checkpoint == "plan":
+            raise UserError("--grad-steps rand needs --checkpoint blocks or none: the memory plan is made for one K")
         return self
 
     @property
@@ -159,13 +163,18 @@ class TrainConfig:
         return max(1, round(self.tau * self.ddim_steps))
 
     @property
+    def random_grad_steps(self) -> bool:
+        return str(self.grad_steps).lower() == "rand"
+
+    @property
     def grad_steps_resolved(self) -> int:
-        if str(self.grad_steps).lower() == "all":
+        """K, or for ``rand`` the most it can be."""
+        if str(self.grad_steps).lower() in ("all", "rand"):
             return self.steps_run
         try:
             return int(self.grad_steps)
         except ValueError:
-            raise UserError(f"--grad-steps {self.grad_steps!r} is not a number; use an integer K or 'all'") from None
+            raise UserError(f"--grad-steps {self.grad_steps!r} is not a number; use an integer K, 'all' or 'rand'") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -307,3 +307,22 @@ def test_gold_reward_is_the_gold_quality_per_frame_with_a_gradient():
             assert x.grad.abs().sum() > 0
     with pytest.raises(UserError, match="world captions only"):
         reward(frames[:1], ["a cat on a mat"])
+
+
+def test_reward_slopes_point_each_generation_once_at_its_clean_reference():
+    """What the reward's pixel gradient is trained to follow: each generated video once (pairs share them), the
+    direction to its clean reference; a clean reference itself gives none."""
+    from engine.world.gold import clean_reference
+    from engine.world.reward_stages import slopes
+    from engine.world.scene import in_domain_grid
+
+    clip = in_domain_grid()[0]
+    reference = world.render(clip)
+    blurred = world.gaussian_blur(reference, 1.0)
+    noisy = (reference + 0.1 * torch.randn(reference.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    pairs = [(reference, clip.caption, blurred, clip.caption), (blurred, clip.caption, noisy, clip.caption)]
+    found = slopes(pairs)
+    assert [video is v for (video, _, _), v in zip(found, (blurred, noisy))] == [True, True] and len(found) == 2
+    for video, caption, direction in found:
+        assert caption == clip.caption
+        assert torch.allclose(direction, clean_reference(video, clip) - video)

@@ -40,11 +40,11 @@ class HeldOut:
         return self.latents.uncond.expand(count, -1, -1)
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
-        """Mean held-out video reward (SegVR evaluation frames: the first of each segment) and, for the world
-        model's clips, the gold metrics of the edits (``gold_*``, read from pixels); and the edited latents, on
-        the CPU, for the edits grid."""
-        values, gold, edits = [], [], []
+    def edit_rows(self) -> tuple[list[dict[str, float]], list[torch.Tensor]]:
+        """Per held-out source, the reward of its edit (SegVR evaluation frames: the first of each segment) and,
+        for the world model's clips, the gold metrics of the edit (read from pixels, motion against the source's
+        path); and the edited latents, on the CPU, for the edits grid."""
+        rows, edits = [], []
         for indices in self.batches():
             latents, prompts, context = self.latents.batch(self.sources, indices)
             noise, generator = self.noise(indices, latents.shape[1:], lambda i: self.seed + 7 + 1009 * i,
@@ -52,13 +52,19 @@ class HeldOut:
             with self.autocast():
                 edited = self.chain.edit(latents, context, self.uncond(len(prompts)), generator, noise)
                 rewards, _ = self.reward(self.model, edited, prompts, train=False)
-            values.append(rewards.float())
             edits += list(edited.float().cpu())
             clips = [self.sources[i].clip for i in indices]
-            if all(clips):
-                gold += gold_scores([self.model.decode_video(edit) for edit in edited], clips, against_source=True)
-        result = {"eval_reward": torch.cat(values).mean().item()}
-        return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold else {}), edits
+            gold = (gold_scores([self.model.decode_video(edit) for edit in edited], clips, against_source=True)
+                    if all(clips) else [{} for _ in indices])
+            rows += [{"reward": reward} | metrics for reward, metrics in zip(rewards.float().tolist(), gold)]
+        return rows, edits
+
+    def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
+        """The mean held-out reward (``eval_reward``) and gold metrics (``gold_*``) of ``edit_rows``, and the edits."""
+        rows, edits = self.edit_rows()
+        result = {"eval_reward": torch.tensor([r["reward"] for r in rows]).mean().item()}
+        gold = [{k: v for k, v in r.items() if k != "reward"} for r in rows]
+        return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold[0] else {}), edits
 
     @torch.no_grad()
     def score_samples(self, latents: list[torch.Tensor]) -> dict[str, float]:

@@ -245,7 +245,7 @@ class Trainer:
             if cfg.motion_weight > 0:
                 reference = (latents if cfg.motion_reference == "source" else
                              base_model_edit(self.chain, latents, context, uncond, self.noise_generator))
-            edited = self.chain.edit(latents, context, uncond, self.noise_generator)
+            edited = self.chain.edit(latents, context, uncond, self.noise_generator, grad_steps=self._grad_steps())
             # decode + reward under the chain's memory budget (kept or spilled to the host, see ChainMemory)
             with self.memory.region(self.model.vae, self.reward.reward) if self.memory else nullcontext():
                 rewards, _ = self.reward(self.model, edited, prompts, train=True, generator=self.frame_generator)
@@ -257,6 +257,13 @@ class Trainer:
             terms |= {"motion_penalty": penalty.detach(), "motion": motion_magnitude(edited),
                       "motion_reference": motion_magnitude(reference)}
         return loss, terms
+
+    def _grad_steps(self) -> int | None:
+        """K for this step: the chain's, or with ``--grad-steps rand`` drawn from 1 .. the steps run (from the
+        SegVR generator: the same draw on every rank, and saved with the checkpoint)."""
+        if not self.config.random_grad_steps:
+            return None
+        return int(torch.randint(1, self.chain.steps_run + 1, (1,), generator=self.frame_generator.generator))
 
     def optimizer_step(self, loss: torch.Tensor) -> tuple[str, float]:
         """Backward, clip, update: "updated", "skipped" (not finite: nothing changed) or "overflow" (fp16)."""

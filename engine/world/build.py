@@ -43,7 +43,7 @@ from engine.world.gold import mean_metrics
 from engine.world.rendering import render
 from engine.world.scene import FINETUNE_COLOURS, FINETUNE_SHAPES, evaluation_set, random_clip, training_mixture
 from engine.world.stages import write_report
-from engine.world.reward_stages import stage_onpolicy, stage_reward
+from engine.world.reward_stages import SLOPE_WEIGHT, stage_onpolicy, stage_reward
 from engine.world.training import train_motion, train_text_encoder, train_unet, train_vae
 
 
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports", help="the stages' JSON reports (default: bench/world, or OUTPUT/reports)")
     parser.add_argument("--generations", type=int, default=288, help="reward stage: this many base-model generations "
                         "of the reward-training captions and seeds, ranked by the gold metrics, join its training data")
+    parser.add_argument("--slope-weight", type=float, default=SLOPE_WEIGHT, help="reward and onpolicy stages: how much "
+                        "the reward's gradient in pixels is trained to point where the gold quality improves (0: off)")
     parser.add_argument("--smoke", action="store_true", help="a few steps and clips of each: the whole build in minutes")
     parser.add_argument("--restart", action="store_true", help="start the stage over instead of continuing its checkpoint")
     args = parser.parse_args(argv)
@@ -329,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                   args.smoke)
     for stage in STAGES if args.stage == "all" else (args.stage,):
         steps = args.steps or (3 if args.smoke else STEPS[stage])
-        extra = {"generations": args.generations} if stage == "reward" else {}
+        extra = ({"generations": args.generations} if stage == "reward" else {}) | (
+            {"slope_weight": args.slope_weight} if stage in ("reward", "onpolicy") else {})
         figures = RUNNERS[stage](build, steps, args.restart, **extra)
         path = write_report(build.reports, stage, {"stage": stage, "seed": args.seed, "steps": steps,
                                                    "smoke": args.smoke, **figures})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.rewards.clip import clip_preprocess
 from engine.world.gold import object_weights
@@ -312,7 +313,8 @@ def preference_group(rng: random.Random) -> tuple[list[torch.Tensor], str]:
 
 def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, config: dict, batch: int = 32,
                  lr: float = 1e-3, ranked: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None,
-                 references: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None) -> None:
+                 references: list[tuple[torch.Tensor, str, torch.Tensor, str]] | None = None,
+                 slopes: list[tuple[torch.Tensor, str, torch.Tensor]] | None = None, slope_weight: float = 1.0) -> None:
     """HPS-style ranking (cross-entropy over each caption's group, best first) plus CLIP's contrastive loss over
     the clean pairs. Half the batches go through the video model's VAE, so decoded frames are ranked as well.
 
@@ -320,12 +322,19 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
     [F, 3, H, W], ordered by the gold metrics; each step then adds a batch of them (one frame each, the same for
     both) with a pairwise logistic loss, so the reward also learns the model's own failures. ``references``: pairs
     of the same form, a generation's clean reference above it; half of that batch is drawn from them when given
-    (among the many ranked pairs they would be rare, and they are what fine-tuning from noise climbs)."""
+    (among the many ranked pairs they would be rare, and they are what fine-tuning from noise climbs).
+
+    ``slopes``: (generated video, its caption, the direction that improves it [F, 3, H, W]) triples; each step then
+    asks the reward's gradient in pixels on a batch of their frames to point that way (``slope_weight`` times one
+    minus their cosine: input-gradient matching). Ranking alone left the reward's gradient orthogonal to the gold
+    quality's (cosine 0.02) while it ordered 85% of pairs right: fine-tuning climbed the reward without improving
+    the clips."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     schedule = cosine_lr(optimizer, steps, 50)
     run = StageRun("reward", work, {**config, "batch": batch, "lr": lr, "ranked_pairs": len(ranked or []),
-                                    "reference_pairs": len(references or [])}, steps,
+                                    "reference_pairs": len(references or []),
+                                    **({"slopes": len(slopes), "slope_weight": slope_weight} if slopes else {})}, steps,
                    {"reward": model, "optimizer": optimizer, "schedule": schedule, "rng": rng})
     model.train()
     size = model.visual.image_size
@@ -358,6 +367,18 @@ def train_reward(model, tokenizer, vae, steps: int, seed: int, work: Path, confi
             generated = F.softplus(margin[:, 1] - margin[:, 0]).mean()
             loss = loss + generated
             shown["generated"] = generated.item()
+        if slopes:
+            chosen = [slopes[rng.randrange(len(slopes))] for _ in range(batch // 2)]
+            frames = [rng.randrange(FRAMES) for _ in chosen]
+            x = torch.stack([video[f] for (video, _, _), f in zip(chosen, frames)]).float().requires_grad_(True)
+            towards = torch.stack([direction[f] for (_, _, direction), f in zip(chosen, frames)]).float()
+            with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention has no second derivative
+                image = F.normalize(model.encode_image(clip_preprocess(x, size, fit="pad")), dim=-1)
+            text = F.normalize(model.encode_text(tokenizer([c for _, c, _ in chosen])), dim=-1)
+            gradient, = torch.autograd.grad((scale * (image * text).sum(-1)).sum(), x, create_graph=True)
+            slope = 1 - F.cosine_similarity(gradient.flatten(1), towards.flatten(1), dim=1).mean()
+            loss = loss + slope_weight * slope
+            shown["slope"] = slope.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
