@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from bench.report import markdown_table
-from bench.study import (CLAIMS, RESULTS, VARIANTS, Plan, assets_digest, code_version, evaluation_pairs, record_identity,
-                         record_path, staleness)
+from bench.study import RESULTS, assets_digest, code_version, evaluation_pairs, record_identity, record_path, staleness
+from bench.study_plan import CLAIMS, DEFAULT, VARIANTS, Plan
 from engine.stats import hierarchical_bootstrap
 
 PLOTS = Path(__file__).parent / "world"
@@ -131,9 +131,7 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
     for name, v in variants.items():
         questions.setdefault(v["question"], []).append(name)
     for question, names in questions.items():
-        if question == "default":
-            continue
-        shown = ["default", *names] if "default" in variants else names
+        shown = names if question == DEFAULT.question else ["default", *names] if "default" in variants else names
         table = []
         for name in shown:
             v = variants[name]
@@ -148,7 +146,7 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
         questions[question] = shown
     if stale:
         lines.append("Stale records (not counted; `--part study` runs them again): " + ", ".join(sorted(stale)))
-    return "\n\n".join(lines), {q: n for q, n in questions.items() if q != "default"}
+    return "\n\n".join(lines), questions
 
 
 def _slug(question: str) -> str:

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
             body = table1(args.seeds, args.samples_per_prompt, work)
             update_section(RESULTS, "world: Table 1", f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
         if args.part in ("all", "study"):
-            from bench.study import VARIANTS, Plan, run_study
+            from bench.study import run_study
+            from bench.study_plan import VARIANTS, Plan
             from bench.study_report import report
 
             only = set(args.only.split(",")) if args.only else {v.name for v in VARIANTS}

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bench.study import (VARIANTS, Plan, _syntax, code_version, record_identity, record_key, record_path,
-                         staleness)
+from bench.study import _syntax, code_version, record_identity, record_key, record_path, staleness
+from bench.study_plan import VARIANTS, Plan, Variant
 from bench.study_report import load_records, render, report, summarise
 
 VARIANT = {v.name: v for v in VARIANTS}
@@ -26,6 +26,10 @@ def test_record_key_follows_every_setting_the_assets_and_the_code():
     for what, other in changed.items():
         assert record_key(other) != record["key"]
         assert staleness(record, other) == what
+    # neither the number of seeds in the study nor a variant's wording changes a run
+    assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS, CODE) == identity
+    reworded = Variant("tau-1.0", "tau", "another label", VARIANT["tau-1.0"].options)
+    assert record_identity(reworded, 0, plan, ASSETS, CODE) == identity
 
 
 def test_code_version_reads_code_not_its_explanation():
@@ -84,7 +88,8 @@ def test_report_of_a_hand_made_cache(tmp_path):
     assert ("| editing (tau 0.6) beats fine-tuning the whole chain from noise (tau 1.0, DRaFT) | 2 | "
             "+0.50 [+0.50, +0.50] | reproduced |") in body
     assert "| TAR beats uniform frame weights | 2 | -0.50 [-0.50, -0.50] | not reproduced |" in body
-    assert questions == {"tau": ["default", "tau-1.0"], "S": ["default", "S-1"], "TAR": ["default", "tar-off"]}
+    assert questions == {"default job": ["default"], "tau": ["default", "tau-1.0"], "S": ["default", "S-1"],
+                         "TAR": ["default", "tar-off"]}
     assert "| tau 1.0 (from noise, DRaFT) | 10.00 | 40 | 2/2 | +0.50 [+0.50, +0.50] |" in body
 
 
@@ -120,7 +125,7 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     evaluations, and a second run reuses it; a changed plan makes it stale and runs it again."""
     import bench.study as study
 
-    variant = study.Variant("K-1", "K", "K 1", ("--grad-steps", "1", "--num-held-out", "2"), evaluations=2)
+    variant = Variant("K-1", "K", "K 1", ("--grad-steps", "1", "--num-held-out", "2"), evaluations=2)
     plan = Plan(seeds=1, default_steps=2, clips=2)
     study.run_study(plan, [variant], tmp_path)
     record = json.loads((tmp_path / "K-1-seed0.json").read_text())

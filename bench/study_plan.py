@@ -1,0 +1,71 @@
+"""What the method study runs (``bench.study`` runs it): its variants of the default job, the paper's claims it
+judges, and the plan every record shares. Kept apart from the runner so that adding a variant or rewording a
+label leaves the records' code version as it was."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_STEPS = 40  # the default job's steps: one budget is its training FLOPs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One recipe of the study: the default job with ``options`` changed, run to ``budget`` default jobs of
+    compute and scored at ``evaluations`` evenly spaced points of it."""
+
+    name: str
+    question: str
+    label: str
+    options: tuple[str, ...] = ()
+    budget: float = 1.0
+    evaluations: int = 4
+
+
+def _variants(question: str, flag: str, values: dict[str, str], extra: tuple[str, ...] = ()) -> list[Variant]:
+    return [Variant(f"{question}-{value}", question, label, (flag, value, *extra)) for value, label in values.items()]
+
+
+DEFAULT = Variant("default", "default job", "default job (tau 0.6, K 6, S 4, TAR, LoRA r4)")
+VARIANTS = (
+    DEFAULT,
+    Variant("tau-0.2", "tau", "tau 0.2 (K all: the 4 steps it runs)", ("--tau", "0.2", "--grad-steps", "all")),
+    *_variants("tau", "--tau", {"0.4": "tau 0.4", "0.8": "tau 0.8", "1.0": "tau 1.0 (from noise, DRaFT)"}),
+    *_variants("K", "--grad-steps", {"1": "K 1 (official)", "3": "K 3", "all": "K all (12)"}),
+    Variant("K-rand", "K", "K drawn from 1-12 each step (AlignProp / VADER)", ("--grad-steps", "rand", "--checkpoint", "none")),
+    *_variants("S", "--segments", {"1": "S 1 (one frame)", "2": "S 2", "8": "S 8 (every frame)"}),
+    Variant("tar-off", "TAR", "TAR off (uniform weights)", ("--no-tar",)),
+    *_variants("lambda", "--tar-lambda", {"0.5": "TAR lambda 0.5", "2.0": "TAR lambda 2"}),
+    *_variants("rank", "--lora-rank", {"2": "LoRA r2", "16": "LoRA r16"}),
+    Variant("full", "rank", "full fine-tuning (lr 1.5e-4)", ("--finetune", "full", "--lr", "1.5e-4")),
+    Variant("long", "over-optimisation", "default job, 10x longer", budget=10.0, evaluations=10),
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper: ``better`` beats ``worse`` in gold quality at equal compute."""
+
+    text: str
+    better: str
+    worse: str
+
+
+CLAIMS = (
+    Claim("editing (tau 0.6) beats fine-tuning the whole chain from noise (tau 1.0, DRaFT)", "default", "tau-1.0"),
+    Claim("SegVR (4 segments) beats scoring one frame", "default", "S-1"),
+    Claim("TAR beats uniform frame weights", "default", "tar-off"),
+    Claim("TAR lambda 1 beats lambda 2 (too weak a signal)", "default", "lambda-2.0"),
+    Claim("TAR lambda 1 beats lambda 0.5 (unstable)", "default", "lambda-0.5"),
+    Claim("gradient through the last step only (K 1, DRaFT-1) beats K 6", "K-1", "default"),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every record of one study shares: seeds, the evaluation clips per caption, the budget's unit."""
+
+    seeds: int = 5
+    samples_per_caption: int = 2  # x 36 effect captions = 72 clips from noise per evaluation
+    default_steps: int = DEFAULT_STEPS
+    clips: int | None = None  # the first N of those clips only (tests)
