@@ -9,15 +9,15 @@ scores form the ``base`` record), and as edits of the run's held-out clips. Each
 reward on the SegVR evaluation frames, the same scorer for every variant) and gold metrics are kept, so any
 comparison is paired clip by clip and seed by seed.
 
-A record's key covers all that decides its numbers: the variant's options and budget, the seed, the evaluation
-plan, the shipped assets' bytes and ``code_version()``, a digest of the engine's training, chain, reward and world
-code read as syntax trees (comments and docstrings do not count). A record whose key no longer matches is stale:
-the runner names what changed and runs it again.
+A record's key covers the variant's options and budget, the seed, the evaluation plan and the shipped assets'
+bytes; the record also keeps digests of the code the run executed (``bench.code_trace``: each function of the
+engine, the kernels and this runner that ran, read as syntax trees without comments or docstrings). A record is
+stale when its key no longer matches or any code it ran has changed: the runner names what and runs it again.
+Code a run did not execute may change freely, so the study continues across sessions while the engine grows.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import tempfile
@@ -25,43 +25,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.code_trace import ROOT, CodeTrace, changed, code_digests
 from bench.study_plan import DEFAULT, VARIANTS, Plan, Variant
 
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "world" / "results"
-# What decides a record's numbers besides its options and the assets: training, the chain, the reward, the gold
-# metrics and the evaluation sets (the asset builders are covered by the assets' bytes).
-CODE = ("engine/train", "engine/chain.py", "engine/schedule.py", "engine/video_reward.py", "engine/lora.py",
-        "engine/rewards/__init__.py", "engine/rewards/base.py", "engine/rewards/clip.py", "engine/rewards/hpsv2.py",
-        "engine/rewards/registry.py", "engine/models", "engine/config.py", "engine/builtin.py", "engine/data.py",
-        "engine/regularize.py", "engine/world/gold.py", "engine/world/figures.py", "engine/world/scene.py",
-        "engine/world/rendering.py", "bench/study.py")
 
 
 # ---------------------------------------------------------------------------------- keys
-def _syntax(source: str) -> str:
-    """The module's syntax tree without docstrings: what it computes, not how it is explained."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
-
-
-def code_version(root: Path = ROOT) -> str:
-    digest = hashlib.sha256()
-    for entry in CODE:
-        path = root / entry
-        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(str(file.relative_to(root)).encode())
-            digest.update(_syntax(file.read_text()).encode())
-    return digest.hexdigest()[:16]
-
-
 def assets_digest() -> str:
     from engine.assets import ASSETS
 
@@ -71,11 +42,11 @@ def assets_digest() -> str:
     return digest.hexdigest()
 
 
-def record_identity(variant: Variant | None, seed: int | None, plan: Plan, assets: str, code: str) -> dict:
-    """Everything a record's numbers depend on (``variant`` None: the base model's record)."""
+def record_identity(variant: Variant | None, seed: int | None, plan: Plan, assets: str) -> dict:
+    """Everything a record's numbers depend on but the code (``variant`` None: the base model's record)."""
     run = {k: v for k, v in asdict(variant).items() if k not in ("question", "label")} if variant else None  # not its words
     evaluation = {k: v for k, v in asdict(plan).items() if k != "seeds"}  # how many seeds there are is not this run's
-    identity = {"variant": run, "seed": seed, "plan": evaluation, "assets": assets, "code": code}
+    identity = {"variant": run, "seed": seed, "plan": evaluation, "assets": assets}
     return json.loads(json.dumps(identity))  # as a record stores it (tuples become lists)
 
 
@@ -87,12 +58,16 @@ def record_path(folder: Path, variant: Variant | None, seed: int | None) -> Path
     return folder / ("base.json" if variant is None else f"{variant.name}-seed{seed}.json")
 
 
-def staleness(record: dict, identity: dict) -> str | None:
-    """None when ``record`` was made with ``identity``; else what differs (options, plan, assets, code)."""
-    if record.get("key") == record_key(identity):
-        return None
-    changed = [name for name in ("variant", "seed", "plan", "assets", "code") if record["identity"].get(name) != identity[name]]
-    return ", ".join(changed) or "key"
+def staleness(record: dict, identity: dict, root: Path = ROOT) -> str | None:
+    """None when ``record`` was made with ``identity`` and the code it ran under ``root`` is unchanged; else what
+    differs (options, seed, plan, assets, or the code: which functions)."""
+    if record.get("key") != record_key(identity):
+        differ = [name for name in identity if record["identity"].get(name) != identity[name]]
+        return ", ".join(differ) or "key"
+    code = changed(record["code"], root)
+    if code:
+        return "code: " + ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
+    return None
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -141,28 +116,35 @@ def eval_steps(total: int, evaluations: int) -> list[int]:
     return sorted({max(1, round(total * k / evaluations)) for k in range(1, evaluations + 1)})
 
 
-def run_variant(variant: Variant, seed: int, plan: Plan, budget_tflop: float, tflop: float) -> dict:
+def run_variant(variant: Variant, seed: int, plan: Plan, budget_tflop: float, tflop: float, trace: CodeTrace) -> dict:
     """Fine-tunes ``variant`` with ``seed`` to its budget, pausing at each evaluation point to score the run from
-    noise and as edits; returns the record's measured part."""
+    noise and as edits; returns the record's measured part. ``trace`` watches the setup and the first evaluation
+    point only: the later points run the same code, and tracing costs time."""
     from engine.world.figures import from_noise
 
     total = max(1, round(budget_tflop * variant.budget / tflop))
     pairs, score = evaluation_pairs(plan), scorer()
+
+    def point(step):
+        trainer.config.steps = step  # the learning rate is constant after warm-up: a pause changes nothing
+        trainer.train()  # scores the held-out edits at its end (and at step 0)
+        print(f"study: {variant.name} seed {seed}: step {step}/{total}, scoring {len(pairs)} clips from noise",
+              flush=True)
+        return {"step": step, "tflop": step * tflop, "noise": from_noise(trainer.model, pairs, scorer=score)[0],
+                "edits": trainer.held_out.evaluations[-1]}
+
+    first, *later = eval_steps(total, variant.evaluations)
     with tempfile.TemporaryDirectory() as folder:
-        trainer = _trainer(list(variant.options), seed, total, Path(folder))
-        evals = [{"step": 0, "tflop": 0.0, "edits": trainer.held_out.edit_rows()[0]}]
-        for step in eval_steps(total, variant.evaluations):
-            trainer.config.steps = step  # the learning rate is constant after warm-up: a pause changes nothing
-            trainer.train()
-            print(f"study: {variant.name} seed {seed}: step {step}/{total}, scoring {len(pairs)} clips from noise",
-                  flush=True)
-            evals.append({"step": step, "tflop": step * tflop, "noise": from_noise(trainer.model, pairs, scorer=score)[0],
-                          "edits": trainer.held_out.edit_rows()[0]})
+        with trace:
+            trainer = _trainer(list(variant.options), seed, total, Path(folder))
+            points = [point(first)]
+        points += [point(step) for step in later]
         train_log, wall = [], 0.0
         for r in trainer.records:
             if r["kind"] in ("train", "skipped"):
                 wall += r["s_per_step"]
                 train_log.append({"step": r["step"], "reward": r["reward"], "tflop": r["step"] * tflop, "wall_s": wall})
+    evals = [{"step": 0, "tflop": 0.0, "edits": trainer.held_out.evaluations[0]}, *points]
     return {"steps": total, "tflop_per_step": tflop, "train": train_log, "evals": evals}
 
 
@@ -172,12 +154,14 @@ def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
     from engine.builtin import build_model
     from engine.world.figures import from_noise
 
+    from engine.train.run_folder import atomic_write
+
     folder.mkdir(parents=True, exist_ok=True)
-    assets, code = assets_digest(), code_version()
-    tflops: dict[tuple[str, ...], float] = {}
+    assets = assets_digest()
+    tflops: dict[tuple[str, ...], tuple[float, set]] = {}  # options -> (TFLOP a step, the code counting it ran)
 
     def load(variant, seed):
-        identity = record_identity(variant, seed, plan, assets, code)
+        identity = record_identity(variant, seed, plan, assets)
         path = record_path(folder, variant, seed)
         if path.exists():
             why = staleness(json.loads(path.read_text()), identity)
@@ -186,17 +170,17 @@ def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
             print(f"study: {path.name} is stale ({why} changed): running it again", flush=True)
         return identity, path, False
 
-    def write(path, identity, measured):
+    def write(path, identity, measured, ran):
         record = {"key": record_key(identity), "identity": identity,
-                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measured}
-        path.with_suffix(".partial").write_text(json.dumps(record) + "\n")
-        path.with_suffix(".partial").replace(path)
+                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measured,
+                  "code": code_digests(ran)}
+        atomic_write(path, (json.dumps(record) + "\n").encode(), f"the study record {path.name}")
 
     identity, path, current = load(None, None)
     if not current:
-        rows = from_noise(build_model("world"), evaluation_pairs(plan), scorer=scorer())[0]
-        write(path, identity, {"noise": rows})
-    budget = None
+        with CodeTrace() as trace:
+            rows = from_noise(build_model("world"), evaluation_pairs(plan), scorer=scorer())[0]
+        write(path, identity, {"noise": rows}, trace.seen)
     for variant in variants:
         for seed in range(plan.seeds):
             identity, path, current = load(variant, seed)
@@ -204,9 +188,12 @@ def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
                 continue
             for options in (tuple(DEFAULT.options), variant.options):
                 if options not in tflops:
-                    tflops[options] = step_tflop(list(options))
-            budget = tflops[tuple(DEFAULT.options)] * plan.default_steps
-            started = time.perf_counter()
-            measured = run_variant(variant, seed, plan, budget, tflops[variant.options])
-            write(path, identity, measured | {"run_s": time.perf_counter() - started})
+                    with CodeTrace() as trace:
+                        tflops[options] = step_tflop(list(options)), trace.seen
+            budget = tflops[tuple(DEFAULT.options)][0] * plan.default_steps
+            tflop, counted = tflops[variant.options]
+            started, trace = time.perf_counter(), CodeTrace()
+            measured = run_variant(variant, seed, plan, budget, tflop, trace)
+            write(path, identity, measured | {"run_s": time.perf_counter() - started},
+                  trace.seen | counted | tflops[tuple(DEFAULT.options)][1])
             print(f"study: wrote {path.name} ({time.perf_counter() - started:.0f} s)", flush=True)

@@ -1,6 +1,6 @@
 """What the method study runs (``bench.study`` runs it): its variants of the default job, the paper's claims it
 judges, and the plan every record shares. Kept apart from the runner so that adding a variant or rewording a
-label leaves the records' code version as it was."""
+label leaves every record current."""
 
 from __future__ import annotations
 

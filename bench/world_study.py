@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
     parser.add_argument("--work", help="keep the fine-tunes here and reuse the finished ones (default: a temporary folder)")
-    parser.add_argument("--only", help="study: these variants only, comma-separated (default: every one)")
+    parser.add_argument("--only", help="study: these variants only, comma-separated, run in that order (default: every one)")
     parser.add_argument("--report", action="store_true", help="write the study's sections from its records, running nothing")
     parser.add_argument("--check", action="store_true", help="with --report: exit 1 when the committed files differ from "
                         "what the records give")
@@ -162,13 +162,13 @@ def main(argv: list[str] | None = None) -> None:
             from bench.study_plan import VARIANTS, Plan
             from bench.study_report import report
 
-            only = set(args.only.split(",")) if args.only else {v.name for v in VARIANTS}
-            unknown = only - {v.name for v in VARIANTS}
+            named = {v.name: v for v in VARIANTS}
+            only = args.only.split(",") if args.only else list(named)
+            unknown = set(only) - set(named)
             if unknown:
                 raise SystemExit(f"--only: unknown variant(s) {', '.join(sorted(unknown))}; use some of "
-                                 f"{', '.join(v.name for v in VARIANTS)}")
-            run_study(Plan(seeds=args.seeds, samples_per_caption=args.samples_per_prompt),
-                      [v for v in VARIANTS if v.name in only])
+                                 f"{', '.join(named)}")
+            run_study(Plan(seeds=args.seeds, samples_per_caption=args.samples_per_prompt), [named[n] for n in only])
             report(Plan(seeds=args.seeds, samples_per_caption=args.samples_per_prompt))
     print(f"written to {RESULTS}")
 

@@ -1,42 +1,93 @@
-"""The method study's cache and report (bench.study, bench.study_report): a record's key follows every setting,
-the code and the assets; the report of a small hand-made cache gives the table worked out by hand."""
+"""The method study's cache and report (bench.study, bench.study_report, bench.code_trace): a record's key follows
+every setting and the assets, and a change to the code it ran makes it stale; the report of a small hand-made cache gives the table worked out by hand."""
 
 import json
 
 import pytest
 
-from bench.study import _syntax, code_version, record_identity, record_key, record_path, staleness
+from bench.code_trace import CodeTrace, changed, code_digests
+from bench.study import record_identity, record_key, record_path, staleness
 from bench.study_plan import VARIANTS, Plan, Variant
 from bench.study_report import load_records, render, report, summarise
 
 VARIANT = {v.name: v for v in VARIANTS}
-ASSETS, CODE = "assets-digest", "code-version"
+ASSETS = "assets-digest"
 
 
-def test_record_key_follows_every_setting_the_assets_and_the_code():
+MODULE_V1 = '''"""A module of the fixture engine."""
+SCALE = 2
+
+
+def used(x):
+    """Doubles."""
+    return SCALE * x  # twice
+
+
+def unused(x):
+    return x
+'''
+
+
+def _fixture_code(root, source=MODULE_V1):
+    (root / "engine").mkdir(parents=True, exist_ok=True)
+    (root / "engine" / "fixture.py").write_text(source)
+
+
+def _traced_fixture(root) -> dict[str, str]:
+    """The code digests of a run that called ``engine/fixture.py``'s ``used`` (and a lambda inside nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fixture_engine", root / "engine" / "fixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with CodeTrace(root) as trace:
+        assert module.used(3) == 6
+    return code_digests(trace.seen, root)
+
+
+def test_code_trace_keeps_what_ran_and_names_what_changed(tmp_path):
+    _fixture_code(tmp_path)
+    digests = _traced_fixture(tmp_path)
+    assert sorted(digests) == ["engine/fixture.py:<module>", "engine/fixture.py:used"]
+    assert changed(digests, tmp_path) == []
+    edits = {  # (old, new) -> what a record that ran ``used`` must call changed
+        ('"""Doubles."""', '"""Twice x, explained otherwise."""'): [],
+        ("# twice", "# two times"): [],
+        ("return x", "return -x"): [],  # ``unused`` never ran
+        ('fixture engine."""', 'fixture engine."""\nimport os'): [],
+        ("return SCALE * x", "return SCALE * x + 1"): ["engine/fixture.py:used"],
+        ("SCALE = 2", "SCALE = 3"): ["engine/fixture.py:<module>"],
+        ("def used(x)", "def renamed(x)"): ["engine/fixture.py:used"],
+    }
+    for (old, new), expected in edits.items():
+        _fixture_code(tmp_path, MODULE_V1.replace(old, new))
+        assert changed(digests, tmp_path) == expected, (old, new)
+    (tmp_path / "engine" / "fixture.py").unlink()
+    assert changed(digests, tmp_path) == sorted(digests)
+
+
+def test_record_key_follows_every_setting_and_the_assets(tmp_path):
     plan = Plan(seeds=2)
-    identity = record_identity(VARIANT["tau-1.0"], 0, plan, ASSETS, CODE)
-    record = {"key": record_key(identity), "identity": identity}
+    identity = record_identity(VARIANT["tau-1.0"], 0, plan, ASSETS)
+    record = {"key": record_key(identity), "identity": identity, "code": {}}
     assert staleness(record, identity) is None
-    changed = {"variant": record_identity(VARIANT["tau-0.8"], 0, plan, ASSETS, CODE),
-               "seed": record_identity(VARIANT["tau-1.0"], 1, plan, ASSETS, CODE),
-               "plan": record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=2, samples_per_caption=3), ASSETS, CODE),
-               "assets": record_identity(VARIANT["tau-1.0"], 0, plan, "other assets", CODE),
-               "code": record_identity(VARIANT["tau-1.0"], 0, plan, ASSETS, "other code")}
-    for what, other in changed.items():
+    changed_settings = {"variant": record_identity(VARIANT["tau-0.8"], 0, plan, ASSETS),
+                        "seed": record_identity(VARIANT["tau-1.0"], 1, plan, ASSETS),
+                        "plan": record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=2, samples_per_caption=3), ASSETS),
+                        "assets": record_identity(VARIANT["tau-1.0"], 0, plan, "other assets")}
+    for what, other in changed_settings.items():
         assert record_key(other) != record["key"]
         assert staleness(record, other) == what
     # neither the number of seeds in the study nor a variant's wording changes a run
-    assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS, CODE) == identity
+    assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS) == identity
     reworded = Variant("tau-1.0", "tau", "another label", VARIANT["tau-1.0"].options)
-    assert record_identity(reworded, 0, plan, ASSETS, CODE) == identity
-
-
-def test_code_version_reads_code_not_its_explanation():
-    source = 'def f(x):\n    """Doubles."""\n    return 2 * x  # twice\n'
-    assert _syntax(source) == _syntax('def f(x):\n    """Twice x, explained otherwise."""\n    return 2 * x\n')
-    assert _syntax(source) != _syntax('def f(x):\n    """Doubles."""\n    return 3 * x\n')
-    assert len(code_version()) == 16 and code_version() == code_version()
+    assert record_identity(reworded, 0, plan, ASSETS) == identity
+    # the code it ran, changed: stale, naming the function
+    _fixture_code(tmp_path)
+    record["code"] = _traced_fixture(tmp_path)
+    assert staleness(record, identity, tmp_path) is None
+    _fixture_code(tmp_path, MODULE_V1.replace("SCALE * x", "SCALE * x * x"))
+    assert staleness(record, identity, tmp_path) == "code: engine/fixture.py:used"
 
 
 def _rows(values, metric_values=None):
@@ -44,12 +95,13 @@ def _rows(values, metric_values=None):
             for q in values]
 
 
-def _write_cache(folder, plan, gains):
-    """Base clips at 30 dB; each variant's clips at 30 + its gain per seed and clip, at the end of its budget."""
+def _write_cache(folder, plan, gains, code=None):
+    """Base clips at 30 dB; each variant's clips at 30 + its gain per seed and clip, at the end of its budget;
+    every record ran ``code``."""
     def write(variant, seed, measured):
-        identity = record_identity(variant, seed, plan, ASSETS, CODE)
+        identity = record_identity(variant, seed, plan, ASSETS)
         record_path(folder, variant, seed).write_text(json.dumps({"key": record_key(identity), "identity": identity,
-                                                                   **measured}))
+                                                                   **measured, "code": code or {}}))
 
     folder.mkdir()
     write(None, None, {"noise": _rows([30.0, 30.0, 30.0])})
@@ -69,7 +121,7 @@ def test_report_of_a_hand_made_cache(tmp_path):
     _write_cache(tmp_path / "results", plan, {
         "default": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "tau-1.0": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]],
         "tar-off": [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5]], "S-1": [[0.0, 2.0, 1.0], [2.0, 0.0, 1.0]]})
-    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS, CODE)
+    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS)
     assert stale == [] and sorted(runs["default"]) == [0, 1] and runs["tau-0.2"] == {}
     summary = summarise(base, runs, plan)
     claims = {c["claim"].split(" (")[0].split(" beats")[0]: c for c in summary["claims"]}
@@ -95,9 +147,11 @@ def test_report_of_a_hand_made_cache(tmp_path):
 
 def test_report_check_and_stale_records(tmp_path):
     plan = Plan(seeds=1)
-    _write_cache(tmp_path / "results", plan, {"default": [[1.0, 1.0, 1.0]], "tau-1.0": [[0.5, 0.5, 0.5]]})
+    _fixture_code(tmp_path)
+    _write_cache(tmp_path / "results", plan, {"default": [[1.0, 1.0, 1.0]], "tau-1.0": [[0.5, 0.5, 0.5]]},
+                 _traced_fixture(tmp_path))
     paths = dict(plan=plan, folder=tmp_path / "results", results_md=tmp_path / "RESULTS.md", plots=tmp_path / "plots",
-                 assets=ASSETS, code=CODE)
+                 assets=ASSETS, root=tmp_path)
     assert report(check=True, **paths)  # nothing written yet
     report(**paths)
     assert (tmp_path / "plots" / "study_tau.png").exists()
@@ -105,11 +159,13 @@ def test_report_check_and_stale_records(tmp_path):
     summary = tmp_path / "results" / "summary.json"
     summary.write_text(summary.read_text().replace("0.5", "0.6"))
     assert report(check=True, **paths) == [str(summary)]
-    # new code makes every record stale: the report names them and counts none
-    assert report(check=True, **{**paths, "code": "new code"}) != []
-    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS, "new code")
+    # a change to the code the records ran makes every one stale: the report names them and counts none
+    _fixture_code(tmp_path, MODULE_V1.replace("SCALE = 2", "SCALE = 4"))
+    assert report(check=True, **paths) != []
+    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS, tmp_path)
     assert base is None and not any(runs.values())
-    assert sorted(stale) == ["base.json (code)", "default-seed0.json (code)", "tau-1.0-seed0.json (code)"]
+    why = "(code: engine/fixture.py:<module>)"
+    assert sorted(stale) == [f"base.json {why}", f"default-seed0.json {why}", f"tau-1.0-seed0.json {why}"]
 
 
 @pytest.mark.parametrize("bad", ["nonsense", "tau-1.0,nonsense"])
@@ -137,8 +193,11 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     assert len(record["evals"][0]["edits"]) == len(record["evals"][2]["edits"]) > 0
     assert [r["step"] for r in record["train"]] == list(range(1, record["steps"] + 1))
     assert record["train"][-1]["tflop"] == pytest.approx(record["steps"] * record["tflop_per_step"])
+    # the code it ran: the runner, the training step, the FLOP count, the evaluation from noise, the gold metrics
+    assert {"bench/study.py:run_variant", "bench/study.py:step_tflop", "engine/train/recipe.py:Trainer.loss_step",
+            "engine/world/figures.py:from_noise", "engine/world/gold.py:<module>"} <= set(record["code"])
     base = json.loads((tmp_path / "base.json").read_text())
-    assert len(base["noise"]) == 2
+    assert len(base["noise"]) == 2 and "engine/world/figures.py:from_noise" in base["code"]
     capsys.readouterr()
     study.run_study(plan, [variant], tmp_path)
     assert "wrote" not in capsys.readouterr().out and json.loads((tmp_path / "K-1-seed0.json").read_text()) == record

@@ -23,6 +23,7 @@ class HeldOut:
                  latents: SourceLatents, seed: int, batch_size: int, sample_steps: int, autocast):
         self.model, self.chain, self.reward, self.sources, self.latents = model, chain, reward, sources, latents
         self.seed, self.batch_size, self.sample_steps, self.autocast = seed, batch_size, sample_steps, autocast
+        self.evaluations: list[list[dict[str, float]]] = []  # each evaluate()'s per-clip rows, in order
 
     def batches(self) -> list[list[int]]:
         """Indices of the held-out sources in groups of --eval-batch-size."""
@@ -62,6 +63,7 @@ class HeldOut:
     def evaluate(self) -> tuple[dict[str, float], list[torch.Tensor]]:
         """The mean held-out reward (``eval_reward``) and gold metrics (``gold_*``) of ``edit_rows``, and the edits."""
         rows, edits = self.edit_rows()
+        self.evaluations.append(rows)
         result = {"eval_reward": torch.tensor([r["reward"] for r in rows]).mean().item()}
         gold = [{k: v for k, v in r.items() if k != "reward"} for r in rows]
         return result | ({f"gold_{k}": v for k, v in mean_metrics(gold).items()} if gold[0] else {}), edits
