@@ -16,8 +16,13 @@ Two forms, both by default:
     (diffusers 0.42 raises ``AttributeError: 'UNet3DConditionModel' object has no attribute
     'load_lora_adapter'``), and ``unet.load_attn_procs`` reads Custom Diffusion weights only.
 
-Both give the frames the engine's sampler gives with the LoRA (tests/test_export.py checks this with the
-stock pipeline); the merged denoiser differs from the unmerged one by float rounding of W + dW.
+``DIR/original/wan_lora.safetensors``  (``--original``, Wan only) the LoRA as one file in the original Wan 2.1
+    checkpoint's names (``diffusion_model.blocks.0.self_attn.q.lora_down.weight``, ``.lora_up.weight`` and
+    ``.alpha`` = strength x alpha/r x rank), the layout ComfyUI's LoRA loaders read; diffusers'
+    ``WanPipeline.load_lora_weights`` reads it too, through its converter of non-diffusers Wan LoRAs.
+
+Each gives the frames the engine's sampler gives with the LoRA (tests/test_export.py and tests/test_families.py
+check this with the stock pipeline); the merged denoiser differs from the unmerged one by float rounding of W + dW.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from engine.builtin import build_model, builtin
 from engine.cli import check_model, check_output_folder
 from engine.errors import UserError, cli_entry, disk_writes
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, check_lora_folder, load_lora, lora_layers
+from engine.models import VideoDiffusion, WanVideo, model_family
+from engine.models.wan import original_module_name
 from engine.runtime import resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -72,6 +79,22 @@ from diffusers import {pipeline}, {denoiser_class}
 pipe = {pipeline}.from_pretrained("{folder}")
 # or only the {denoiser}, into a pipeline of the base model:
 {denoiser} = {denoiser_class}.from_pretrained("{folder}/{denoiser}")
+```
+"""
+
+
+ORIGINAL_NAME = "wan_lora.safetensors"
+ORIGINAL_README = """# Wan LoRA in the original checkpoint's names
+
+`{name}` holds the LoRA from `{lora}`{scale_note} with the original Wan 2.1 key names
+(`diffusion_model.<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`). ComfyUI: copy it into
+`ComfyUI/models/loras/` and apply it with a LoRA loader node to the Wan model. diffusers:
+
+```python
+from diffusers import WanPipeline
+
+pipe = WanPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{folder}/{name}")
 ```
 """
 
@@ -131,15 +154,53 @@ def export_peft(model, lora: Path, scale: float, folder: Path, base: str, named:
     return folder
 
 
+def original_lora(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The active adapter of a Wan transformer in the original checkpoint's names; each layer's strength (peft's
+    scaling, ``--lora-scale`` included) goes into its ``.alpha`` as scaling x rank, the convention of that format."""
+    weights = {}
+    from peft.tuners.lora import LoraLayer
+
+    for name, layer in denoiser.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        adapter = layer.active_adapters[0]
+        original = original_module_name(name)
+        if original is None or layer.use_dora.get(adapter) or getattr(layer, "lora_bias", {}).get(adapter):
+            raise UserError(f"the LoRA on {name} has no form in the original Wan checkpoint's names (a module it "
+                            "lacks, or DoRA / a LoRA bias); export --peft or --merged instead")
+        down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        key = f"diffusion_model.{original}"
+        weights[f"{key}.lora_down.weight"] = down.detach().cpu().contiguous()
+        weights[f"{key}.lora_up.weight"] = up.detach().cpu().contiguous()
+        weights[f"{key}.alpha"] = torch.tensor(layer.scaling[adapter] * down.shape[0], dtype=down.dtype)
+    return weights
+
+
+def export_original(model, lora: Path, scale: float, folder: Path, base: str, named: Path | None = None) -> Path:
+    """Wan only: ``original_lora`` written as one safetensors file in ``folder``, with a README."""
+    from safetensors.torch import save_file
+
+    load_lora(model.denoiser, lora, scale)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(original_lora(model.denoiser), str(folder / ORIGINAL_NAME), metadata={"format": "pt"})
+    note = f" at strength {scale}" if scale != 1.0 else ""
+    (folder / "README.md").write_text(ORIGINAL_README.format(name=ORIGINAL_NAME, lora=lora, scale_note=note, base=base,
+                                                             folder=named or folder))
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="world", help="the base model: diffusers text-to-video folder, 'world' or 'tiny'")
     parser.add_argument("--lora", required=True, help="LoRA folder (adapter_model.safetensors + adapter_config.json)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="strength baked into the export")
-    parser.add_argument("--output", required=True, help="export folder (merged/ and/or peft/ are written in it)")
+    parser.add_argument("--output", required=True, help="export folder (merged/, peft/ and original/ are written in it)")
     parser.add_argument("--merged", action="store_true", help="write the merged pipeline (default: both forms)")
     parser.add_argument("--peft", action="store_true", help="write the peft adapter (default: both forms)")
+    parser.add_argument("--original", action="store_true",
+                        help="Wan: write the LoRA in the original checkpoint's key names (ComfyUI; diffusers' "
+                             "load_lora_weights)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="weight dtype of the merged denoiser")
     parser.add_argument("--overwrite", action="store_true", help="replace merged/ or peft/ if they exist")
     parser.add_argument("--device", default="cpu", help="where to merge (cpu is enough: merging is one GEMM per layer)")
@@ -152,13 +213,17 @@ def main(argv: list[str] | None = None) -> dict:
     lora = check_lora_folder(args.lora)
     check_model(args.model, "the base model's diffusers folder")
     out = check_output_folder(args.output)
-    forms = [f for f in ("merged", "peft") if getattr(args, f)] or ["merged", "peft"]
+    forms = [f for f in ("merged", "peft", "original") if getattr(args, f)] or ["merged", "peft"]
     taken = [f for f in forms if (out / f).exists()]
     if taken and not args.overwrite:
         raise UserError(f"{out / taken[0]} already exists; pass another --output or --overwrite")
+    preset = builtin(args.model)
+    family = VideoDiffusion if preset else model_family(Path(args.model))
+    if "original" in forms and family is not WanVideo:
+        raise UserError(f"--original writes Wan 2.1's original key names; {args.model} is a {family.pipeline_class}: "
+                        "export --peft (peft loads it) or --merged (the stock pipeline loads it) instead")
     device = resolve_device(args.device)
     written = {}
-    preset = builtin(args.model)
     base = preset.base_name() if preset else str(Path(args.model).resolve())
     for form in forms:  # each form starts from a fresh base model: merging changes the weights in place
         model = build_model(args.model, seed=0, device=device)
@@ -167,8 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
         with disk_writes(out, f"the {form} export", cleanup=lambda: shutil.rmtree(partial, ignore_errors=True)):
             if form == "merged":
                 export_merged(model, lora, args.lora_scale, partial, DTYPES[args.dtype], named=out / form)
-            else:
+            elif form == "peft":
                 export_peft(model, lora, args.lora_scale, partial, base, named=out / form)
+            else:
+                export_original(model, lora, args.lora_scale, partial, base, named=out / form)
         if (out / form).exists():
             shutil.rmtree(out / form)
         partial.rename(out / form)

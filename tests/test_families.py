@@ -203,13 +203,15 @@ def cli(folder, prompts, out, *extra):
 def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_path):
     """Through the command line: two fine-tuning steps; one step then --resume to two gives the same LoRA bit for
     bit; the export's merged folder loads in the stock pipeline and its peft adapter, applied with the README's
-    calls, predicts what the fine-tuned model predicts."""
+    calls, predicts what the fine-tuned model predicts. Wan: the --original file (the original checkpoint's key
+    names), loaded by diffusers' own load_lora_weights, predicts and samples as the engine's LoRA at the exported
+    strength; CogVideoX: --original is refused and writes nothing."""
     import diffusers
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     from engine.export import main as export
-    from engine.lora import load_lora
+    from engine.lora import load_lora, set_lora_scale
     from engine.train import main as train
 
     _, folder = saved
@@ -242,6 +244,47 @@ def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_pa
         torch.testing.assert_close(tuned.predict(merged.transformer, x, 500, context), expected, rtol=1e-4, atol=1e-5)
         base = tuned.predict(load_model(folder).denoiser, x, 500, context)
     assert (base - expected).abs().max() > 1e-4  # the LoRA changed the model: the equalities above mean something
+
+    # Wan: the LoRA in the original checkpoint's names, read by diffusers' own loader of non-diffusers Wan LoRAs
+    original = ["--model", str(folder), "--lora", str(tmp_path / "run" / "lora"), "--output", str(tmp_path / "export"),
+                "--original", "--lora-scale", "0.5"]
+    if not isinstance(tuned, WanVideo):
+        with pytest.raises(SystemExit) as exit_info:
+            export(original)
+        assert exit_info.value.code == 2 and not (tmp_path / "export" / "original").exists()
+        return
+    export(original)
+    written = load_file(str(tmp_path / "export" / "original" / "wan_lora.safetensors"))
+    assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in written
+    assert "diffusion_model.blocks.0.cross_attn.o.alpha" in written
+    assert not any("attn1" in k or "to_q" in k for k in written)
+    loaded = pipeline.from_pretrained(str(folder))
+    loaded.load_lora_weights(str(tmp_path / "export" / "original" / "wan_lora.safetensors"))
+    set_lora_scale(tuned.denoiser, 0.5)
+    with torch.no_grad():
+        half = tuned.predict(tuned.denoiser, x, 500, context)
+        torch.testing.assert_close(tuned.predict(loaded.transformer, x, 500, context), half, rtol=0, atol=1e-5)
+    assert (half - expected).abs().max() > 1e-4 and (half - base).abs().max() > 1e-4
+    # the whole stock pipeline, two steps from the same noise: as the engine's LoRA at that strength
+    shape, prompt = (1, *tuned.latent_shape(**SIZE)), context[:1]
+    frames = [pipe(prompt_embeds=prompt, negative_prompt_embeds=context[1:], num_inference_steps=2,
+                   latents=torch.randn(shape, generator=torch.Generator().manual_seed(0)), output_type="latent",
+                   num_frames=SIZE["num_frames"], height=SIZE["height"], width=SIZE["width"]).frames
+              for pipe in (loaded, pipeline.from_pretrained(str(folder), transformer=tuned.denoiser))]
+    torch.testing.assert_close(frames[0], frames[1], rtol=0, atol=1e-5)
+
+
+def test_wan_module_names_map_to_the_original_checkpoint():
+    from engine.models.wan import original_module_name
+
+    expected = {"blocks.3.attn1.to_q": "blocks.3.self_attn.q", "blocks.12.attn1.to_out.0": "blocks.12.self_attn.o",
+                "blocks.0.attn2.to_v": "blocks.0.cross_attn.v", "blocks.1.attn2.add_k_proj": "blocks.1.cross_attn.k_img",
+                "blocks.2.ffn.net.0.proj": "blocks.2.ffn.0", "blocks.2.ffn.net.2": "blocks.2.ffn.2",
+                "proj_out": "head.head", "condition_embedder.time_proj": "time_projection.1",
+                "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+                "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+                "patch_embedding": None, "blocks.0.norm2": None, "blocks.0.attn1.to_qk": None}
+    assert {name: original_module_name(name) for name in expected} == expected
 
 
 def test_cli_names_the_frame_count_a_causal_vae_needs(saved, tmp_path, capsys):

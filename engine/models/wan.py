@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from engine.models.causal import CausalVideoDiffusion
+
+
+# diffusers' WanTransformer3DModel module names -> the original Wan 2.1 checkpoint's, which ComfyUI and the Wan
+# code load (diffusers' own converter of non-diffusers Wan LoRAs maps them back)
+ORIGINAL_NAMES = {
+    r"blocks\.(\d+)\.attn1\.to_(q|k|v)": r"blocks.\1.self_attn.\2",
+    r"blocks\.(\d+)\.attn1\.to_out\.0": r"blocks.\1.self_attn.o",
+    r"blocks\.(\d+)\.attn2\.to_(q|k|v)": r"blocks.\1.cross_attn.\2",
+    r"blocks\.(\d+)\.attn2\.to_out\.0": r"blocks.\1.cross_attn.o",
+    r"blocks\.(\d+)\.attn2\.add_(k|v)_proj": r"blocks.\1.cross_attn.\2_img",
+    r"blocks\.(\d+)\.ffn\.net\.0\.proj": r"blocks.\1.ffn.0",
+    r"blocks\.(\d+)\.ffn\.net\.2": r"blocks.\1.ffn.2",
+    r"proj_out": "head.head",
+    r"condition_embedder\.time_proj": "time_projection.1",
+    r"condition_embedder\.(text|time)_embedder\.linear_1": r"\1_embedding.0",
+    r"condition_embedder\.(text|time)_embedder\.linear_2": r"\1_embedding.2",
+}
+
+
+def original_module_name(name: str) -> str | None:
+    """The original Wan 2.1 checkpoint's name of the diffusers module ``name`` (None: it has none)."""
+    for pattern, original in ORIGINAL_NAMES.items():
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, original, name)
+    return None
 
 
 class WanVideo(CausalVideoDiffusion):
