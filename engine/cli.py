@@ -4,6 +4,7 @@ line: the model options, their checks before any model loads, the output folder'
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -20,11 +21,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def lora_scales(text: str) -> list[float]:
+    """``--lora-scale``: one strength or a comma-separated list of distinct finite strengths."""
+    try:
+        scales = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--lora-scale {text} is not a number or a comma-separated list of numbers "
+                        "(e.g. 0.5 or 0.25,0.5,1)") from None
+    if not all(math.isfinite(s) for s in scales) or len(set(scales)) != len(scales):
+        raise UserError(f"--lora-scale {text}: the strengths must be finite and distinct (e.g. 0.25,0.5,1)")
+    return scales
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every generating command shares (sample, evaluate)."""
     parser.add_argument("--model", default="world",
                         help="diffusers text-to-video folder, 'world' (the built-in model) or 'tiny' (random, for tests)")
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength: 0 = base model, 1 = as trained")
+    parser.add_argument("--lora-scale", default="1",
+                        help="LoRA strength (0 = base model, 1 = as trained), or a comma-separated list to compare "
+                             "strengths, e.g. 0.25,0.5,1")
     parser.add_argument("--ddim-steps", type=positive_int, default=20, help="D: DDIM steps from noise")
     parser.add_argument("--guidance", type=float, default=3.0,
                         help="classifier-free guidance scale (training uses 3; diffusers' ModelScope pipeline 9)")
@@ -55,7 +70,9 @@ def check_output_folder(output: str | Path) -> Path:
 
 
 def check_common(args: argparse.Namespace) -> tuple[int, int, int]:
-    """Validate the shared options before any model loads; returns (frames, height, width)."""
+    """Validate the shared options before any model loads (``--lora-scale`` becomes its list of strengths);
+    returns (frames, height, width)."""
+    args.lora_scale = lora_scales(args.lora_scale)
     if args.guidance < 1.0:
         raise UserError(f"--guidance {args.guidance} must be at least 1 (1 = no guidance)")
     if args.eta < 0:

@@ -15,6 +15,8 @@ but shrinks the numbers (the centre frame dominates), so it is off by default: T
 (~0.25-0.27) are plain frame means. Per (model, prompt set): mean and standard deviation over videos
 (population std, ddof 0); with several samples per prompt (video k of a prompt starts from seed + k), also the
 spread over seeds: the standard deviation of the set's mean across the sampling seeds, which the table shows.
+With several ``--lora-scale`` strengths (``0.25,0.5,1``) each checkpoint is scored at each, from the same noise,
+as rows ``LABEL @STRENGTH``: a dial for the effect at inference, judged on the world model by its gold metrics too.
 
 Writes ``results.md`` (a Markdown table, rows = models, columns = prompt sets, mean ± std), ``results.json``
 (settings, prompts, every video's score) and ``results.png`` (a bar chart with std error bars).
@@ -40,7 +42,7 @@ from engine.chain import generate
 from engine.cli import add_model_arguments, check_common, positive_int
 from engine.data import read_prompts
 from engine.errors import UserError, cli_entry
-from engine.lora import activate_adapter, adapters_disabled, check_lora_folder, load_lora
+from engine.lora import activate_adapter, adapters_disabled, check_lora_folder, load_lora, set_lora_scale
 from engine.rewards import build_reward
 from engine.runtime import autocast, resolve_device
 from engine.video_reward import SegmentalReward
@@ -178,6 +180,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[tuple[int, int, int], dic
         raise UserError(f"--segments {args.segments} must not exceed --num-frames {size[0]}")
     if args.tar_lambda < 0:
         raise UserError(f"--tar-lambda {args.tar_lambda} must be non-negative")
+    if len(args.lora_scale) > 1 and not checkpoints:
+        raise UserError("--lora-scale with several strengths needs --lora FOLDER (the checkpoints to scale)")
     preset = builtin(args.model)
     reward_spec = args.reward or (preset.reward if preset else None)
     if reward_spec is None:
@@ -244,11 +248,13 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = SegmentalReward(reward, args.segments, args.tar_lambda, segvr=True, tar=args.tar)
     model = build_model(args.model, seed=0, device=device)
     for i, (label, folder) in enumerate(checkpoints):
-        load_lora(model.denoiser, folder, args.lora_scale, adapter_name=f"checkpoint{i}")
+        load_lora(model.denoiser, folder, args.lora_scale[0], adapter_name=f"checkpoint{i}")
 
     # (set, prompt, sample) in a fixed order; video k starts from seed + k for every model: paired comparisons
     jobs = [(name, p) for name, prompts in sets.items() for p in prompts for _ in range(args.samples_per_prompt)]
-    models = [("base", None)] + [(label, f"checkpoint{i}") for i, (label, _) in enumerate(checkpoints)]
+    scales = args.lora_scale  # several: each checkpoint at each strength, labelled "LABEL @STRENGTH"
+    models = [("base", None, None)] + [(label if len(scales) == 1 else f"{label} @{scale:g}", f"checkpoint{i}", scale)
+                                       for i, (label, _) in enumerate(checkpoints) for scale in scales]
     results: dict[str, dict[str, dict]] = {}
     gold: dict[str, dict[str, dict[str, dict]]] = {}
     per_video: dict[str, list[dict]] = {}
@@ -256,9 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     sample_index = [k % args.samples_per_prompt for k in range(len(jobs))]  # which sampling seed of its prompt
     in_set = {name: [k for k, (n, _) in enumerate(jobs) if n == name] for name in sets}
     bar = tqdm(total=len(models) * len(jobs) * args.ddim_steps, desc="evaluating", unit="step", dynamic_ncols=True)
-    for label, adapter in models:
+    for label, adapter, scale in models:
         if adapter is not None:
             activate_adapter(model.denoiser, adapter)
+            set_lora_scale(model.denoiser, scale, adapter)
         with adapters_disabled(model.denoiser) if adapter is None and checkpoints else nullcontext():
             scores, metrics = score_videos(args, model, scorer, jobs, seeds, size, clips, bar)
         if not all(math.isfinite(s) for s in scores):

@@ -46,12 +46,22 @@ def write_gif(frames: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
     return Path(path)
 
 
-def write_grid(rows: list[torch.Tensor], path: str | Path) -> Path:
-    """One PNG: each row a video's frames side by side (e.g. before above after)."""
-    from PIL import Image
+def write_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | None = None) -> Path:
+    """One PNG: each row a video's frames side by side (e.g. before above after), with ``labels`` written in a
+    band to the left of the rows when given."""
+    from PIL import Image, ImageDraw
 
     strips = [np.concatenate(list(to_uint8(r, min_size=64)), axis=1) for r in rows]
-    Image.fromarray(np.concatenate(strips, axis=0)).save(str(path))
+    grid = Image.fromarray(np.concatenate(strips, axis=0))
+    if labels:
+        band, height = 8 + 6 * max(len(label) for label in labels), strips[0].shape[0]
+        labelled = Image.new("RGB", (grid.width + band, grid.height), "white")
+        labelled.paste(grid, (band, 0))
+        draw = ImageDraw.Draw(labelled)
+        for i, label in enumerate(labels):
+            draw.text((4, i * height + height // 2 - 5), label, fill="black")
+        grid = labelled
+    grid.save(str(path))
     return Path(path)
 
 

@@ -57,6 +57,14 @@ def test_tiny_defaults_scale_zero_equals_base_and_tar_option(tmp_path, lora_fold
     assert report["settings"]["tar"] is True
 
 
+def test_several_lora_strengths_are_scored_as_rows(tmp_path, lora_folder):
+    report = main(["--lora", f"mine={lora_folder}", "--lora-scale", "0,1", "--batch-size", "4", "--output",
+                   str(tmp_path), *QUICK])
+    assert list(report["results"]) == ["base", "mine @0", "mine @1"]
+    assert report["results"]["mine @0"] == report["results"]["base"] != report["results"]["mine @1"]
+    assert report["settings"]["lora_scale"] == [0.0, 1.0]
+
+
 def test_segmental_reward_eval_mode_with_tar_matches_training_weights(tiny):
     """--tar uses exactly the trainer's SegmentalReward (TAR weights) in evaluation mode."""
     latents = torch.randn(1, 4, 4, 8, 8)

@@ -82,7 +82,24 @@ def test_sample_cli_writes_videos_grids_and_manifest(tmp_path, lora_folder):
         with Image.open(out / f"{stem}.png") as grid:
             assert grid.width == 4 * grid.height  # one row of 4 frames
     saved = json.loads((out / "samples.json").read_text())
-    assert saved["lora_scale"] == 0.5 and saved["num_frames"] == 4
+    assert saved["lora_scale"] == [0.5] and saved["num_frames"] == 4
+
+
+def test_sample_several_lora_strengths_from_the_same_noise(tmp_path, lora_folder):
+    """--lora-scale 0,1: a video per strength from the same noise (strength 0 is the base model's video) and
+    one grid with a labelled row per strength."""
+    from PIL import Image
+
+    quick = ["--model", "tiny", "--prompt", "a red ball", "--ddim-steps", "2", "--num-frames", "4", "--height", "16",
+             "--width", "16"]
+    main([*quick, "--lora", str(lora_folder), "--lora-scale", "0,1", "--output", str(tmp_path / "scales")])
+    main([*quick, "--output", str(tmp_path / "base")])
+    stem = "000_a_red_ball"
+    scaled = {name: (tmp_path / "scales" / f"{stem}_{name}.gif").read_bytes() for name in ("scale0", "scale1")}
+    assert scaled["scale0"] == (tmp_path / "base" / f"{stem}.gif").read_bytes() != scaled["scale1"]
+    with Image.open(tmp_path / "scales" / f"{stem}.png") as grid, Image.open(tmp_path / "base" / f"{stem}.png") as one:
+        assert grid.height == 2 * one.height and grid.width > one.width  # two rows and the label band
+    assert json.loads((tmp_path / "scales" / "samples.json").read_text())["lora_scale"] == [0.0, 1.0]
 
 
 def test_slug():
@@ -100,6 +117,9 @@ def test_slug():
     (["--prompt", "x", "--device", "cuda:0"] if not torch.cuda.is_available() else ["--prompt", "x", "--device", "tpu"],
      "CUDA" if not torch.cuda.is_available() else "not a device"),
     (["--prompt", "x", "--fps", "0"], "must be positive"),
+    (["--prompt", "x", "--lora-scale", "1,x"], "not a number"),
+    (["--prompt", "x", "--lora-scale", "0.5,0.5"], "distinct"),
+    (["--prompt", "x", "--lora-scale", "0,1"], "needs --lora"),
 ])
 def test_sample_bad_options_exit_2_with_one_line(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
