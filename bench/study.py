@@ -30,6 +30,7 @@ from bench.study_plan import DEFAULT, VARIANTS, Plan, Variant
 
 
 RESULTS = Path(__file__).parent / "world" / "results"
+SETTINGS = "engine/config.py:<module>"  # the configuration's fields and defaults: the identity has their values
 
 
 # ---------------------------------------------------------------------------------- keys
@@ -42,11 +43,14 @@ def assets_digest() -> str:
     return digest.hexdigest()
 
 
-def record_identity(variant: Variant | None, seed: int | None, plan: Plan, assets: str) -> dict:
-    """Everything a record's numbers depend on but the code (``variant`` None: the base model's record)."""
+def record_identity(variant: Variant | None, seed: int | None, plan: Plan, assets: str,
+                    config: dict | None = None) -> dict:
+    """Everything a record's numbers depend on but the code: the variant, the seed, the evaluation plan, the
+    assets and ``config``, the run's resolved training configuration (``run_config``; ``variant`` None: the base
+    model's record)."""
     run = {k: v for k, v in asdict(variant).items() if k not in ("question", "label")} if variant else None  # not its words
     evaluation = {k: v for k, v in asdict(plan).items() if k != "seeds"}  # how many seeds there are is not this run's
-    identity = {"variant": run, "seed": seed, "plan": evaluation, "assets": assets}
+    identity = {"variant": run, "seed": seed, "plan": evaluation, "assets": assets, "config": config}
     return json.loads(json.dumps(identity))  # as a record stores it (tuples become lists)
 
 
@@ -87,12 +91,25 @@ def scorer():
     return SegmentalReward(build_reward("hpsv2:world"))
 
 
-def _trainer(options: list[str], seed: int, steps: int, folder: Path):
+def _config(options: list[str], seed: int, steps: int, folder: Path):
     from engine.config import resolve_config
+
+    return resolve_config(["--model", "world", "--seed", str(seed), "--output", str(folder), "--overwrite",
+                           "--no-tensorboard", "--log-every", "1", "--steps", str(steps), *options])
+
+
+def run_config(options: list[str], seed: int) -> dict:
+    """The run's training configuration, every default resolved, but its steps (the budget decides them) and its
+    output folder: in a record's identity in place of the configuration code, so that a default changed in
+    ``engine/config.py`` makes stale only the runs it changes (a variant that sets it keeps its record)."""
+    config = _config(options, seed, 1, Path("run")).to_dict()
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in ("steps", "output")}, default=str))
+
+
+def _trainer(options: list[str], seed: int, steps: int, folder: Path):
     from engine.train import Trainer
 
-    return Trainer(resolve_config(["--model", "world", "--seed", str(seed), "--output", str(folder), "--overwrite",
-                                   "--no-tensorboard", "--log-every", "1", "--steps", str(steps), *options])).setup()
+    return Trainer(_config(options, seed, steps, folder)).setup()
 
 
 def step_tflop(options: list[str]) -> float:
@@ -120,6 +137,7 @@ def run_variant(variant: Variant, seed: int, plan: Plan, budget_tflop: float, tf
     """Fine-tunes ``variant`` with ``seed`` to its budget, pausing at each evaluation point to score the run from
     noise and as edits; returns the record's measured part. ``trace`` watches the setup and the first evaluation
     point only: the later points run the same code, and tracing costs time."""
+    from engine.lora import set_lora_scale
     from engine.world.figures import from_noise
 
     total = max(1, round(budget_tflop * variant.budget / tflop))
@@ -139,6 +157,12 @@ def run_variant(variant: Variant, seed: int, plan: Plan, budget_tflop: float, tf
             trainer = _trainer(list(variant.options), seed, total, Path(folder))
             points = [point(first)]
         points += [point(step) for step in later]
+        if variant.scales:  # the LoRA dialled down at inference, at the end of the budget
+            points[-1]["scaled"] = {}
+            for scale in variant.scales:
+                set_lora_scale(trainer.model.denoiser, scale)
+                points[-1]["scaled"][f"{scale:g}"] = from_noise(trainer.model, pairs, scorer=score)[0]
+            set_lora_scale(trainer.model.denoiser, 1.0)
         train_log, wall = [], 0.0
         for r in trainer.records:
             if r["kind"] in ("train", "skipped"):
@@ -161,7 +185,8 @@ def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
     tflops: dict[tuple[str, ...], tuple[float, set]] = {}  # options -> (TFLOP a step, the code counting it ran)
 
     def load(variant, seed):
-        identity = record_identity(variant, seed, plan, assets)
+        config = run_config(list(variant.options), seed) if variant else None
+        identity = record_identity(variant, seed, plan, assets, config)
         path = record_path(folder, variant, seed)
         if path.exists():
             why = staleness(json.loads(path.read_text()), identity)
@@ -173,7 +198,7 @@ def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
     def write(path, identity, measured, ran):
         record = {"key": record_key(identity), "identity": identity,
                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measured,
-                  "code": code_digests(ran)}
+                  "code": {k: v for k, v in code_digests(ran).items() if k != SETTINGS}}
         atomic_write(path, (json.dumps(record) + "\n").encode(), f"the study record {path.name}")
 
     identity, path, current = load(None, None)

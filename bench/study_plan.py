@@ -12,7 +12,8 @@ DEFAULT_STEPS = 40  # the default job's steps: one budget is its training FLOPs
 @dataclass(frozen=True)
 class Variant:
     """One recipe of the study: the default job with ``options`` changed, run to ``budget`` default jobs of
-    compute and scored at ``evaluations`` evenly spaced points of it."""
+    compute and scored at ``evaluations`` evenly spaced points of it; at the last one also with the LoRA at each
+    strength of ``scales`` (``--lora-scale`` at inference)."""
 
     name: str
     question: str
@@ -20,6 +21,7 @@ class Variant:
     options: tuple[str, ...] = ()
     budget: float = 1.0
     evaluations: int = 4
+    scales: tuple[float, ...] = ()
 
 
 def _variants(question: str, flag: str, values: dict[str, str], extra: tuple[str, ...] = ()) -> list[Variant]:
@@ -38,7 +40,8 @@ VARIANTS = (
     *_variants("lambda", "--tar-lambda", {"0.5": "TAR lambda 0.5", "2.0": "TAR lambda 2"}),
     *_variants("rank", "--lora-rank", {"2": "LoRA r2", "16": "LoRA r16"}),
     Variant("full", "rank", "full fine-tuning (lr 1.5e-4)", ("--finetune", "full", "--lr", "1.5e-4")),
-    Variant("long", "over-optimisation", "default job, 10x longer", budget=10.0, evaluations=10),
+    Variant("long", "over-optimisation", "default job, 10x longer", budget=10.0, evaluations=10,
+            scales=(0.25, 0.5, 0.75)),
 )
 
 

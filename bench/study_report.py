@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 from bench.report import markdown_table
-from bench.study import ROOT, RESULTS, assets_digest, evaluation_pairs, record_identity, record_path, staleness
+from bench.study import (ROOT, RESULTS, assets_digest, evaluation_pairs, record_identity, record_path, run_config,
+                         staleness)
 from bench.study_plan import CLAIMS, DEFAULT, VARIANTS, Plan
 from engine.stats import hierarchical_bootstrap
 
@@ -24,16 +25,17 @@ METRICS = {"quality": ("quality (dB)", 2), "reward": ("reward", 4), "colour_acc"
            "shape_acc": ("shape right", 3), "direction_acc": ("direction right", 3), "jitter": ("jitter (px)", 2)}
 
 
-def load_records(folder: Path, plan: Plan, assets: str,
-                 root: Path = ROOT) -> tuple[dict | None, dict[str, dict[int, dict]], list[str]]:
-    """(the base record, {variant: {seed: record}}, stale record names): the records current for ``assets`` and
-    the code under ``root``."""
+def load_records(folder: Path, plan: Plan, assets: str, root: Path = ROOT,
+                 config=run_config) -> tuple[dict | None, dict[str, dict[int, dict]], list[str]]:
+    """(the base record, {variant: {seed: record}}, stale record names): the records current for ``assets``, the
+    code under ``root`` and the training configuration ``config(options, seed)`` resolves today."""
     def current(variant, seed):
         path = record_path(folder, variant, seed)
         if not path.exists():
             return None
         record = json.loads(path.read_text())
-        why = staleness(record, record_identity(variant, seed, plan, assets), root)
+        settings = config(list(variant.options), seed) if variant else None
+        why = staleness(record, record_identity(variant, seed, plan, assets, settings), root)
         if why:
             stale.append(f"{path.name} ({why})")
             return None
@@ -184,14 +186,15 @@ def plot(summary: dict, question: str, names: list[str], path: Path) -> None:
 
 
 def report(plan: Plan = Plan(), folder: Path = RESULTS, results_md: Path = Path(__file__).parent / "RESULTS.md",
-           plots: Path = PLOTS, check: bool = False, assets: str | None = None, root: Path = ROOT) -> list[str]:
+           plots: Path = PLOTS, check: bool = False, assets: str | None = None, root: Path = ROOT,
+           config=run_config) -> list[str]:
     """Writes (or with ``check``, compares against) the RESULTS.md section, ``summary.json`` and the plots, from
-    the records current for ``assets`` and the code under ``root`` (default: the shipped assets, this code);
-    returns the files that differ (``check``: the plots only by their presence, their pixels depend on the fonts)
-    or were written."""
+    the records current for ``assets``, the code under ``root`` and ``config`` (default: the shipped assets, this
+    code, today's configuration); returns the files that differ (``check``: the plots only by their presence,
+    their pixels depend on the fonts) or were written."""
     from bench.report import update_section
 
-    base, runs, stale = load_records(folder, plan, assets or assets_digest(), root)
+    base, runs, stale = load_records(folder, plan, assets or assets_digest(), root, config)
     summary = summarise(base, runs, plan)
     body, questions = render(summary, stale)
     summary_text = json.dumps(summary, indent=1) + "\n"

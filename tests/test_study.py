@@ -12,6 +12,7 @@ from bench.study_report import load_records, render, report, summarise
 
 VARIANT = {v.name: v for v in VARIANTS}
 ASSETS = "assets-digest"
+NO_CONFIG = lambda options, seed: None  # noqa: E731 (the hand-made records name no training configuration)
 
 
 MODULE_V1 = '''"""A module of the fixture engine."""
@@ -74,10 +75,15 @@ def test_record_key_follows_every_setting_and_the_assets(tmp_path):
     changed_settings = {"variant": record_identity(VARIANT["tau-0.8"], 0, plan, ASSETS),
                         "seed": record_identity(VARIANT["tau-1.0"], 1, plan, ASSETS),
                         "plan": record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=2, samples_per_caption=3), ASSETS),
-                        "assets": record_identity(VARIANT["tau-1.0"], 0, plan, "other assets")}
+                        "assets": record_identity(VARIANT["tau-1.0"], 0, plan, "other assets"),
+                        "config": record_identity(VARIANT["tau-1.0"], 0, plan, ASSETS, {"tau": 1.0})}
     for what, other in changed_settings.items():
         assert record_key(other) != record["key"]
         assert staleness(record, other) == what
+    # a run's configuration is its resolved values: a default spelled out is the same run
+    from bench.study import run_config
+    assert run_config(["--tau", "0.6"], 0) == run_config([], 0) != run_config(["--tau", "0.8"], 0)
+    assert run_config([], 0) != run_config([], 1)
     # neither the number of seeds in the study nor a variant's wording changes a run
     assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS) == identity
     reworded = Variant("tau-1.0", "tau", "another label", VARIANT["tau-1.0"].options)
@@ -121,7 +127,7 @@ def test_report_of_a_hand_made_cache(tmp_path):
     _write_cache(tmp_path / "results", plan, {
         "default": [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "tau-1.0": [[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]],
         "tar-off": [[1.5, 1.5, 1.5], [1.5, 1.5, 1.5]], "S-1": [[0.0, 2.0, 1.0], [2.0, 0.0, 1.0]]})
-    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS)
+    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS, config=NO_CONFIG)
     assert stale == [] and sorted(runs["default"]) == [0, 1] and runs["tau-0.2"] == {}
     summary = summarise(base, runs, plan)
     claims = {c["claim"].split(" (")[0].split(" beats")[0]: c for c in summary["claims"]}
@@ -151,7 +157,7 @@ def test_report_check_and_stale_records(tmp_path):
     _write_cache(tmp_path / "results", plan, {"default": [[1.0, 1.0, 1.0]], "tau-1.0": [[0.5, 0.5, 0.5]]},
                  _traced_fixture(tmp_path))
     paths = dict(plan=plan, folder=tmp_path / "results", results_md=tmp_path / "RESULTS.md", plots=tmp_path / "plots",
-                 assets=ASSETS, root=tmp_path)
+                 assets=ASSETS, root=tmp_path, config=NO_CONFIG)
     assert report(check=True, **paths)  # nothing written yet
     report(**paths)
     assert (tmp_path / "plots" / "study_tau.png").exists()
@@ -162,7 +168,7 @@ def test_report_check_and_stale_records(tmp_path):
     # a change to the code the records ran makes every one stale: the report names them and counts none
     _fixture_code(tmp_path, MODULE_V1.replace("SCALE = 2", "SCALE = 4"))
     assert report(check=True, **paths) != []
-    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS, tmp_path)
+    base, runs, stale = load_records(tmp_path / "results", plan, ASSETS, tmp_path, NO_CONFIG)
     assert base is None and not any(runs.values())
     why = "(code: engine/fixture.py:<module>)"
     assert sorted(stale) == [f"base.json {why}", f"default-seed0.json {why}", f"tau-1.0-seed0.json {why}"]
@@ -181,7 +187,7 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     evaluations, and a second run reuses it; a changed plan makes it stale and runs it again."""
     import bench.study as study
 
-    variant = Variant("K-1", "K", "K 1", ("--grad-steps", "1", "--num-held-out", "2"), evaluations=2)
+    variant = Variant("K-1", "K", "K 1", ("--grad-steps", "1", "--num-held-out", "2"), evaluations=2, scales=(0.0,))
     plan = Plan(seeds=1, default_steps=2, clips=2)
     study.run_study(plan, [variant], tmp_path)
     record = json.loads((tmp_path / "K-1-seed0.json").read_text())
@@ -191,9 +197,15 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     assert record["steps"] > 2  # K 1 costs less per step than the default's K 6: more steps for the same compute
     assert len(record["evals"][1]["noise"]) == 2 and {"quality", "reward", "jitter"} <= set(record["evals"][1]["noise"][0])
     assert len(record["evals"][0]["edits"]) == len(record["evals"][2]["edits"]) > 0
+    # at the end, the LoRA at strength 0 too: the base model's clips
+    assert "scaled" not in record["evals"][1] and list(record["evals"][2]["scaled"]) == ["0"]
+    assert record["evals"][2]["scaled"]["0"] == json.loads((tmp_path / "base.json").read_text())["noise"]
     assert [r["step"] for r in record["train"]] == list(range(1, record["steps"] + 1))
     assert record["train"][-1]["tflop"] == pytest.approx(record["steps"] * record["tflop_per_step"])
+    assert record["identity"]["config"]["grad_steps"] == "1" and record["identity"]["config"]["num_held_out"] == 2
     # the code it ran: the runner, the training step, the FLOP count, the evaluation from noise, the gold metrics
+    # (the configuration's module-level code is not among it: the identity holds the values it resolves to)
+    assert not any(k.startswith("engine/config.py:<") for k in record["code"])
     assert {"bench/study.py:run_variant", "bench/study.py:step_tflop", "engine/train/recipe.py:Trainer.loss_step",
             "engine/world/figures.py:from_noise", "engine/world/gold.py:<module>"} <= set(record["code"])
     base = json.loads((tmp_path / "base.json").read_text())
