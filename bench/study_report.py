@@ -47,13 +47,18 @@ def load_records(folder: Path, plan: Plan, assets: str, root: Path = ROOT,
     return base, runs, stale
 
 
+def _differences(before: list[list[dict]], after: list[list[dict]], metric: str) -> list[list[float]]:
+    """Per seed, per clip: ``metric`` in ``after`` minus the same seed's and clip's in ``before``."""
+    return [[a[metric] - b[metric] for b, a in zip(rows_b, rows_a)] for rows_b, rows_a in zip(before, after)]
+
+
 def _noise_gains(base: dict, records: dict[int, dict], point: int, metric: str) -> list[list[float]]:
-    return [[row[metric] - b[metric] for b, row in zip(base["noise"], r["evals"][point]["noise"])] for r in records.values()]
+    return _differences([base["noise"]] * len(records), [r["evals"][point]["noise"] for r in records.values()], metric)
 
 
 def _edit_gains(records: dict[int, dict], point: int, metric: str) -> list[list[float]]:
-    return [[row[metric] - b[metric] for b, row in zip(r["evals"][0]["edits"], r["evals"][point]["edits"])]
-            for r in records.values()]
+    return _differences([r["evals"][0]["edits"] for r in records.values()],
+                        [r["evals"][point]["edits"] for r in records.values()], metric)
 
 
 def curve(base: dict, records: dict[int, dict]) -> list[dict]:
@@ -88,6 +93,55 @@ def claim_effect(claim, base: dict, runs: dict[str, dict[int, dict]]) -> dict | 
     return {"claim": claim.text, "seeds": len(seeds), "quality_db": interval.as_dict(), "verdict": verdict}
 
 
+OVERSEEN = ("quality", "reward", "direction_acc")  # the metrics the over-optimisation table shows
+PATIENCE = 2  # the early-stopping guard simulated on the long runs: evaluations without a better held-out reward
+
+
+def _held_out_reward(record: dict, point: int) -> float:
+    rows = record["evals"][point]["edits"]
+    return sum(r["reward"] for r in rows) / len(rows)
+
+
+def early_stop_point(record: dict, patience: int = PATIENCE) -> int:
+    """The evaluation whose weights ``--early-stop-patience`` keeps (``lora_best/``): the best held-out reward of
+    the run's edits until ``patience`` evaluations in a row have not beaten it."""
+    best, waited = 1, 0
+    for k in range(2, len(record["evals"])):
+        if _held_out_reward(record, k) > _held_out_reward(record, best):
+            best, waited = k, 0
+        else:
+            waited += 1
+            if waited == patience:
+                break
+    return best
+
+
+def overoptimisation(base: dict, records: dict[int, dict]) -> dict:
+    """The long runs: where the mean gold quality from noise peaks, whether it then falls while the reward still
+    climbs (the last evaluation minus the peak's, paired per seed and clip), and what each guard keeps instead of
+    the last weights: those early stopping on the held-out reward keeps, or the last at a smaller LoRA strength."""
+    runs = list(records.values())
+    points = curve(base, records)
+    peak = 1 + max(range(len(points)), key=lambda i: points[i]["quality"]["mean"])
+    guards = {"last weights": lambda r: r["evals"][-1]["noise"],
+              f"early stopping (patience {PATIENCE})": lambda r: r["evals"][early_stop_point(r)]["noise"]}
+    for scale in runs[0]["evals"][-1].get("scaled", {}):
+        guards[f"last weights at strength {scale}"] = lambda r, s=scale: r["evals"][-1]["scaled"][s]
+    bases, last, at_peak = [base["noise"]] * len(runs), [r["evals"][-1]["noise"] for r in runs], \
+        [r["evals"][peak]["noise"] for r in runs]
+    kept = {}
+    for name, rows_of in guards.items():
+        rows = [rows_of(r) for r in runs]
+        kept[name] = {m: hierarchical_bootstrap(_differences(bases, rows, m)).as_dict() for m in OVERSEEN}
+        if name != "last weights":
+            kept[name]["quality_vs_last"] = hierarchical_bootstrap(_differences(last, rows, "quality")).as_dict()
+    kept[f"early stopping (patience {PATIENCE})"]["steps"] = [r["evals"][early_stop_point(r)]["step"] for r in runs]
+    return {"peak": {"step": points[peak - 1]["step"], "tflop": points[peak - 1]["tflop"]},
+            "end_minus_peak": {m: hierarchical_bootstrap(_differences(at_peak, last, m)).as_dict()
+                               for m in ("quality", "reward")},
+            "guards": kept}
+
+
 def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -> dict:
     summary = {"plan": {"seeds": plan.seeds, "clips": len(evaluation_pairs(plan)), "default_steps": plan.default_steps},
                "variants": {}, "claims": []}
@@ -107,6 +161,8 @@ def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -
             "edits_at_budget": {m: hierarchical_bootstrap(_edit_gains(records, point, m)).as_dict()
                                 for m in ("reward", "quality")}}
     summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, base, runs)) is not None]
+    if runs.get("long"):
+        summary["overoptimisation"] = overoptimisation(base, runs["long"])
     return summary
 
 
@@ -148,9 +204,32 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
             ["variant", "GFLOP / step", "steps", "seeds", *[f"Δ {label}" for label, _ in METRICS.values()],
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
+    if "overoptimisation" in summary:
+        lines.append(_render_overoptimisation(summary["overoptimisation"], len(variants["long"]["seeds"])))
     if stale:
         lines.append("Stale records (not counted; `--part study` runs them again): " + ", ".join(sorted(stale)))
     return "\n\n".join(lines), questions
+
+
+def _render_overoptimisation(over: dict, seeds: int) -> str:
+    quality, reward = over["end_minus_peak"]["quality"], over["end_minus_peak"]["reward"]
+    if quality["ci95"][1] < 0:
+        verdict = "the gold quality turns down " + ("while the reward still climbs" if reward["ci95"][0] > 0 else
+                                                     "and the reward does not climb further")
+    else:
+        verdict = "no turn down of the gold quality beyond the noise"
+    rows = [[name, *[_format(row[m], METRICS[m][1]) for m in OVERSEEN],
+             _format(row["quality_vs_last"], 2) if "quality_vs_last" in row else "",
+             ", ".join(str(s) for s in row.get("steps", []))] for name, row in over["guards"].items()]
+    return (f"**over-optimisation: when the gold quality turns down, and what catches it** (the default job 10x "
+            f"longer, {seeds} seeds; gains from noise over the base model)\n\nThe mean gold quality peaks at step "
+            f"{over['peak']['step']} ({over['peak']['tflop']:.1f} TFLOP); the last evaluation minus the peak: quality "
+            f"{_format(quality, 2)} dB, reward {_format(reward, 4)}: {verdict}. The peak is read off the same runs, "
+            f"so the drop after it is an upper bound. What each guard keeps: the weights early stopping on the "
+            f"held-out reward keeps (`--eval-every` at these points, `--early-stop-patience {PATIENCE}`; "
+            f"`lora_best/`), or the last weights at a smaller strength (`--lora-scale`).\n\n"
+            + markdown_table(["weights kept", *[f"Δ {METRICS[m][0]}" for m in OVERSEEN], "quality vs the last weights (dB)",
+                              "steps kept"], rows))
 
 
 def _slug(question: str) -> str:

@@ -8,7 +8,8 @@ import pytest
 from bench.code_trace import CodeTrace, changed, code_digests
 from bench.study import record_identity, record_key, record_path, staleness
 from bench.study_plan import VARIANTS, Plan, Variant
-from bench.study_report import load_records, render, report, summarise
+from bench.study_report import (_render_overoptimisation, early_stop_point, load_records, overoptimisation, render,
+                                report, summarise)
 
 VARIANT = {v.name: v for v in VARIANTS}
 ASSETS = "assets-digest"
@@ -213,3 +214,39 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     capsys.readouterr()
     study.run_study(plan, [variant], tmp_path)
     assert "wrote" not in capsys.readouterr().out and json.loads((tmp_path / "K-1-seed0.json").read_text()) == record
+
+
+def test_overoptimisation_of_hand_made_long_runs():
+    """Two seeds of the long variant, three clips: the gold quality rises to +1 dB at the 5th of 10 evaluations
+    and falls back to 0 while the reward climbs. By hand: the peak at step 50, the end minus the peak -1 dB
+    (reward +0.05): it turns down. Early stopping (patience 2) keeps seed 0's 5th evaluation (+1 dB) and seed 1's
+    8th (+0.4 dB): +0.7 dB, +0.7 over the last weights; the last weights at strength 0.5 keep +0.5 dB."""
+    quality = [0.2, 0.4, 0.6, 0.8, 1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    held_out = {0: [1, 2, 3, 4, 5, 4, 4.5, 3, 2, 1], 1: [1, 2, 3, 4, 5, 6, 7, 8, 7, 6]}
+
+    def rows(q, reward):
+        return [{"quality": 30.0 + q, "reward": reward, "direction_acc": 0.5, "colour_acc": 1.0, "shape_acc": 1.0,
+                 "jitter": 0.5}] * 3
+
+    def record(seed):
+        evals = [{"step": 0, "tflop": 0.0, "edits": rows(0.0, 0.0)}]
+        evals += [{"step": 10 * k, "tflop": 0.1 * k, "noise": rows(quality[k - 1], 0.2 + 0.01 * k),
+                   "edits": rows(0.0, held_out[seed][k - 1])} for k in range(1, 11)]
+        evals[-1]["scaled"] = {"0.5": rows(0.5, 0.21)}
+        return {"steps": 100, "tflop_per_step": 0.01, "train": [], "evals": evals}
+
+    runs = {0: record(0), 1: record(1)}
+    assert early_stop_point(runs[0]) == 5 and early_stop_point(runs[1]) == 8
+    over = overoptimisation({"noise": rows(0.0, 0.2)}, runs)
+    assert over["peak"] == {"step": 50, "tflop": 0.5}
+    assert over["end_minus_peak"]["quality"] == {"mean": -1.0, "ci95": [-1.0, -1.0]}
+    assert over["end_minus_peak"]["reward"]["mean"] == pytest.approx(0.05)
+    stopped = over["guards"]["early stopping (patience 2)"]
+    assert stopped["steps"] == [50, 80] and stopped["quality"]["mean"] == pytest.approx(0.7)
+    assert stopped["quality_vs_last"]["mean"] == pytest.approx(0.7)
+    assert stopped["quality"]["ci95"] == pytest.approx([0.4, 1.0])  # two seeds: the bootstrap draws 0.4 or 1.0
+    assert over["guards"]["last weights at strength 0.5"]["quality"] == {"mean": 0.5, "ci95": [0.5, 0.5]}
+    assert over["guards"]["last weights"]["quality"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    text = _render_overoptimisation(over, 2)
+    assert "the gold quality turns down while the reward still climbs" in text
+    assert "| early stopping (patience 2) | +0.70 [+0.40, +1.00] |" in text
