@@ -75,22 +75,44 @@ def budget_point(record: dict, variant) -> int:
     return min(range(1, len(record["evals"])), key=lambda k: abs(record["evals"][k]["tflop"] - one_budget))
 
 
-def claim_effect(claim, base: dict, runs: dict[str, dict[int, dict]]) -> dict | None:
-    """``better`` minus ``worse`` in gold quality from noise at one budget, on the seeds both have."""
-    better, worse = runs[claim.better], runs[claim.worse]
-    seeds = sorted(set(better) & set(worse))
+def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str):
+    """(seeds, interval) of ``better`` minus ``worse`` in gold quality from noise at one default job's compute,
+    clip by clip on the seeds both have; None when they share none."""
+    seeds = sorted(set(runs[better]) & set(runs[worse]))
     if not seeds:
         return None
     variants = {v.name: v for v in VARIANTS}
 
-    def at_budget(name, record):
+    def at_budget(name, seed):
+        record = runs[name][seed]
         return record["evals"][budget_point(record, variants[name])]["noise"]
 
-    differences = [[x["quality"] - y["quality"] for x, y in zip(at_budget(claim.better, better[s]), at_budget(claim.worse, worse[s]))]
-                   for s in seeds]
-    interval = hierarchical_bootstrap(differences)
+    return seeds, hierarchical_bootstrap(_differences([at_budget(worse, s) for s in seeds],
+                                                      [at_budget(better, s) for s in seeds], "quality"))
+
+
+def claim_effect(claim, runs: dict[str, dict[int, dict]]) -> dict | None:
+    """``better`` minus ``worse`` in gold quality from noise at one budget, on the seeds both have."""
+    compared = paired_difference(runs, claim.better, claim.worse)
+    if compared is None:
+        return None
+    seeds, interval = compared
     verdict = "reproduced" if interval.low > 0 else "not reproduced" if interval.high < 0 else "inconclusive"
     return {"claim": claim.text, "seeds": len(seeds), "quality_db": interval.as_dict(), "verdict": verdict}
+
+
+def recommendation(summary: dict, runs: dict[str, dict[int, dict]], plan: Plan) -> dict | None:
+    """The recipe a user should use: of the variants run with every seed at the default job's budget, the one
+    with the highest mean gold-quality gain from noise at that compute; it replaces the default job only when its
+    paired difference from the default is above zero (picked as the best of several, its interval is optimistic)."""
+    complete = [v.name for v in VARIANTS if v.budget == 1.0 and len(runs[v.name]) == plan.seeds]
+    if DEFAULT.name not in complete:
+        return None
+    best = max(complete, key=lambda name: summary["variants"][name]["at_budget"]["quality"]["mean"])
+    if best == DEFAULT.name:
+        return {"recipe": best, "candidates": len(complete), "versus_default": None, "adopt": False}
+    interval = paired_difference(runs, best, DEFAULT.name)[1]
+    return {"recipe": best, "candidates": len(complete), "versus_default": interval.as_dict(), "adopt": interval.low > 0}
 
 
 OVERSEEN = ("quality", "reward", "direction_acc")  # the metrics the over-optimisation table shows
@@ -160,7 +182,8 @@ def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -
             "at_budget": points[point - 1],
             "edits_at_budget": {m: hierarchical_bootstrap(_edit_gains(records, point, m)).as_dict()
                                 for m in ("reward", "quality")}}
-    summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, base, runs)) is not None]
+    summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, runs)) is not None]
+    summary["recommendation"] = recommendation(summary, runs, plan)
     if runs.get("long"):
         summary["overoptimisation"] = overoptimisation(base, runs["long"])
     return summary
@@ -204,11 +227,26 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
             ["variant", "GFLOP / step", "steps", "seeds", *[f"Δ {label}" for label, _ in METRICS.values()],
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
+    if summary.get("recommendation"):
+        lines.append(_render_recommendation(summary["recommendation"], variants))
     if "overoptimisation" in summary:
         lines.append(_render_overoptimisation(summary["overoptimisation"], len(variants["long"]["seeds"])))
     if stale:
         lines.append("Stale records (not counted; `--part study` runs them again): " + ", ".join(sorted(stale)))
     return "\n\n".join(lines), questions
+
+
+def _render_recommendation(choice: dict, variants: dict) -> str:
+    label = variants[choice["recipe"]]["label"]
+    head = (f"**The recipe a user should use** (of the {choice['candidates']} variants with every seed at the "
+            f"default job's compute, the highest mean gold-quality gain from noise): {label}")
+    if choice["versus_default"] is None:
+        return head + ": the default job stays."
+    difference = _format(choice["versus_default"], 2)
+    if choice["adopt"]:
+        return head + f", {difference} dB over the default job (paired): it becomes the default job's recipe."
+    return head + (f", {difference} dB over the default job (paired; picked as the best of several, so this "
+                   "interval is optimistic): not beyond the noise, the default job stays.")
 
 
 def _render_overoptimisation(over: dict, seeds: int) -> str:

@@ -140,6 +140,9 @@ def test_report_of_a_hand_made_cache(tmp_path):
     assert s1["quality_db"]["mean"] == 0.0 and s1["quality_db"]["ci95"][0] < 0 < s1["quality_db"]["ci95"][1]
     assert s1["verdict"] == "inconclusive"
     assert len(summary["claims"]) == 3  # the other claims have no records
+    # the recipe to use: TAR off has the highest mean (+1.5 dB), +0.5 over the default in every clip: adopted
+    assert summary["recommendation"] == {"recipe": "tar-off", "candidates": 4, "adopt": True,
+                                         "versus_default": {"mean": 0.5, "ci95": [0.5, 0.5]}}
     default = summary["variants"]["default"]
     assert [p["quality"]["mean"] for p in default["curve"]] == [0.25, 0.5, 0.75, 1.0]
     assert default["edits_at_budget"]["quality"] == {"mean": 1.0, "ci95": [1.0, 1.0]}
@@ -147,6 +150,7 @@ def test_report_of_a_hand_made_cache(tmp_path):
     assert ("| editing (tau 0.6) beats fine-tuning the whole chain from noise (tau 1.0, DRaFT) | 2 | "
             "+0.50 [+0.50, +0.50] | reproduced |") in body
     assert "| TAR beats uniform frame weights | 2 | -0.50 [-0.50, -0.50] | not reproduced |" in body
+    assert "TAR off (uniform weights), +0.50 [+0.50, +0.50] dB over the default job (paired): it becomes" in body
     assert questions == {"default job": ["default"], "tau": ["default", "tau-1.0"], "S": ["default", "S-1"],
                          "TAR": ["default", "tar-off"]}
     assert "| tau 1.0 (from noise, DRaFT) | 10.00 | 40 | 2/2 | +0.50 [+0.50, +0.50] |" in body
