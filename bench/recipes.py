@@ -118,6 +118,7 @@ class Recipe:
     segments: int = 4
     tar: bool = True
     first_frame: bool = False      # score only pixel frame 0 (decode the first latent frame; no SegVR)
+    decode_recompute: bool = False  # causal VAEs: the graded chunks' decoder activations recomputed in backward
     lora_rank: int = 4
 
 
@@ -140,6 +141,8 @@ TRANSFORMER_RECIPES = [
            tau=1.0, segments=1, tar=False, first_frame=True),
     Recipe("edit", "editing recipe: tau 0.6, K = 1, SegVR 4 frames + TAR", memory="plan"),
     Recipe("edit_kall", "editing recipe, K = all (12)", grad_steps=None, memory="plan"),
+    Recipe("edit_recompute", "editing recipe, K = 1, the decoder recomputed in backward", memory="plan",
+           decode_recompute=True),
 ]
 
 
@@ -177,6 +180,8 @@ class Step:
         self.model, self.recipe, self.batch = model, recipe, batch
         self.latent_shape, self.context_shape = latent_shape, context_shape
         self.params = make_trainable(model, recipe)
+        if recipe.decode_recompute:
+            model.decode_recompute = True
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5) if optimizer else None
         chain = (StepCheckpointedChain if recipe.step_checkpoint else EditChain)(model, recipe.ddim_steps, recipe.tau,
                                                                                  1, guidance)

@@ -6,6 +6,7 @@ projections, on the meta device (exact, machine-independent): FLOPs per step (Fl
 bytes autograd saves for backward, what the planner spills to host memory, and how many latent frames are
 decoded with gradient. Three recipes per model (bench.recipes.TRANSFORMER_RECIPES): the public way (whole chain
 from noise, K = 1, first latent frame), the editing recipe at K = 1 and at K = all under the same budget.
+A fourth recipe recomputes the decoder's activations in backward (causal VAEs' ``decode_recompute``).
 The report goes to stdout, bench/RESULTS.md ("video transformers at real size") and
 bench/results_transformers.json. Only exact relations are asserted.
 """
@@ -31,6 +32,7 @@ MODELS = list(fullsize.TRANSFORMER_CLIPS)
 
 
 def count(name: str, recipe) -> dict:
+    torch.manual_seed(0)  # the same SegVR draw for every recipe: their figures compare the same frames
     model, latent_shape, context_shape = fullsize.video_transformer(name, "meta", torch.bfloat16)
     reward = fullsize.hpsv2("meta", torch.bfloat16)
     step = Step(model, reward, recipe, latent_shape, context_shape, batch=1, memory_budget=BUDGET)
@@ -91,11 +93,18 @@ def render(figures: dict, measured: str) -> str:
                          f"what backward needs is {edit['saved_gb_bf16']:.1f} GB on the device + "
                          f"{edit['host_gb_bf16']:.1f} GB in host memory against {noise['saved_gb_bf16']:.1f} GB + "
                          f"{noise['host_gb_bf16']:.1f} GB.")
-            lines.append("")
+        if {"edit", "edit_recompute"} <= set(f):
+            edit, recomputed = f["edit"], f["edit_recompute"]
+            lines.append(f"- {name}: with the decoder recomputed in backward (`decode_recompute`: each chunk decoded "
+                         f"with gradient keeps its input and the causal cache it read), {recomputed['saved_gb_bf16']:.1f} GB "
+                         f"+ {recomputed['host_gb_bf16']:.1f} GB in host memory instead of {edit['saved_gb_bf16']:.1f} GB + "
+                         f"{edit['host_gb_bf16']:.1f} GB, for {recomputed['tflops'] / edit['tflops']:.3f}x the FLOPs.")
+        lines.append("")
     lines += ["The decoder is what costs memory: the SegVR frames' latent frames decode with gradient at full "
                   "resolution (the causal context before them without, `--decode-context no-grad`), and the planner "
                   "spills those activations to host memory when they do not fit beside the chain's plan. The SegVR frames are one "
-                  "random draw per step, so how many latent frames decode varies from step to step."]
+                  "random draw per step (here from seed 0, the same for every recipe), so how many latent frames decode "
+                  "varies from step to step."]
     return "\n".join(lines)
 
 

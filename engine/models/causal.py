@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from engine.errors import UserError
 from engine.models.base import VideoDiffusion
@@ -76,6 +77,8 @@ class CausalVideoDiffusion(VideoDiffusion):
         are the same either way. None: all of them."""
         n = self.decoded_prefix(needed, latents.shape[2])
         z = self.from_unit(latents[:, :, :n].to(self.vae.dtype))
+        if graded is None and self.decode_recompute:
+            graded = set(range(n))  # every chunk with gradient, through the loop that can recompute them
         if graded is None or not torch.is_grad_enabled() or getattr(self.vae, "use_tiling", False):
             video = self.vae.decode(z).sample
         else:
@@ -93,6 +96,20 @@ class CausalVideoDiffusion(VideoDiffusion):
     def decode_selected(self, z: torch.Tensor, graded: set[int]) -> torch.Tensor:
         """The VAE's own decode loop over ``chunks``, each with gradient only if it holds a graded frame."""
         raise NotImplementedError
+
+    # The decoder's activations of a chunk decoded with gradient are most of what a step saves at real size (a
+    # latent frame is 4 pixel frames at full resolution through every up-block). With ``decode_recompute`` each
+    # such chunk keeps only its input and the causal cache it read, and runs again in backward: one more decoder
+    # forward of the graded chunks for their activations. Exact (the decoder draws no random numbers).
+    decode_recompute = False
+
+    def decode_chunk(self, run, *inputs):
+        """``run(*inputs)``, one chunk of the decode loop (a function of its inputs alone: the causal cache it
+        reads is an input, the one it leaves an output); recomputed in backward when ``decode_recompute`` is on
+        and the chunk runs with gradient."""
+        if self.decode_recompute and torch.is_grad_enabled():
+            return checkpoint(run, *inputs, use_reentrant=False)
+        return run(*inputs)
 
     def decode_frames(self, latents: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The chosen frames from the shortest exact prefix; with ``context_gradient`` off (the default) only the

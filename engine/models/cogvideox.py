@@ -34,13 +34,16 @@ class CogVideoXVideo(CausalVideoDiffusion):
         """AutoencoderKLCogVideoX's decode: latent frames in pairs (the odd one in the first), the causal
         convolutions' cache carried over."""
         vae = self.vae
+
+        def run(frames, conv_cache):
+            if vae.post_quant_conv is not None:
+                frames = vae.post_quant_conv(frames)
+            return vae.decoder(frames, conv_cache=conv_cache)
+
         conv_cache, decoded = None, []
         for chunk in self.chunks(z.shape[2]):
             with torch.set_grad_enabled(any(k in chunk for k in graded)):
-                frames = z[:, :, chunk.start:chunk.stop]
-                if vae.post_quant_conv is not None:
-                    frames = vae.post_quant_conv(frames)
-                frames, conv_cache = vae.decoder(frames, conv_cache=conv_cache)
+                frames, conv_cache = self.decode_chunk(run, z[:, :, chunk.start:chunk.stop], conv_cache)
             decoded.append(frames)
         return torch.cat(decoded, 2)
 

@@ -69,18 +69,23 @@ class WanVideo(CausalVideoDiffusion):
         return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
 
     def decode_selected(self, z, graded):
-        """AutoencoderKLWan's decode: one latent frame at a time, the causal convolutions' cache carried over."""
+        """AutoencoderKLWan's decode: one latent frame at a time, the causal convolutions' cache carried over
+        (each chunk reads a copy of it, so that a chunk recomputed in backward reads what it read first)."""
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
         vae = self.vae
+
+        def run(x, cache, first_chunk):
+            cache = list(cache)
+            return vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk), cache
+
         vae.clear_cache()
-        x = vae.post_quant_conv(z)
+        x, cache = vae.post_quant_conv(z), vae._feat_map
         frames = []
         for chunk in self.chunks(z.shape[2]):
-            vae._conv_idx = [0]
             with torch.set_grad_enabled(any(k in chunk for k in graded)):
-                frames.append(vae.decoder(x[:, :, chunk.start:chunk.stop], feat_cache=vae._feat_map,
-                                          feat_idx=vae._conv_idx, first_chunk=chunk.start == 0))
+                out, cache = self.decode_chunk(run, x[:, :, chunk.start:chunk.stop], cache, chunk.start == 0)
+            frames.append(out)
         vae.clear_cache()
         out = torch.cat(frames, 2)
         if vae.config.patch_size is not None:
