@@ -238,13 +238,15 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
 
 def _render_recommendation(choice: dict, variants: dict) -> str:
     label = variants[choice["recipe"]]["label"]
+    of_all = sum(1 for v in VARIANTS if v.budget == 1.0)
+    so_far = "" if choice["candidates"] == of_all else f", {of_all - choice['candidates']} more still to run"
     head = (f"**The recipe a user should use** (of the {choice['candidates']} variants with every seed at the "
-            f"default job's compute, the highest mean gold-quality gain from noise): {label}")
+            f"default job's compute{so_far}, the highest mean gold-quality gain from noise): {label}")
     if choice["versus_default"] is None:
         return head + ": the default job stays."
     difference = _format(choice["versus_default"], 2)
     if choice["adopt"]:
-        return head + f", {difference} dB over the default job (paired): it becomes the default job's recipe."
+        return head + f", {difference} dB over the default job (paired): the default job's recipe should become it."
     return head + (f", {difference} dB over the default job (paired; picked as the best of several, so this "
                    "interval is optimistic): not beyond the noise, the default job stays.")
 

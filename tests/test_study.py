@@ -150,7 +150,8 @@ def test_report_of_a_hand_made_cache(tmp_path):
     assert ("| editing (tau 0.6) beats fine-tuning the whole chain from noise (tau 1.0, DRaFT) | 2 | "
             "+0.50 [+0.50, +0.50] | reproduced |") in body
     assert "| TAR beats uniform frame weights | 2 | -0.50 [-0.50, -0.50] | not reproduced |" in body
-    assert "TAR off (uniform weights), +0.50 [+0.50, +0.50] dB over the default job (paired): it becomes" in body
+    assert "of the 4 variants with every seed at the default job's compute, 14 more still to run" in body
+    assert "TAR off (uniform weights), +0.50 [+0.50, +0.50] dB over the default job (paired): the default job's" in body
     assert questions == {"default job": ["default"], "tau": ["default", "tau-1.0"], "S": ["default", "S-1"],
                          "TAR": ["default", "tar-off"]}
     assert "| tau 1.0 (from noise, DRaFT) | 10.00 | 40 | 2/2 | +0.50 [+0.50, +0.50] |" in body
