@@ -393,5 +393,5 @@ def test_sample_and_evaluate_commands_run_the_family(saved, tmp_path):
                        "--segments", "3", "--output", str(tmp_path / "e"), *small])
     assert 0 < report["results"]["base"]["shapes"]["mean"] < 1
     args = type("Args", (), dict(guidance=3.0, eta=0.0, model=str(folder), num_frames=None, height=None, width=None,
-                                 output=str(tmp_path / "x")))
+                                 output=str(tmp_path / "x"), lora_scale="1"))
     assert check_common(args) == load_model(folder).default_size
