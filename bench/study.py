@@ -9,8 +9,8 @@ scores form the ``base`` record), and as edits of the run's held-out clips. Each
 reward on the SegVR evaluation frames, the same scorer for every variant) and gold metrics are kept, so any
 comparison is paired clip by clip and seed by seed.
 
-A record's key covers the variant's options and budget, the seed, the evaluation plan and the shipped assets'
-bytes; the record also keeps digests of the code the run executed (``bench.code_trace``: each function of the
+A record's key covers the variant's options and budget, the seed, the evaluation plan, the shipped assets'
+bytes and the run's resolved training configuration; the record also keeps digests of the code the run executed (``bench.code_trace``: each function of the
 engine, the kernels and this runner that ran, read as syntax trees without comments or docstrings). A record is
 stale when its key no longer matches or any code it ran has changed: the runner names what and runs it again.
 Code a run did not execute may change freely, so the study continues across sessions while the engine grows.
