@@ -184,53 +184,131 @@ def _float32_digits(value):
     return value
 
 
+def _runner(plan: Plan, folder: Path):
+    """What the study's runs share, as (load, write, measure): the records' identities and staleness, writing a
+    record, and fine-tuning one (variant, seed) with each option set's FLOPs per step counted once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    assets = assets_digest()
+    tflops: dict[tuple[str, ...], tuple[float, set]] = {}  # options -> (TFLOP a step, the code counting it ran)
+
+    def load(variant, seed) -> tuple[dict, Path, dict | None, str | None]:
+        """(identity, path, the record or None, why it is stale: "missing", what changed, or None: current)."""
+        config = run_config(list(variant.options), seed) if variant else None
+        identity = record_identity(variant, seed, plan, assets, config)
+        path = record_path(folder, variant, seed)
+        if not path.exists():
+            return identity, path, None, "missing"
+        record = json.loads(path.read_text())
+        return identity, path, record, staleness(record, identity)
+
+    def write(path, identity, measured, ran) -> None:
+        record = {"key": record_key(identity), "identity": identity,
+                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measured,
+                  "code": current_code(ran)}
+        _write_record(path, record)
+
+    def measure(variant, seed) -> tuple[dict, set]:
+        """The record's measured part for (variant, seed) and the code it ran."""
+        for options in (tuple(DEFAULT.options), variant.options):
+            if options not in tflops:
+                with CodeTrace() as trace:
+                    tflops[options] = step_tflop(list(options)), trace.seen
+        budget = tflops[tuple(DEFAULT.options)][0] * plan.default_steps
+        tflop, counted = tflops[variant.options]
+        started, trace = time.perf_counter(), CodeTrace()
+        measured = run_variant(variant, seed, plan, budget, tflop, trace)
+        measured["run_s"] = time.perf_counter() - started
+        return measured, trace.seen | counted | tflops[tuple(DEFAULT.options)][1]
+
+    return load, write, measure
+
+
+def _write_record(path: Path, record: dict) -> None:
+    from engine.train.run_folder import atomic_write
+
+    atomic_write(path, (json.dumps(_float32_digits(record)) + "\n").encode(), f"the study record {path.name}")
+
+
+def current_code(ran: set) -> dict[str, str]:
+    return {k: v for k, v in code_digests(ran).items() if k != SETTINGS}
+
+
 def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
     """Every (variant, seed) of ``plan`` without a current record, each written as soon as it is done: a study
     stopped anywhere continues where it stopped."""
     from engine.builtin import build_model
     from engine.world.figures import from_noise
 
-    from engine.train.run_folder import atomic_write
-
-    folder.mkdir(parents=True, exist_ok=True)
-    assets = assets_digest()
-    tflops: dict[tuple[str, ...], tuple[float, set]] = {}  # options -> (TFLOP a step, the code counting it ran)
-
-    def load(variant, seed):
-        config = run_config(list(variant.options), seed) if variant else None
-        identity = record_identity(variant, seed, plan, assets, config)
-        path = record_path(folder, variant, seed)
-        if path.exists():
-            why = staleness(json.loads(path.read_text()), identity)
-            if why is None:
-                return identity, path, True
-            print(f"study: {path.name} is stale ({why} changed): running it again", flush=True)
-        return identity, path, False
-
-    def write(path, identity, measured, ran):
-        record = {"key": record_key(identity), "identity": identity,
-                  "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), **measured,
-                  "code": {k: v for k, v in code_digests(ran).items() if k != SETTINGS}}
-        atomic_write(path, (json.dumps(_float32_digits(record)) + "\n").encode(), f"the study record {path.name}")
-
-    identity, path, current = load(None, None)
-    if not current:
+    load, write, measure = _runner(plan, folder)
+    identity, path, _, why = load(None, None)
+    if why is not None:
         with CodeTrace() as trace:
             rows = from_noise(build_model("world"), evaluation_pairs(plan), scorer=scorer())[0]
         write(path, identity, {"noise": rows}, trace.seen)
     for variant in variants:
         for seed in range(plan.seeds):
-            identity, path, current = load(variant, seed)
-            if current:
+            identity, path, _, why = load(variant, seed)
+            if why is None:
                 continue
-            for options in (tuple(DEFAULT.options), variant.options):
-                if options not in tflops:
-                    with CodeTrace() as trace:
-                        tflops[options] = step_tflop(list(options)), trace.seen
-            budget = tflops[tuple(DEFAULT.options)][0] * plan.default_steps
-            tflop, counted = tflops[variant.options]
-            started, trace = time.perf_counter(), CodeTrace()
-            measured = run_variant(variant, seed, plan, budget, tflop, trace)
-            write(path, identity, measured | {"run_s": time.perf_counter() - started},
-                  trace.seen | counted | tflops[tuple(DEFAULT.options)][1])
-            print(f"study: wrote {path.name} ({time.perf_counter() - started:.0f} s)", flush=True)
+            if why != "missing":
+                print(f"study: {path.name} is stale ({why} changed): running it again", flush=True)
+            measured, ran = measure(variant, seed)
+            write(path, identity, measured, ran)
+            print(f"study: wrote {path.name} ({measured['run_s']:.0f} s)", flush=True)
+
+
+def _results(record: dict) -> dict:
+    """What a verification compares: everything a record measured but the wall-clock times."""
+    kept = {k: record.get(k) for k in ("steps", "tflop_per_step", "evals", "train")}
+    kept["train"] = [{k: v for k, v in row.items() if k != "wall_s"} for row in kept["train"] or []]
+    return kept
+
+
+def _first_difference(a, b, where: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{where}[{i}]"))),
+                    None)
+    return None if a == b else f"{where}: {a!r} then, {b!r} now"
+
+
+def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[str]:
+    """For each variant whose records are stale only because code they ran has changed: run one such seed again
+    with the current code. When its results equal the record's (every number at the 8 digits records keep, wall
+    times aside), the change did not change what the variant computes, and every such record of the variant is
+    stamped with the current code (the seed run again is rewritten whole; another only where every changed
+    function it ran also ran again); otherwise they stay stale, and the first difference is said. Records stale for any other reason (options, plan, assets, configuration) are left
+    to ``run_study``. Returns one line per variant."""
+    (load, write, measure), lines = _runner(plan, folder), []
+    for variant in variants:
+        loaded = [(seed, *load(variant, seed)) for seed in range(plan.seeds)]
+        stale = [(seed, identity, path, record) for seed, identity, path, record, why in loaded
+                 if why is not None and why.startswith("code:")]
+        if not stale:
+            lines.append(f"{variant.name}: no record stale by code alone")
+            continue
+        seed, identity, path, record = stale[0]
+        measured, ran = measure(variant, seed)
+        difference = _first_difference(_results(record), _results(_float32_digits(measured)))
+        if difference:
+            lines.append(f"{variant.name}: seed {seed} computes something else now ({difference}); its "
+                         f"{len(stale)} stale record(s) stay stale for --part study to run again")
+            continue
+        write(path, identity, measured, ran)
+        verified, ran_now = 1, set(current_code(ran))
+        for _, _, other_path, other in stale[1:]:
+            if not set(changed(other["code"])) <= ran_now:  # it ran changed code the seed run again did not
+                continue
+            own = {(str(ROOT / entry.rsplit(":", 1)[0]), entry.rsplit(":", 1)[1]) for entry in other["code"]}
+            _write_record(other_path, {**other, "code": current_code(own), "verified": f"by seed {seed} run again, "
+                                       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"})
+            verified += 1
+        lines.append(f"{variant.name}: seed {seed} run again gives the same numbers; {verified} of {len(stale)} "
+                     f"record(s) now carry the current code" + (" (the others ran changed code it did not: --part "
+                                                                "study runs them again)" if verified < len(stale) else ""))
+    return lines

@@ -3,6 +3,7 @@
     python -m bench.world_study                          # Table 1 (5 fine-tuning seeds) and the study
     python -m bench.world_study --part table1 --seeds 5
     python -m bench.world_study --part study --only default,tau-1.0   # the study's missing records (bench.study)
+    python -m bench.world_study --part verify [--only ...]  # records stale by code: one seed per variant run again
     python -m bench.world_study --report [--check]       # the study's sections from its records alone
 
 Every fine-tune is the default job (``python -m engine.train`` = the world preset) with one option changed.
@@ -129,7 +130,9 @@ def plot_table1(summary: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("all", "table1", "study"), default="all")
+    parser.add_argument("--part", choices=("all", "table1", "study", "verify"), default="all",
+                        help="verify: for each variant whose records are stale only by code, run one seed again and, "
+                             "where it gives the same numbers, stamp them with the current code (bench.study.verify_study)")
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per model")
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
@@ -157,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.part in ("all", "table1"):
             body = table1(args.seeds, args.samples_per_prompt, work)
             update_section(RESULTS, "world: Table 1", f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
-        if args.part in ("all", "study"):
-            from bench.study import run_study
+        if args.part in ("all", "study", "verify"):
+            from bench.study import run_study, verify_study
             from bench.study_plan import VARIANTS, Plan
             from bench.study_report import report
 
@@ -168,8 +171,12 @@ def main(argv: list[str] | None = None) -> None:
             if unknown:
                 raise SystemExit(f"--only: unknown variant(s) {', '.join(sorted(unknown))}; use some of "
                                  f"{', '.join(named)}")
-            run_study(Plan(seeds=args.seeds, samples_per_caption=args.samples_per_prompt), [named[n] for n in only])
-            report(Plan(seeds=args.seeds, samples_per_caption=args.samples_per_prompt))
+            plan = Plan(seeds=args.seeds, samples_per_caption=args.samples_per_prompt)
+            if args.part == "verify":
+                print("\n".join(f"study: verify {line}" for line in verify_study(plan, [named[n] for n in only])))
+            else:
+                run_study(plan, [named[n] for n in only])
+            report(plan)
     print(f"written to {RESULTS}")
 
 

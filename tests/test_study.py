@@ -188,6 +188,7 @@ def test_unknown_variant_is_refused(bad):
         main(["--part", "study", "--only", bad, "--seeds", "1"])
 
 
+@pytest.mark.heavy(1)
 def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     """Two evaluation points of a two-step budget on two clips: the record holds the per-step log and paired
     evaluations, and a second run reuses it; a changed plan makes it stale and runs it again."""
@@ -219,6 +220,40 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     capsys.readouterr()
     study.run_study(plan, [variant], tmp_path)
     assert "wrote" not in capsys.readouterr().out and json.loads((tmp_path / "K-1-seed0.json").read_text()) == record
+
+
+@pytest.mark.heavy(2)
+def test_verify_stamps_records_whose_code_changed_but_not_their_numbers(tmp_path):
+    """Records stale because code they ran changed: one seed run again with the current code; the same numbers
+    stamp every such record of the variant with the current code; different numbers leave them stale, named."""
+    import bench.study as study
+
+    variant = Variant("K-1", "K", "K 1", ("--grad-steps", "1", "--num-held-out", "2"), evaluations=1)
+    plan = Plan(seeds=2, default_steps=1, clips=1)
+    study.run_study(plan, [variant], tmp_path)
+    paths = [tmp_path / f"K-1-seed{seed}.json" for seed in range(2)]
+    made = [json.loads(p.read_text()) for p in paths]
+    key = "engine/train/recipe.py:Trainer.loss_step"
+
+    def as_if_edited(path, record, **changes):  # the function's digest as if its code had changed since
+        path.write_text(json.dumps({**record, "code": {**record["code"], key: "0" * 16}, **changes}))
+
+    for path, record in zip(paths, made):
+        as_if_edited(path, record)
+    assert study.verify_study(plan, [variant], tmp_path) == [
+        "K-1: seed 0 run again gives the same numbers; 2 of 2 record(s) now carry the current code"]
+    stamped = [json.loads(p.read_text()) for p in paths]
+    assert [r["code"] for r in stamped] == [r["code"] for r in made]
+    assert stamped[1]["evals"] == made[1]["evals"] and "verified" in stamped[1] and "verified" not in stamped[0]
+    evals = json.loads(json.dumps(made[0]["evals"]))
+    evals[1]["noise"][0]["quality"] += 1.0
+    as_if_edited(paths[0], made[0], evals=evals)
+    as_if_edited(paths[1], made[1])
+    line, = study.verify_study(plan, [variant], tmp_path)
+    assert line.startswith("K-1: seed 0 computes something else now (evals[1].noise[0].quality: ")
+    assert all(json.loads(p.read_text())["code"][key] == "0" * 16 for p in paths)
+    assert study.verify_study(plan, [Variant("S-1", "S", "S 1", ("--segments", "1"))], tmp_path) == [
+        "S-1: no record stale by code alone"]
 
 
 def test_overoptimisation_of_hand_made_long_runs():
