@@ -96,6 +96,7 @@ setup(
         "diffusers>=0.30",
         "transformers>=4.40,<5.25",  # 5.25 needs the hub package named `kernels`, which this project's kernels/ shadows
         "peft>=0.13",
+        "accelerate",  # empty-weight construction of large reward models (VideoAlign)
         "open_clip_torch>=2.24",
         "safetensors",
         "av>=12",

@@ -35,10 +35,14 @@ SETTINGS = "engine/config.py:<module>"  # the configuration's fields and default
 
 # ---------------------------------------------------------------------------------- keys
 def assets_digest() -> str:
-    from engine.assets import ASSETS
+    """The digest of the shipped assets every study run reads: the built-in model, its image reward and that
+    reward's architecture. Assets for other uses (the motion reward) leave the records current; a variant that
+    reads one must add it here."""
+    from engine.assets import ASSETS, MODEL_DIR, REWARD_FILE
 
+    read = (lambda p: p == REWARD_FILE or MODEL_DIR in p.parents or (p.parent == ASSETS and p.suffix == ".json"))
     digest = hashlib.sha256()
-    for path in sorted(p for p in ASSETS.rglob("*") if p.is_file()):
+    for path in sorted(p for p in ASSETS.rglob("*") if p.is_file() and read(p)):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from engine import world
-from engine.assets import ASSETS, MODEL_DIR, REWARD_ARCH, REWARD_FILE
+from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_ARCH, REWARD_FILE
 from engine.world.build import world_words
+from engine.world.motion_reward import MOTION_FAULTS, WorldMotionReward, motion_pairs, pair_accuracy
 from engine.world.training import BACKGROUND_FAULTS, background_fault
 
 
@@ -138,6 +139,19 @@ def test_built_in_reward_loads_through_hpsv2_and_prefers_clean_faithful_frames()
     assert wins / total > 0.85, (wins, total)
 
 
+def test_built_in_motion_reward_loads_and_prefers_clips_that_move_as_captioned():
+    """The shipped video reward on fresh render pairs (clips of another seed than its training and validation):
+    the clip moving as captioned above the same clip jittered, frozen, reversed or moved sideways; gradients
+    reach every frame."""
+    reward = WorldMotionReward.from_file(MOTION_REWARD_FILE)
+    assert reward.frame_indices(world.FRAMES, fps=8.0).tolist() == list(range(world.FRAMES))
+    accuracy = pair_accuracy(reward, motion_pairs(random.Random(12345), 8 * len(MOTION_FAULTS)))
+    assert accuracy["all"] >= 0.9 and min(accuracy[f] for f in MOTION_FAULTS) >= 0.75, accuracy
+    frames = world.render(clips(1, seed=3)[0])[None].requires_grad_()
+    reward(frames, ["a red circle moving left on a black background"]).sum().backward()
+    assert (frames.grad.abs().sum(dim=(2, 3, 4)) > 0).all()
+
+
 def test_background_faults_change_the_background_only():
     clip = world.Clip("square", "green", "right", "white", (9.0, 16.0))
     frame = world.render(clip)[0]
@@ -165,7 +179,10 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     reward = HPSv2Reward(tmp_path / REWARD_FILE.name)
     assert reward(torch.rand(2, 3, 32, 32), ["a", "b"]).shape == (2,)
     reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
-    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward", "onpolicy"}
+    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward"}
+    assert set(reports["motion-reward"]["render_pairs"]) >= {"jitter", "frozen", "reversed", "sideways"}
+    assert WorldMotionReward.from_file(tmp_path / MOTION_REWARD_FILE.name)(
+        torch.rand(2, world.FRAMES, 3, 32, 32), ["a", "b"]).shape == (2,)
     assert all(r["smoke"] for r in reports.values())
     assert set(reports["vae"]["clean_in_domain"]) >= {"colour_acc", "shape_acc"}
     assert reports["unet"]["effect_set"]["clips"] == 4 and "outside_clean_render_range" in reports["unet"]["effect_set"]
@@ -175,7 +192,7 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     for stage in ("unet", "motion"):
         assert reports[stage]["effect_set"]["clips"] == 4
         assert set(reports[stage]["direction_probe"]["t650"]) >= {"opposite_direction_gap", "perpendicular_direction_gap"}
-    for stage in ("vae", "text-encoder", "unet", "motion", "reward"):
+    for stage in ("vae", "text-encoder", "unet", "motion", "reward", "motion-reward"):
         assert (tmp_path / "work" / stage / "checkpoint.pt").is_file() and (tmp_path / "work" / stage / "log.txt").is_file()
     # on-policy rounds: the first fine-tuned a LoRA against the reward with the engine's trainer on the model built
     # here; a second run is the second round, retrained on the first one's pairs as well

@@ -1,5 +1,6 @@
 """Image rewards: a small interface, the built-in demonstration reward, HPSv2, PickScore, the LAION
-aesthetic predictor, and weighted sums.
+aesthetic predictor, and weighted sums; and the interface of video-level rewards (``ClipReward``: whole clips),
+with VideoAlign's VideoReward (``engine.rewards.videoalign``, imported on its own: it needs transformers' Qwen2-VL).
 
 A reward maps images [N, 3, H, W] in [0, 1] and N prompts to N scores, differentiably in the images.
 Specs on the command line: ``NAME[:PATH][@WEIGHT]``, comma-separated to combine, e.g.
@@ -28,7 +29,7 @@ Importing ``engine.rewards`` or any of its modules fills the registry with the b
 
 from engine.rewards.aesthetic import (AESTHETIC_CLIP_FILES, AESTHETIC_HEAD_FILE, AestheticHead, AestheticReward,
                                       load_clip_weights)
-from engine.rewards.base import ColorfulnessReward, Reward, WeightedSum
+from engine.rewards.base import ClipReward, ColorfulnessReward, Reward, WeightedSum
 from engine.rewards.clip import (CLIP_MEAN, CLIP_STD, check_state_dict, clip_preprocess, load_state_dict_file,
                                  read_checkpoint, register_open_clip_configs)
 from engine.rewards.hpsv2 import HPSv2Reward
@@ -37,7 +38,7 @@ from engine.rewards.registry import REWARDS, build_reward, register_reward
 
 __all__ = [
     "AESTHETIC_CLIP_FILES", "AESTHETIC_HEAD_FILE", "CLIP_MEAN", "CLIP_STD", "REWARDS", "AestheticHead",
-    "AestheticReward", "ColorfulnessReward", "HPSv2Reward", "PickScoreReward", "Reward", "WeightedSum",
+    "AestheticReward", "ClipReward", "ColorfulnessReward", "HPSv2Reward", "PickScoreReward", "Reward", "WeightedSum",
     "build_reward", "check_state_dict", "clip_preprocess", "load_clip_weights", "load_state_dict_file",
     "read_checkpoint", "register_open_clip_configs", "register_reward",
 ]

@@ -44,3 +44,17 @@ class WeightedSum(Reward):
 
     def forward(self, images, prompts):
         return sum(w * r(images, prompts) for r, w in zip(self.parts, self.weights))
+
+
+class ClipReward(Reward):
+    """A video-level reward: B clips [B, T, 3, H, W] in [0, 1] and B prompts to B scores, differentiably in the
+    frames. It declares which of a clip's frames it needs (``frame_indices``), so only those are decoded."""
+
+    name = "clip"
+
+    def frame_indices(self, num_frames: int, fps: float) -> torch.Tensor:
+        """Indices of the frames scored from a clip of ``num_frames`` frames playing at ``fps``: all of them."""
+        return torch.arange(num_frames)
+
+    def forward(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError

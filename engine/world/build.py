@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from engine.assets import ASSETS, MODEL_DIR, REWARD_FILE
+from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_FILE
 from engine.errors import UserError, cli_entry
 from engine.world.figures import (base_model_figures, ceiling, clean_clips, direction_probe, from_noise, reconstruct,
                                   vae_fidelity)
@@ -146,8 +146,31 @@ def new_scheduler():
 
 
 # ---------------------------------------------------------------------------------- the stages
-STAGES = ("vae", "text-encoder", "unet", "motion", "reward", "onpolicy")
-STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "motion": 1600, "reward": 1000, "onpolicy": 1000}
+def stage_motion_reward(build: Build, steps: int, restart: bool) -> dict:
+    """The built-in video reward (engine.world.motion_reward) trained on renders, and how it ranks held-out
+    render pairs and the base model's generations against the gold direction and jitter."""
+    from engine.models import load_model
+    from engine.world.motion_reward import (WorldMotionReward, generation_agreement, motion_pairs, pair_accuracy,
+                                            train_motion_reward)
+
+    torch.manual_seed(build.seed + 5)
+    reward = WorldMotionReward(world_words())
+    train_motion_reward(reward, steps, build.seed + 5, build.stage_work("motion-reward", restart),
+                        {"seed": build.seed, "steps": steps})
+    path = build.output / MOTION_REWARD_FILE.name
+    reward.save(path)
+    reward = WorldMotionReward.from_file(path)
+    validation = [clip for clip, _ in evaluation_set("reward_validation", 2)][:build.count(256)]
+    pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
+    rows, videos = from_noise(load_model(build.model_dir), pairs)
+    held_out = motion_pairs(random.Random(build.seed + 50), len(validation), validation)
+    return {"render_pairs": pair_accuracy(reward, held_out),
+            "base_model_generations": generation_agreement(reward, rows, videos, [c.caption for c, _ in pairs])}
+
+
+STAGES = ("vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward")
+STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "motion": 1600, "reward": 1000, "onpolicy": 1000,
+         "motion-reward": 1500}
 
 
 @dataclass(frozen=True)
@@ -296,7 +319,7 @@ def attribute_accuracy(text_encoder, tokenizer, count: int, seed: int) -> dict[s
 
 
 RUNNERS = {"vae": stage_vae, "text-encoder": stage_text_encoder, "unet": stage_unet, "motion": stage_motion,
-           "reward": stage_reward, "onpolicy": stage_onpolicy}
+           "reward": stage_reward, "onpolicy": stage_onpolicy, "motion-reward": stage_motion_reward}
 
 
 # ---------------------------------------------------------------------------------- the command
