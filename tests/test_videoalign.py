@@ -131,7 +131,7 @@ def stock_scores(model, head, processor, clips_uint8, prompts) -> torch.Tensor:
         "{text_prompt}", p)}]}] for p in prompts]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     batch = processor(text=texts, videos=[clip.float() for clip in clips_uint8], padding=True, return_tensors="pt",
-                      videos_kwargs={"do_rescale": True, "do_resize": False})
+                      videos_kwargs={"do_rescale": True})
     hidden = model(**batch).last_hidden_state
     ids = processor.tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
     logits = head(hidden)[torch.isin(batch["input_ids"], torch.tensor(ids))].view(len(prompts), 3, 3)

@@ -262,15 +262,21 @@ class VideoAlignReward(ClipReward):
         return inputs
 
     def forward(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        device = self.head.weight.device
         rows, grids = zip(*(self.pixels(clip) for clip in clips))
         tokens = math.prod(grids[0]) // self.merge ** 2
-        inputs = {k: v.to(device) for k, v in self.text_inputs(prompts, tokens).items()}
-        hidden = self.model(**inputs, pixel_values_videos=torch.cat(rows).to(device, self.head.weight.dtype),
-                            video_grid_thw=torch.tensor(grids, device=device)).last_hidden_state
+        return self.score_tokens(self.text_inputs(prompts, tokens), torch.cat(rows), torch.tensor(grids))
+
+    def score_tokens(self, inputs: dict[str, torch.Tensor], rows: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+        """The model on token ids (``text_inputs``) and patch rows (``pixels``): the chosen score per clip."""
+        device = self.head.weight.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        hidden = self.model(**inputs, pixel_values_videos=rows.to(device, self.head.weight.dtype),
+                            video_grid_thw=grids.to(device)).last_hidden_state
         logits = self.head(hidden)  # [B, L, 3]
         where = torch.isin(inputs["input_ids"], self.special_ids.to(device))
-        scores = logits[where].view(len(clips), 3, -1).diagonal(dim1=1, dim2=2).float()  # VQ, MQ, TA
+        scores = logits[where].view(len(grids), 3, -1)  # [B, token, head output]
+        # a head of 3 outputs reads output i at token i (the released one); a head of 1 reads its one output at each
+        scores = (scores.diagonal(dim1=1, dim2=2) if scores.shape[2] == 3 else scores[..., 0]).float()  # VQ, MQ, TA
         if self.normalisation:
             stats = self.normalisation
             scores = (scores - torch.tensor([stats[f"{n}_mean"] for n in ("VQ", "MQ", "TA")], device=device)) \
