@@ -12,7 +12,8 @@ import torch
 from engine import world
 from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_ARCH, REWARD_FILE
 from engine.world.build import world_words
-from engine.world.motion_reward import MOTION_FAULTS, WorldMotionReward, motion_pairs, pair_accuracy
+from engine.rewards.motion import MotionReward
+from engine.world.motion_reward import MOTION_FAULTS, motion_pairs, pair_accuracy
 from engine.world.training import BACKGROUND_FAULTS, background_fault
 
 
@@ -143,7 +144,7 @@ def test_built_in_motion_reward_loads_and_prefers_clips_that_move_as_captioned()
     """The shipped video reward on fresh render pairs (clips of another seed than its training and validation):
     the clip moving as captioned above the same clip jittered, frozen, reversed or moved sideways; gradients
     reach every frame."""
-    reward = WorldMotionReward.from_file(MOTION_REWARD_FILE)
+    reward = MotionReward.from_file(MOTION_REWARD_FILE)
     assert reward.frame_indices(world.FRAMES, fps=8.0).tolist() == list(range(world.FRAMES))
     accuracy = pair_accuracy(reward, motion_pairs(random.Random(12345), 8 * len(MOTION_FAULTS)))
     assert accuracy["all"] >= 0.9 and min(accuracy[f] for f in MOTION_FAULTS) >= 0.75, accuracy
@@ -181,7 +182,7 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
     assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward"}
     assert set(reports["motion-reward"]["render_pairs"]) >= {"jitter", "frozen", "reversed", "sideways"}
-    assert WorldMotionReward.from_file(tmp_path / MOTION_REWARD_FILE.name)(
+    assert MotionReward.from_file(tmp_path / MOTION_REWARD_FILE.name)(
         torch.rand(2, world.FRAMES, 3, 32, 32), ["a", "b"]).shape == (2,)
     assert all(r["smoke"] for r in reports.values())
     assert set(reports["vae"]["clean_in_domain"]) >= {"colour_acc", "shape_acc"}

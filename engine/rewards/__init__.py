@@ -1,6 +1,7 @@
 """Image rewards: a small interface, the built-in demonstration reward, HPSv2, PickScore, the LAION
 aesthetic predictor, and weighted sums; and the interface of video-level rewards (``ClipReward``: whole clips),
-with VideoAlign's VideoReward (``engine.rewards.videoalign``, imported on its own: it needs transformers' Qwen2-VL).
+with the built-in world motion reward (``engine.rewards.motion``) and VideoAlign's VideoReward
+(``engine.rewards.videoalign``, imported on its own: it needs transformers' Qwen2-VL).
 
 A reward maps images [N, 3, H, W] in [0, 1] and N prompts to N scores, differentiably in the images.
 Specs on the command line: ``NAME[:PATH][@WEIGHT]``, comma-separated to combine, e.g.
@@ -23,7 +24,8 @@ fetches ``bert-base-uncased`` files from the hub at load time; a faithful local 
 that model and mapping its keys without a real file to check against.
 
 Modules: ``base`` (the interface, colorfulness, weighted sums), ``clip`` (what the CLIP-based rewards share),
-``hpsv2``, ``pickscore``, ``aesthetic`` (one model each), ``registry`` (names to builders, spec parsing).
+``hpsv2``, ``pickscore``, ``aesthetic`` (one model each), ``registry`` (names to builders, spec parsing);
+``motion`` and ``videoalign`` (video-level rewards).
 Importing ``engine.rewards`` or any of its modules fills the registry with the built-in names.
 """
 

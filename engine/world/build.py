@@ -150,16 +150,16 @@ def stage_motion_reward(build: Build, steps: int, restart: bool) -> dict:
     """The built-in video reward (engine.world.motion_reward) trained on renders, and how it ranks held-out
     render pairs and the base model's generations against the gold direction and jitter."""
     from engine.models import load_model
-    from engine.world.motion_reward import (WorldMotionReward, generation_agreement, motion_pairs, pair_accuracy,
-                                            train_motion_reward)
+    from engine.rewards.motion import MotionReward
+    from engine.world.motion_reward import generation_agreement, motion_pairs, pair_accuracy, train_motion_reward
 
     torch.manual_seed(build.seed + 5)
-    reward = WorldMotionReward(world_words())
+    reward = MotionReward(world_words())
     train_motion_reward(reward, steps, build.seed + 5, build.stage_work("motion-reward", restart),
                         {"seed": build.seed, "steps": steps})
     path = build.output / MOTION_REWARD_FILE.name
     reward.save(path)
-    reward = WorldMotionReward.from_file(path)
+    reward = MotionReward.from_file(path)
     validation = [clip for clip, _ in evaluation_set("reward_validation", 2)][:build.count(256)]
     pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
     rows, videos = from_noise(load_model(build.model_dir), pairs)

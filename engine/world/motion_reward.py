@@ -1,92 +1,25 @@
-"""The world's built-in video reward: how smoothly a clip moves its object the way the caption says, scored from
-the whole clip (a ``ClipReward``), where the image reward sees one frame at a time and cannot tell motion.
-
-A small 3D convolution reads the clip and a bag of caption words reads the caption; the score is the
-probability that the clip moves as captioned: trained on the world's renders (``python -m engine.world.build
-motion-reward``), each clean or appearance-degraded clip against the same clip with its motion broken
-(``MOTION_FAULTS``): jittered along its path, frozen in one place, moving the opposite way, or sideways. The
-caption stays the clip's own, so only motion separates the two. Saved as safetensors with its vocabulary.
-"""
+"""The world's built-in video reward (engine.rewards.motion.MotionReward), its training data and its
+measurements: a clip moving as captioned, clean or appearance-degraded, against the same clip with its motion
+broken (``MOTION_FAULTS``): jittered along its path, frozen in one place, moving the opposite way, or sideways.
+The caption stays the clip's own, so only motion separates the two; the image reward, which sees one frame at a
+time, cannot tell them apart."""
 
 from __future__ import annotations
 
-import json
 import random
-import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from engine.errors import UserError
-from engine.rewards.base import ClipReward
+from engine.rewards.motion import MotionReward
 from engine.world.rendering import render
 from engine.world.scene import (FRAMES, Clip, opposite_motion, perpendicular_motion, random_clip,
                                 start_position)
 
 MOTION_FAULTS = ("jitter", "frozen", "reversed", "sideways")
 APPEARANCES = (None, "blur", "noise", "washed", "wrong_colour")  # kept by both clips of a pair
-WIDTH = 32
-
-
-def caption_words(caption: str) -> list[str]:
-    return re.findall(r"[a-z]+", caption.lower())
-
-
-class WorldMotionReward(ClipReward):
-    """score(clip, caption) = sigmoid(v . (T t) + u . v + b): v the clip's pooled 3D-convolution features, t the
-    mean embedding of the caption's known words."""
-
-    name = "motion"
-
-    def __init__(self, vocabulary: list[str], width: int = WIDTH):
-        super().__init__()
-        self.vocabulary, self.index = list(vocabulary), {w: i for i, w in enumerate(vocabulary)}
-        self.video = nn.Sequential(
-            nn.Conv3d(3, width // 2, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)), nn.GELU(),
-            nn.Conv3d(width // 2, width, 3, stride=(1, 2, 2), padding=1), nn.GELU(),
-            nn.Conv3d(width, width, 3, stride=(1, 2, 2), padding=1), nn.GELU(),
-            nn.Conv3d(width, width, 3, padding=1), nn.GELU())
-        self.words = nn.EmbeddingBag(len(vocabulary), width, mode="mean")
-        self.text = nn.Linear(width, width)
-        self.smooth = nn.Linear(width, 1)
-
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        ids = [[self.index[w] for w in caption_words(p) if w in self.index] or [0] for p in prompts]
-        offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
-        device = self.words.weight.device
-        return self.text(self.words(torch.tensor(sum(ids, []), device=device), offsets.to(device)))
-
-    def logits(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        features = self.video(clips.transpose(1, 2).to(self.words.weight.dtype) * 2 - 1).mean(dim=(2, 3, 4))
-        return (features * self.encode_text(prompts)).sum(1) + self.smooth(features)[:, 0]
-
-    def forward(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.sigmoid(self.logits(clips, prompts)).float()
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"vocabulary": json.dumps(self.vocabulary), "width": str(self.words.embedding_dim)})
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "WorldMotionReward":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"motion reward {path} does not exist; python -m engine.world.build motion-reward makes it")
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        if "vocabulary" not in metadata:
-            raise UserError(f"{path} is not a world motion reward (no vocabulary in its metadata)")
-        reward = cls(json.loads(metadata["vocabulary"]), int(metadata.get("width", WIDTH)))
-        reward.load_state_dict(load_file(str(path)))
-        return reward.requires_grad_(False).eval()
 
 
 def broken_motion(clip: Clip, fault: str, rng: random.Random) -> torch.Tensor:
@@ -112,7 +45,7 @@ def motion_pairs(rng: random.Random, count: int, clips: list[Clip] | None = None
     return pairs
 
 
-def train_motion_reward(reward: WorldMotionReward, steps: int, seed: int, work: Path, config: dict,
+def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path, config: dict,
                         batch: int = 32, lr: float = 2e-3) -> None:
     """Each step: ``batch`` fresh pairs; the loss asks the good clip for 1, the broken one for 0, and the good one
     above the broken one (logistic, on the logits)."""
@@ -140,7 +73,7 @@ def train_motion_reward(reward: WorldMotionReward, steps: int, seed: int, work: 
 
 
 @torch.no_grad()
-def pair_accuracy(reward: WorldMotionReward, pairs) -> dict[str, float]:
+def pair_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
     """Share of pairs in which the good clip scores above the broken one, per fault and overall."""
     captions, good, bad, faults = zip(*pairs)
     right = (reward(torch.stack(good), list(captions)) > reward(torch.stack(bad), list(captions))).tolist()
@@ -149,7 +82,7 @@ def pair_accuracy(reward: WorldMotionReward, pairs) -> dict[str, float]:
 
 
 @torch.no_grad()
-def generation_agreement(reward: WorldMotionReward, rows: list[dict], videos: list[torch.Tensor],
+def generation_agreement(reward: MotionReward, rows: list[dict], videos: list[torch.Tensor],
                          captions: list[str], jitter_gap: float = 0.5) -> dict[str, float]:
     """On generations of the same caption: how often the reward ranks the one moving in the caption's direction
     (gold ``direction_acc``) above one that does not, and the smoother (gold ``jitter`` lower by ``jitter_gap``
