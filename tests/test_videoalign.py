@@ -178,3 +178,14 @@ def test_a_folder_that_is_not_a_videoreward_is_named(tmp_path):
         VideoAlignReward.from_spec(str(tmp_path))
     with pytest.raises(UserError, match="score 'xq'"):
         VideoAlignReward.from_spec(f"{tmp_path}:xq")
+
+
+def test_missing_pieces_of_a_release_are_named_with_where_to_put_them(tmp_path):
+    folder, *_ = release(tmp_path)
+    (folder / "prompt_template.py").unlink()
+    with pytest.raises(UserError, match="copy prompt_template.py from the VideoAlign repository into"):
+        VideoAlignReward.from_folder(folder)
+    (folder / "prompt_template.py").write_text(f"DETAILED_PROMPT_WITH_SPECIAL_TOKEN = {TEMPLATE!r}\n")
+    (folder / "Qwen2-VL-tiny" / "config.json").rename(folder / "Qwen2-VL-tiny" / "moved.json")
+    with pytest.raises(UserError, match="base model Qwen/Qwen2-VL-tiny is not on this machine: put a copy"):
+        VideoAlignReward.from_folder(folder)

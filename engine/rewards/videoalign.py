@@ -195,6 +195,7 @@ class VideoAlignReward(ClipReward):
         if base is None:
             raise UserError(f"VideoAlign's base model {named} is not on this machine: put a copy of it (config, "
                             f"processor and weights) at {folder / named.name}")
+        prompt = read_prompt(folder, data.get("prompt_template_type", "none"), data.get("eval_dim", "VQ"))
         processor = AutoProcessor.from_pretrained(base, padding_side="right")
         processor.tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
 
@@ -221,7 +222,6 @@ class VideoAlignReward(ClipReward):
                             f"{missing[:3]}, unexpected {unexpected[:3]}")
         head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
         head.weight.data = head_weight
-        prompt = read_prompt(folder, data.get("prompt_template_type", "none"), data.get("eval_dim", "VQ"))
         reward = cls(model, head, processor, prompt, data, inference, score)
         print(f"reward videoalign: Qwen2-VL from {base} with {checkpoint}, score {score}")
         return reward
