@@ -46,7 +46,8 @@ class MotionReward(ClipReward):
         ids = [[self.index[w] for w in caption_words(p) if w in self.index] or [0] for p in prompts]
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
         device = self.words.weight.device
-        return self.text(self.words(torch.tensor(sum(ids, []), device=device), offsets.to(device)))
+        flat = torch.tensor([i for caption in ids for i in caption], device=device)
+        return self.text(self.words(flat, offsets.to(device)))
 
     def logits(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         features = self.video(clips.transpose(1, 2).to(self.words.weight.dtype) * 2 - 1).mean(dim=(2, 3, 4))
@@ -62,7 +63,7 @@ class MotionReward(ClipReward):
                   metadata={"vocabulary": json.dumps(self.vocabulary), "width": str(self.words.embedding_dim)})
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "MotionReward":
+    def from_file(cls, path: str | Path) -> MotionReward:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -78,6 +79,6 @@ class MotionReward(ClipReward):
         return reward.requires_grad_(False).eval()
 
     @classmethod
-    def from_spec(cls, path: str) -> "MotionReward":
+    def from_spec(cls, path: str) -> MotionReward:
         """``motion:PATH``; ``motion:world`` is the built-in world model's (engine.assets.MOTION_REWARD_FILE)."""
         return cls.from_file(MOTION_REWARD_FILE if path == "world" else path)

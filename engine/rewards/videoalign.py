@@ -175,7 +175,7 @@ class VideoAlignReward(ClipReward):
         self.requires_grad_(False).eval()
 
     @classmethod
-    def from_folder(cls, path: str | Path, score: str = "overall") -> "VideoAlignReward":
+    def from_folder(cls, path: str | Path, score: str = "overall") -> VideoAlignReward:
         from accelerate import init_empty_weights
         from safetensors.torch import load_file
         from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLModel
@@ -227,7 +227,7 @@ class VideoAlignReward(ClipReward):
         return reward
 
     @classmethod
-    def from_spec(cls, spec: str) -> "VideoAlignReward":
+    def from_spec(cls, spec: str) -> VideoAlignReward:
         """``PATH[:vq|mq|ta|overall]``."""
         path, sep, score = spec.rpartition(":")
         if not sep or "/" in score or Path(spec).exists():
