@@ -163,6 +163,23 @@ def test_scores_match_the_stock_processor_path_and_reach_the_frames(tmp_path, fu
         torch.testing.assert_close(reward(clips.detach(), prompts), expected[:, index], rtol=1e-3, atol=1e-4)
 
 
+def test_checkpoint_names_map_to_the_model_these_transformers_build():
+    from engine.rewards.videoalign import plain_state_dict
+
+    w = torch.zeros(1)
+    named = plain_state_dict({
+        "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight": w,  # peft, transformers 4
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": w,
+        "base_model.model.visual.blocks.0.attn.qkv.weight": w,
+        "base_model.model.rm_head.modules_to_save.default.weight": w,  # a head trained as modules_to_save
+        "base_model.model.rm_head.original_module.weight": w,
+        "model.language_model.norm.weight": w, "model.visual.merger.mlp.0.weight": w,  # transformers 5
+        "lm_head.weight": w})
+    assert sorted(named) == ["language_model.layers.0.self_attn.q_proj.lora_A.weight",
+                             "language_model.layers.0.self_attn.q_proj.weight", "language_model.norm.weight",
+                             "rm_head.weight", "visual.blocks.0.attn.qkv.weight", "visual.merger.mlp.0.weight"]
+
+
 def test_frame_sampling_and_sizes_follow_the_authors_rules():
     assert sampled_frame_count(16, 8.0, 2.0) == 4  # 2 s at 2 fps
     assert sampled_frame_count(81, 16.0, 2.0) == 10  # 5.06 s x 2 = 10.1, even

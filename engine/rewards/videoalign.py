@@ -125,11 +125,14 @@ def latest_checkpoint(folder: Path) -> Path:
 
 
 def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of a checkpoint (peft-wrapped or not, transformers 4 or 5 naming) as ``Qwen2VLModel`` names them, the
-    reward head as ``rm_head.weight``; the language-model head, unused, is dropped."""
+    """Keys of a checkpoint (peft-wrapped or not, with or without ``modules_to_save``, transformers 4 or 5 naming)
+    as ``Qwen2VLModel`` names them, the reward head as ``rm_head.weight``; the language-model head, unused, is
+    dropped."""
     plain = {}
     for key, value in state.items():
-        key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        if ".original_module." in key:  # peft's frozen copy beside a trained ``modules_to_save`` module
+            continue
+        key = key.removeprefix("base_model.model.").replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
         if key.startswith(("model.language_model.", "model.visual.")):
             key = key.removeprefix("model.")
         elif key.startswith("model."):
