@@ -24,7 +24,7 @@ LAYERS = [
     ("engine.builtin",),
     ("engine.config", "engine.cli"),
     ("engine.train", "engine.sample", "engine.evaluate", "engine.export", "engine.world.build", "engine.world.reward_stages",
-     "engine.world.training"),
+     "engine.world.training", "engine.world.motion_reward"),
     ("engine",),  # engine/__init__.py: the public names, imported lazily by name
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
