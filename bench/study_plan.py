@@ -64,11 +64,6 @@ CLAIMS = (
 )
 
 
-# Training options added after the study began, at the value that reproduces what its runs ran: left out of the
-# records' keys at that value, so that adding an option does not make every record stale.
-ADDED_OPTIONS = {"attention": "sdpa"}
-
-
 @dataclass(frozen=True)
 class Plan:
     """What every record of one study shares: seeds, the evaluation clips per caption, the budget's unit."""

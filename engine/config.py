@@ -64,9 +64,6 @@ class TrainConfig:
                                "frames' latent frames only) or with it (grad: exact gradient through the causal "
                                "context, every decoded frame's activations saved); per-frame VAEs have no context",
                                choices=("no-grad", "grad"))
-    attention: str = _opt("sdpa", "the denoiser's attention: sdpa (PyTorch's) or xformers' memory-efficient attention "
-                          "where xformers imports and its ops load beside this torch (otherwise one line says why and "
-                          "SDPA runs)", choices=("sdpa", "xformers"))
     # Guards against reward hacking
     early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")
