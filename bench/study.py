@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import tempfile
 import time
 from dataclasses import asdict
@@ -239,26 +241,62 @@ def current_code(ran: set) -> dict[str, str]:
 
 def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
     """Every (variant, seed) of ``plan`` without a current record, each written as soon as it is done: a study
-    stopped anywhere continues where it stopped."""
+    stopped anywhere continues where it stopped. Each record is claimed while it runs (``claim``), so that two
+    workers given the same variants share them."""
     from engine.builtin import build_model
     from engine.world.figures import from_noise
 
     load, write, measure = _runner(plan, folder)
     identity, path, _, why = load(None, None)
-    if why is not None:
+    if why is not None and claim(path):
         with CodeTrace() as trace:
             rows = from_noise(build_model("world"), evaluation_pairs(plan), scorer=scorer())[0]
         write(path, identity, {"noise": rows}, trace.seen)
+        release(path)
     for variant in variants:
         for seed in range(plan.seeds):
             identity, path, _, why = load(variant, seed)
-            if why is None:
+            if why is None or not claim(path):
                 continue
             if why != "missing":
                 print(f"study: {path.name} is stale ({why} changed): running it again", flush=True)
             measured, ran = measure(variant, seed)
             write(path, identity, measured, ran)
+            release(path)
             print(f"study: wrote {path.name} ({measured['run_s']:.0f} s)", flush=True)
+
+
+def claim(path: Path) -> bool:
+    """Take the record at ``path`` for this process (``<record>.claim``, created exclusively: pid, its start time,
+    host), so that several workers may share one list of variants; False while another live process on this host
+    holds it (it is said). A claim whose process is gone is taken over; one from another host is respected."""
+    from engine.train.run_folder import _owner, _start_time
+
+    marker = path.with_suffix(".claim")
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            live = holder.get("host") != socket.gethostname() or (
+                holder.get("start_time") is not None and _start_time(holder.get("pid", -1)) == holder["start_time"])
+            if holder and live:
+                print(f"study: {path.name} is being run by pid {holder.get('pid')} on {holder.get('host')}: "
+                      "left to it", flush=True)
+                return False
+            marker.unlink(missing_ok=True)  # its process is gone (or the file unreadable): take it over
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(_owner()) + "\n")
+        return True
+    return False
+
+
+def release(path: Path) -> None:
+    path.with_suffix(".claim").unlink(missing_ok=True)
 
 
 def _results(record: dict) -> dict:

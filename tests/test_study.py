@@ -290,3 +290,26 @@ def test_overoptimisation_of_hand_made_long_runs():
     text = _render_overoptimisation(over, 2)
     assert "the gold quality turns down while the reward still climbs" in text
     assert "| early stopping (patience 2) | +0.70 [+0.40, +1.00] |" in text
+
+
+def test_workers_share_a_list_through_claims(tmp_path, capsys):
+    """A record being run is claimed: another live process on this host leaves it, a claim whose process is gone
+    is taken over, and one from another host is respected."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from bench.study import claim, release
+
+    path = tmp_path / "K-1-seed0.json"
+    assert claim(path) and not claim(path)  # held by a live process (this one)
+    assert "is being run by pid" in capsys.readouterr().out
+    release(path)
+    assert not path.with_suffix(".claim").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.with_suffix(".claim").write_text(json.dumps({"pid": int(gone.stdout), "start_time": 1,
+                                                      "host": socket.gethostname()}))
+    assert claim(path)  # its process has ended: taken over
+    path.with_suffix(".claim").write_text(json.dumps({"pid": 1, "start_time": 1, "host": "elsewhere"}))
+    assert not claim(path)
