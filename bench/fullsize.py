@@ -8,6 +8,9 @@ for wall-time measurements. Configurations: ../shared/REFERENCE.md, "Full-size c
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from engine.models import VideoDiffusion
@@ -119,3 +122,51 @@ def video_transformer(name: str, device: str | torch.device = "meta",
             timestep_spacing="trailing")
         model = CogVideoXVideo(denoiser, vae, text_encoder, _tiny_t5_tokenizer(226), scheduler, name=name)
     return model, model.latent_shape(*TRANSFORMER_CLIPS[name]), (model.text_length, 4096)
+
+
+# The released folders' text encoders (UMT5-XXL for Wan 2.1, T5-XXL for CogVideoX; their config.json files) and Wan
+# 2.1's 14B transformer (Wan2.1-T2V-14B-Diffusers), for ``config_folder``. 14B's default clip: 81 frames of 720 x 1280.
+XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+           feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+TEXT_ENCODERS = {"wan": ("UMT5EncoderModel", "UMT5Config", dict(XXL, vocab_size=256384)),
+                 "cogvideox": ("T5EncoderModel", "T5Config", dict(XXL, vocab_size=32128))}
+WAN_14B = dict(WAN_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+FOLDER_CLIPS = {**TRANSFORMER_CLIPS, "wan2.1-14b": (81, 720, 1280)}
+
+
+def config_folder(name: str, folder: Path) -> Path:
+    """A diffusers folder of ``name`` (a key of FOLDER_CLIPS) holding every component's configuration and no weights:
+    what ``python -m engine.train --model FOLDER --dry-run`` needs to forecast a run of the released model."""
+    import diffusers
+    import transformers
+
+    from engine.models.tiny import _tiny_t5_tokenizer
+
+    family = "cogvideox" if name.startswith("cogvideox") else "wan"
+    folder = Path(folder)
+    with torch.device("meta"):
+        if family == "wan":
+            pipeline, text_length = "WanPipeline", 512
+            denoiser = diffusers.WanTransformer3DModel(**(WAN_14B if name == "wan2.1-14b" else WAN_1_3B))
+            vae = diffusers.AutoencoderKLWan()
+        else:
+            pipeline, text_length = "CogVideoXPipeline", 226
+            denoiser, vae = diffusers.CogVideoXTransformer3DModel(), diffusers.AutoencoderKLCogVideoX()
+    if family == "wan":
+        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=5.0 if name == "wan2.1-14b" else 3.0)
+    else:
+        scheduler = diffusers.CogVideoXDDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True,
+            steps_offset=0, prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=3.0,
+            timestep_spacing="trailing")
+    index = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
+    for component, part in (("transformer", denoiser), ("vae", vae), ("scheduler", scheduler)):
+        part.save_config(str(folder / component))
+        index[component] = ["diffusers", type(part).__name__]
+    encoder_class, config_class, encoder = TEXT_ENCODERS[family]
+    getattr(transformers, config_class)(**encoder).save_pretrained(str(folder / "text_encoder"))
+    _tiny_t5_tokenizer(text_length).save_pretrained(str(folder / "tokenizer"))  # its vocabulary changes no count
+    index |= {"text_encoder": ["transformers", encoder_class], "tokenizer": ["transformers", "T5TokenizerFast"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder

@@ -53,22 +53,33 @@ def count_fullsize(recipe) -> dict:
 
 
 def test_flop_count_equals_flop_counter_mode():
-    """FlopCount is FlopCounterMode's total without the module tracking: one tiny UNet forward and backward."""
+    """FlopCount is FlopCounterMode's total without the module tracking (one tiny UNet forward and backward on the
+    meta device, where attention runs as matmuls); on the CPU it also counts the fused attention FlopCounterMode
+    leaves out, as the meta device does with ``fused_attention_on_meta`` (the forecast's way)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from engine.counting import fused_attention_on_meta
     from engine.models import tiny_model
 
     unet = tiny_model().denoiser.requires_grad_(True)
-    latent, context = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 77, unet.config.cross_attention_dim)
 
-    def forward_backward():
-        unet(latent, 500, context).sample.square().mean().backward()
+    def forward_backward(device):
+        latent = torch.randn(2, 4, 4, 8, 8, device=device)
+        context = torch.randn(2, 77, unet.config.cross_attention_dim, device=device)
+        unet.to(device)(latent, 500, context).sample.square().mean().backward()
 
+    with FlopCount() as cpu:
+        forward_backward("cpu")
+    with FlopCounterMode(display=False) as cpu_theirs:
+        forward_backward("cpu")
     with FlopCount() as ours:
-        forward_backward()
+        forward_backward("meta")
     with FlopCounterMode(display=False) as theirs:
-        forward_backward()
+        forward_backward("meta")
+    with fused_attention_on_meta(), FlopCount() as fused:
+        forward_backward("meta")
     assert ours.total == theirs.get_total_flops() > 0
+    assert cpu.total == fused.total > cpu_theirs.get_total_flops()
 
 
 @pytest.mark.parametrize("family, key", [("unet3d", "draft1"), ("unet3d", "official"), ("unet3d", "engine"),

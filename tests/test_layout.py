@@ -15,7 +15,7 @@ LAYERS = [
     ("engine.schedule",),
     ("engine.models",),
     ("engine.lora", "engine.acceleration"),
-    ("engine.memory",),
+    ("engine.memory", "engine.counting"),
     ("engine.chain",),
     ("engine.rewards",),
     ("engine.video_reward", "engine.regularize"),

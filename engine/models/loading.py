@@ -105,3 +105,34 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> VideoDif
         if bar_was_on:
             hf_logging.enable_progress_bar()
     return family(**parts, name=root.name).to(device)
+
+
+def load_architecture(path: str | Path) -> VideoDiffusion:
+    """A diffusers text-to-video folder's model on the meta device, built from its configs alone (no weight file is
+    read, so a folder of config files is enough): for counting what a run of it costs (``--dry-run``). The
+    tokenizer and scheduler are read as usual."""
+    from transformers import AutoConfig
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"model folder {root} does not exist; --dry-run needs the folder's config files "
+                        "(model_index.json and each component's config.json, tokenizer and scheduler files)")
+    family = model_family(root)
+    parts = {}
+    for name, load in _component_loaders(family, root).items():
+        cls, folder = load.__self__, root / name
+        try:
+            if name in ("tokenizer", "scheduler"):
+                part = load(str(folder))
+            elif hasattr(cls, "load_config"):  # diffusers
+                with torch.device("meta"):
+                    part = cls.from_config(cls.load_config(str(folder)))
+            else:  # transformers
+                with torch.device("meta"):
+                    part = cls._from_config(AutoConfig.from_pretrained(str(folder)))
+        except Exception as err:  # as in load_model: the component and the reason
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"cannot read the configuration of {name}/ in {root} ({reason}); --dry-run needs each "
+                            "component's config files") from None
+        parts["denoiser" if name == family.denoiser_name else name] = part
+    return family(**parts, name=root.name)

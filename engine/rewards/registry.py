@@ -47,3 +47,26 @@ def build_reward(spec: str) -> Reward:
     if len(parts) == 1 and parts[0][1] == 1.0:
         return parts[0][0]
     return WeightedSum(parts)
+
+
+def reward_architecture(spec: str) -> Reward:
+    """The reward a spec names, on the meta device, for counting what a run costs (``--dry-run``): HPSv2's
+    architecture without reading its checkpoint (ViT-H-14, the spec's ``;ARCH``, or the built-in reward's for
+    ``world``); any other reward is loaded as usual and moved there."""
+    from engine.assets import REWARD_ARCH
+    from engine.rewards.clip import split_paths
+
+    def hpsv2(path: str) -> Reward:
+        parts = split_paths(path, "hpsv2", "hpsv2:PATH or hpsv2:PATH;ARCH")
+        arch = parts[1] if len(parts) > 1 else REWARD_ARCH if parts[0] == "world" else "ViT-H-14"
+        print(f"reward hpsv2: open_clip {arch}, its weights not read (--dry-run)")
+        return HPSv2Reward(None, arch, device="meta")
+
+    registered = dict(REWARDS)
+    REWARDS["hpsv2"] = (hpsv2, True)
+    try:
+        reward = build_reward(spec)
+    finally:
+        REWARDS.clear()
+        REWARDS.update(registered)
+    return reward.to("meta")

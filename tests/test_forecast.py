@@ -1,0 +1,99 @@
+"""``--dry-run`` (engine.train.forecast): the step counted on the meta device, from a folder's configs alone, against
+the same step run for real on the CPU (bytes saved for backward within 5%, FLOPs equal); the command line prints the
+forecast and writes nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.config import resolve_config
+from engine.counting import FlopCount
+from engine.memory import SavedTensorMeter
+from engine.models import tiny_model
+from engine.train import Trainer
+from engine.train.forecast import forecast
+
+SMALL = ["--reward", "colorfulness", "--ddim-steps", "4", "--num-frames", "9", "--height", "32", "--width", "32",
+         "--segments", "2", "--grad-steps", "2", "--batch-size", "1", "--device", "cpu", "--sample-steps", "2",
+         "--num-held-out", "1"]
+
+
+@pytest.fixture(scope="module", params=["unet3d", "wan", "cogvideox"])
+def folders(request, tmp_path_factory):
+    """(the saved tiny model, the same folder with its weight files removed)."""
+    folder = tmp_path_factory.mktemp(request.param)
+    tiny_model(seed=0, family=request.param).save(folder / "model")
+    shutil.copytree(folder / "model", folder / "configs",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return request.param, folder / "model", folder / "configs"
+
+
+def real_step(config) -> tuple[int, float]:
+    """(bytes saved for backward, FLOPs) of a real CPU step of the run's code, after one step the planner measures
+    on; the SegVR draws start from the run's seed, as the forecast's do."""
+    trainer = Trainer(config).setup()
+    trainer.frame_generator.generator.manual_seed(config.seed + 2)
+    latents = torch.randn(config.batch_size, *trainer.latent_shape)
+    prompts = ["a red ball moving left"] * config.batch_size
+    context = trainer.model.encode_prompts(prompts)
+
+    def step():
+        loss, _ = trainer.loss_step(latents, prompts, context)
+        loss.backward()
+
+    step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    model = trainer.model
+    saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, trainer.reward.reward)
+    with saved, FlopCount(reuse=False) as flops:  # FlopCounterMode's formulas, without its module hooks
+        step()
+    return saved.bytes, flops.total
+
+
+@pytest.mark.parametrize("checkpoint", ["plan", "blocks"])
+def test_forecast_matches_a_real_cpu_step(folders, checkpoint, tmp_path):
+    """From the configs alone (no weight file in the folder) the forecast's bytes saved for backward are within 5%
+    of what the real step saves and its FLOPs are the real step's; with nothing recomputed the FLOPs are fewer or
+    equal; the weights are counted at the bytes the real model holds."""
+    family, model, configs = folders
+    config = resolve_config(["--model", str(configs), "--checkpoint", checkpoint, "--output", str(tmp_path / "f"),
+                             *SMALL])
+    predicted = forecast(config)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball moving left\na blue cube moving up\n")
+    saved, flops = real_step(dataclasses.replace(config, model=str(model), output=str(tmp_path / "run"),
+                                                 prompts=str(prompts)))
+    assert saved > 0
+    assert abs(predicted.saved_bytes - saved) <= 0.05 * saved, (predicted.saved_bytes, saved)
+    assert predicted.tflop * 1e12 == pytest.approx(flops, rel=1e-6)
+    assert predicted.tflop_without_recompute <= predicted.tflop
+    real = tiny_model(seed=0, family=family)
+    assert predicted.weights["denoiser"] == sum(p.numel() * 4 for p in real.denoiser.parameters()) + \
+        sum(b.numel() * b.element_size() for b in real.denoiser.buffers())
+    assert not (tmp_path / "f").exists()
+
+
+def test_dry_run_prints_the_forecast_and_writes_nothing(tmp_path, capsys):
+    from engine.train.command import main
+
+    out = tmp_path / "run"
+    summary = main(["--model", "tiny", "--dry-run", "--output", str(out), "--steps", "1", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "device peak" in printed and "TFLOP per step" in printed
+    assert summary["device_peak_gb"] > 0 and summary["tflops"] > 0
+    assert not out.exists()
+    json.dumps(summary)
+
+
+def test_dry_run_world_size_must_divide_the_batch(capsys):
+    from engine.train.command import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "tiny", "--dry-run", "--world-size", "3", "--batch-size", "2"])
+    assert exit_.value.code == 2
+    assert "--world-size 3" in capsys.readouterr().err
