@@ -60,7 +60,9 @@ def report():
     if any(len(figures[name]) < len(TRANSFORMER_RECIPES) for name in MODELS):
         return  # a partial run (tests deselected, as .ci/run's) keeps the last complete table and its JSON
     measured = measured_line()
-    (HERE / "results_transformers.json").write_text(json.dumps({"measured": measured, "models": figures}, indent=2))
+    path = HERE / "results_transformers.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}  # other benchmarks' sections ("fit")
+    path.write_text(json.dumps(kept | {"measured": measured, "models": figures}, indent=2))
     text = render(figures, measured)
     print("\n" + text)
     update_section(HERE / "RESULTS.md", "video transformers at real size", text)
