@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Bottom to top; a module may import its own layer and the layers below it. The longest matching prefix decides.
 LAYERS = [
     ("kernels",),
-    ("engine.errors", "engine.assets", "engine.runtime", "engine.distributed", "engine.media", "engine.tracking",
-     "engine.stats"),
+    ("engine.errors", "engine.assets", "engine.runtime", "engine.distributed", "engine.context_parallel", "engine.media",
+     "engine.tracking", "engine.stats"),
     ("engine.schedule",),
     ("engine.models",),
     ("engine.lora", "engine.acceleration"),
