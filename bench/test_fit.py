@@ -1,6 +1,6 @@
 """``pytest bench/``: will a run of a released video transformer fit where users train? ``--dry-run``'s forecast of
 the engine's default recipe (editing: tau 0.6 of 20 steps, LoRA r4, SegVR 4 frames + TAR, bf16 autocast on CUDA,
-batch 1 per process, the chain-memory planner at its default budget) for each row of the fit table, from config-only
+batch 1, the chain-memory planner at its default budget; 14B's 8 processes split each clip's tokens) for each row of the fit table, from config-only
 folders of the released models (``bench.fullsize.config_folder``) and HPSv2's ViT-H-14, against the goals
 (device peak, host memory, FLOPs over the same step with nothing recomputed). The rows go to
 bench/results_transformers.json ("fit") and bench/RESULTS.md ("will it fit"); nothing about the goals is asserted:
@@ -20,11 +20,12 @@ from engine.config import resolve_config
 from engine.train.forecast import forecast
 
 HERE = Path(__file__).parent
-# (row, model, grad steps, processes, device goal GB, host goal GB, FLOPs-over-no-recompute goal)
+# (row, model, grad steps, processes (each clip split across them), device goal GB, host goal GB, FLOPs-over-no-recompute
+# goal)
 ROWS = [("Wan2.1-1.3B, K=1", "wan2.1-1.3b", "1", 1, 24, 16, 1.3),
         ("CogVideoX-2b, K=1", "cogvideox-2b", "1", 1, 24, 16, 1.3),
         ("Wan2.1-1.3B, K=all (12)", "wan2.1-1.3b", "all", 1, 80, 32, 1.5),
-        ("Wan2.1-14B, K=1, 8 processes", "wan2.1-14b", "1", 8, 60, 32, 1.3)]
+        ("Wan2.1-14B, K=1, 8 processes splitting each clip", "wan2.1-14b", "1", 8, 60, 32, 1.3)]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,8 @@ def render(rows: dict, measured: str) -> str:
     return "\n".join([
         measured + " `python -m engine.train --model FOLDER --dry-run` on config-only folders of the released models "
                    "(engine/train/forecast.py: the run's own step on the meta device); the editing recipe at the engine's "
-                   "defaults, bf16 autocast on CUDA, batch 1 per process, HPSv2 (ViT-H-14).", "",
+                   "defaults, bf16 autocast on CUDA, batch 1, HPSv2 (ViT-H-14); 14B's 8 processes split each clip's tokens "
+                   "(`--world-size 8 --context-parallel`, Ulysses).", "",
         markdown_table(["run", "device peak GB", "host GB", "FLOPs vs no recompute", "weights GB", "step's tensors GB",
                         "TFLOP / step", "fits"], table), "",
         "Weights are counted as the engine holds them today: every frozen weight in fp32 on the device, the text "
@@ -78,8 +80,8 @@ def test_fit_forecast(row, folders, report):
     frames, height, width = fullsize.FOLDER_CLIPS[model]
     config = resolve_config(["--model", str(folders[model]), "--reward", "hpsv2:HPS_v2.1_compressed.pt",
                              "--num-frames", str(frames), "--height", str(height), "--width", str(width),
-                             "--batch-size", str(processes), "--grad-steps", grad_steps, "--device", "cuda"])
-    f = forecast(config, processes).summary()
+                             "--batch-size", "1", "--grad-steps", grad_steps, "--device", "cuda"])
+    f = forecast(config, processes, context_parallel=processes > 1).summary()
     report[name] = {"model": model, "world_size": processes, "device_peak_gb": f["device_peak_gb"],
                     "host_gb_bf16": f["host_gb"], "tflops": f["tflops"],
                     "tflops_without_recompute": f["tflops_without_recompute"], "device_budget_gb": device_goal,

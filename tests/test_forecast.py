@@ -97,3 +97,20 @@ def test_dry_run_world_size_must_divide_the_batch(capsys):
         main(["--model", "tiny", "--dry-run", "--world-size", "3", "--batch-size", "2"])
     assert exit_.value.code == 2
     assert "--world-size 3" in capsys.readouterr().err
+
+
+def test_context_parallel_forecast_splits_the_tokens(tmp_path):
+    """--context-parallel: one of 2 processes splitting each clip's tokens (a fake process group) keeps less for
+    backward than one process with the whole clip, with the same batch; CogVideoX, which has no plan, is refused."""
+    from engine.errors import UserError
+
+    folders = {}
+    for family in ("wan", "cogvideox"):
+        folders[family] = tiny_model(seed=0, family=family).save(tmp_path / family)
+    args = ["--checkpoint", "none", *SMALL, "--batch-size", "2"]
+    whole = forecast(resolve_config(["--model", str(folders["wan"]), *args]))
+    split = forecast(resolve_config(["--model", str(folders["wan"]), *args]), world_size=2, context_parallel=True)
+    assert split.batch_per_process == whole.batch_per_process == 2
+    assert 0 < split.saved_bytes < whole.saved_bytes
+    with pytest.raises(UserError, match="no context-parallel plan"):
+        forecast(resolve_config(["--model", str(folders["cogvideox"]), *args]), world_size=2, context_parallel=True)

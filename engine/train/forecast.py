@@ -17,7 +17,9 @@ norms and softmax, in fp32, so activations are slightly underestimated there); a
 memory (output and log-sum-exp kept, ``fused_attention_on_meta``); an op's internal workspace is not seen; the fused
 Triton kernels are counted as their PyTorch references. ``--world-size N`` forecasts one of N processes: LoRA
 runs the whole model on its share of the batch; full fine-tuning shards weights, gradients and optimizer state
-N ways (one block gathered at a time).
+N ways (one block gathered at a time); with ``--context-parallel`` the N processes split each clip's tokens
+instead (``engine.context_parallel``, run under a fake process group of N ranks: its collectives move nothing, and
+every tensor has the shape it has on rank 0).
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ import time
 from contextlib import contextmanager, nullcontext, redirect_stdout
 
 import torch
+import torch.distributed as dist
 
 import kernels
 from csrc import STAT_NAMES
 from engine.builtin import build_model, builtin
 from engine.chain import EditChain
 from engine.config import TrainConfig
+from engine.context_parallel import ContextParallel
 from engine.counting import FlopCount, LiveBytes, NoGradReuse, fused_attention_on_meta
 from engine.distributed import ShardedGenerator, World
 from engine.errors import UserError
@@ -55,6 +59,7 @@ class Forecast:
     target: str                  # the device the run is forecast for ("cuda" or "cpu")
     compute_dtype: str           # what the step runs in there (bf16 autocast, or fp32)
     world_size: int
+    context_parallel: bool
     batch_per_process: int
     clip: tuple[int, int, int]   # frames, height, width
     steps_run: int
@@ -77,7 +82,7 @@ class Forecast:
     def summary(self) -> dict:
         """The figures in GB and TFLOP (the dry run's JSON line and the benchmark's record)."""
         return {"model": self.model, "target": self.target, "compute_dtype": self.compute_dtype,
-                "world_size": self.world_size, "device_peak_gb": self.device_peak / GB,
+                "world_size": self.world_size, "context_parallel": self.context_parallel, "device_peak_gb": self.device_peak / GB,
                 "weights_gb": {k: v / GB for k, v in self.weights.items()}, "optimizer_gb": self.optimizer_bytes / GB,
                 "step_peak_gb": self.step_peak / GB, "saved_gb": self.saved_bytes / GB, "host_gb": self.host_peak / GB,
                 "tflops": self.tflop, "tflops_without_recompute": self.tflop_without_recompute,
@@ -90,7 +95,8 @@ class Forecast:
         lines = [
             f"dry run: {self.model}, {frames} frames of {height} x {width}, {self.steps_run} steps run, gradient "
             f"through {self.grad_steps}, batch {self.batch_per_process} per process"
-            + (f" ({self.world_size} processes)" if self.world_size > 1 else "")
+            + (f" ({self.world_size} processes{', each clip split across them' if self.context_parallel else ''})"
+               if self.world_size > 1 else "")
             + f"; forecast for {self.target} in {self.compute_dtype}",
             f"  device peak      {self.device_peak / GB:8.2f} GB",
             f"    weights        {sum(self.weights.values()) / GB:8.2f} GB  ({weights})",
@@ -107,22 +113,24 @@ class Forecast:
         return "\n".join(lines)
 
 
-def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
-    """Count one step of ``config`` for one of ``world_size`` processes; see the module docstring."""
+def forecast(config: TrainConfig, world_size: int = 1, context_parallel: bool = False) -> Forecast:
+    """Count one step of ``config`` for one of ``world_size`` processes (splitting each clip's tokens with
+    ``context_parallel``, else the batch); see the module docstring."""
     started = time.perf_counter()
-    if world_size < 1 or config.batch_size % world_size:
+    if world_size < 1 or (config.batch_size % world_size and not context_parallel):
         raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by --world-size "
                         f"{world_size}")
+    shares = 1 if context_parallel else world_size
     target = "cpu" if config.device == "cpu" else "cuda"
     compute = autocast_dtype(config.precision, torch.device(target)) or torch.float32
-    with _quiet_casts():
-        counted = _counted_step(config, world_size, target, compute)
+    with _quiet_casts(), _process_group(world_size if context_parallel else 1):
+        counted = _counted_step(config, world_size, shares, target, compute)
         with redirect_stdout(io.StringIO()):  # the same model and reward again: their lines were printed once
-            plain = _counted_step(dataclasses.replace(config, checkpoint="none"), world_size, target, compute,
+            plain = _counted_step(dataclasses.replace(config, checkpoint="none"), world_size, shares, target, compute,
                                   flops_only=True)
     frames, height, width = config.num_frames, config.height, config.width
-    return Forecast(config.model, target, str(compute).removeprefix("torch."), world_size,
-                    config.batch_size // world_size, (frames, height, width), counted["steps_run"],
+    return Forecast(config.model, target, str(compute).removeprefix("torch."), world_size, context_parallel,
+                    config.batch_size // shares, (frames, height, width), counted["steps_run"],
                     counted["grad_steps"], counted["weights"], counted["trainable_params"], counted["optimizer_bytes"],
                     counted["step_peak"], counted["saved"], counted["host"], counted["flops"] / 1e12,
                     plain["flops"] / 1e12, counted["plan"], time.perf_counter() - started)
@@ -153,13 +161,31 @@ def _stored_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _counted_step(config: TrainConfig, world_size: int, target: str, compute: torch.dtype,
+@contextmanager
+def _process_group(size: int):
+    """A fake process group of ``size`` ranks (this one rank 0) for the count's collectives; none for 1."""
+    if size == 1:
+        yield
+        return
+    if dist.is_initialized():
+        raise UserError("--dry-run --context-parallel counts in a process of its own: run it without torchrun")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str, compute: torch.dtype,
                   flops_only: bool = False) -> dict:
     """One step of the run's code on the meta device, counted: the trainer holds the meta model, the reward's
-    architecture and the run's memory policy, and takes its step."""
+    architecture and the run's memory policy, and takes its step; the batch is split in ``shares`` (the tokens of
+    each clip, under a process group of ``world_size`` ranks, when it is not)."""
     from engine.train.recipe import Trainer
 
-    cfg = dataclasses.replace(config, batch_size=config.batch_size // world_size)
+    cfg = dataclasses.replace(config, batch_size=config.batch_size // shares)
     trainer = Trainer(cfg)
     trainer.world, trainer.device, trainer.amp_dtype = World(), torch.device("meta"), None
     model = trainer.model = architecture(cfg.model)
@@ -181,6 +207,8 @@ def _counted_step(config: TrainConfig, world_size: int, target: str, compute: to
         rates = DEFAULT_RATES[target]
         trainer.memory.rates = rates if trainer.memory.rates.host_bytes_per_s > 0 else rates._replace(host_bytes_per_s=0.0)
     denoiser = trainer._setup_trainable_and_optimizer()
+    if dist.is_initialized():
+        ContextParallel(model.denoiser)
     trainer.chain = EditChain(model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
                               cfg.offset_noise, denoiser=denoiser, memory=trainer.memory,
                               no_grad_path=NoGradPath.resolve(cfg.no_grad_path, trainer.device, cfg.precision))
