@@ -97,7 +97,7 @@ class Trainer:
         self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
         self.model.context_gradient = cfg.decode_context == "grad"
         self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
-                                      cfg.segvr, cfg.tar)
+                                      cfg.segvr, cfg.tar, cfg.fps)
         self._setup_data()
         self._check_steps()
         self.memory = self._setup_memory()
