@@ -64,6 +64,9 @@ class TrainConfig:
                                "frames' latent frames only) or with it (grad: exact gradient through the causal "
                                "context, every decoded frame's activations saved); per-frame VAEs have no context",
                                choices=("no-grad", "grad"))
+    decode_recompute: bool = _opt(False, "causal VAEs (Wan, CogVideoX): the decoder's activations of the chunks decoded "
+                                  "with gradient recomputed in backward instead of kept (each keeps its input and the "
+                                  "causal cache it read; one more decoder forward of those chunks). Exact")
     # Guards against reward hacking
     early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")

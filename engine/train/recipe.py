@@ -35,7 +35,7 @@ from engine.distributed import ShardedGenerator
 from engine.errors import UserError, disk_writes
 from engine.lora import add_lora, adapters_disabled, load_lora
 from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
-from engine.models import VideoDiffusion
+from engine.models import CausalVideoDiffusion, VideoDiffusion
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import build_reward
 from engine.runtime import NoGradPath, autocast, autocast_dtype, resolve_device
@@ -96,6 +96,11 @@ class Trainer:
         self.output = check_output(cfg.output, cfg.model, cfg.overwrite, cfg.break_lock)
         self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
         self.model.context_gradient = cfg.decode_context == "grad"
+        if cfg.decode_recompute:
+            if not isinstance(self.model, CausalVideoDiffusion):
+                raise UserError(f"--decode-recompute applies to causal VAEs (Wan, CogVideoX); {cfg.model} decodes "
+                                "frame by frame, so leave it off")
+            self.model.decode_recompute = True
         self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
                                       cfg.segvr, cfg.tar, cfg.fps)
         self._setup_data()
