@@ -67,6 +67,10 @@ class TrainConfig:
     decode_recompute: bool = _opt(False, "causal VAEs (Wan, CogVideoX): the decoder's activations of the chunks decoded "
                                   "with gradient recomputed in backward instead of kept (each keeps its input and the "
                                   "causal cache it read; one more decoder forward of those chunks). Exact")
+    text_encoder: str = _opt("live", "live: the text encoder stays on the device and embeds prompts as they come; "
+                             "cached: every prompt the run knows (training, held-out, the empty one) is embedded "
+                             "once, the embeddings stay on the device and the encoder moves to host memory (Wan's "
+                             "T5-XXL: 11 GB of bf16 off the device)", choices=("live", "cached"))
     # Guards against reward hacking
     early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")

@@ -226,3 +226,23 @@ def test_held_out_evaluation_does_not_depend_on_the_eval_batch_size(tmp_path):
     first = [r for r in records[1] if r["kind"] == "eval"][0]
     grouped = [r for r in records[3] if r["kind"] == "eval"][0]
     assert first["eval_reward"] == pytest.approx(grouped["eval_reward"], rel=1e-4)
+
+
+def test_cached_text_encoder_trains_as_the_live_one_without_calling_the_encoder(tmp_path):
+    """--text-encoder cached: every prompt of the run embedded once at setup, the encoder then in host memory and
+    never called again; two steps give the live run's LoRA."""
+    from engine.train import Trainer
+
+    args = ["--model", "tiny", "--steps", "2", "--num-held-out", "2", "--sample-steps", "2", "--no-tensorboard"]
+    main([*args, "--output", str(tmp_path / "live")])
+    trainer = Trainer(resolve_config([*args, "--text-encoder", "cached", "--output", str(tmp_path / "cached")])).setup()
+    calls = []
+    forward = trainer.model.text_encoder.forward
+    trainer.model.text_encoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    trainer.train()
+    trainer.finish()
+    assert calls == [] and next(trainer.model.text_encoder.parameters()).device.type == "cpu"
+    assert set(trainer.model.prompt_cache) >= {""} | {s.prompt for s in trainer.train_sources + trainer.eval_sources}
+    live, cached = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("live", "cached"))
+    for key, value in live.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-7)

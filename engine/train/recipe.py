@@ -143,6 +143,8 @@ class Trainer:
         # Noise and SegVR draws are made for the global batch, so any number of processes gives one result.
         self.noise_generator = ShardedGenerator(torch.Generator(self.device).manual_seed(cfg.seed + 1), self.world)
         self.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), self.world)
+        if cfg.text_encoder == "cached":
+            self.model.cache_prompts([""] + [s.prompt for s in self.train_sources + self.eval_sources])
         self.uncond = self.model.encode_prompts([""])
 
     def _check_steps(self):
