@@ -71,6 +71,9 @@ class TrainConfig:
                              "cached: every prompt the run knows (training, held-out, the empty one) is embedded "
                              "once, the embeddings stay on the device and the encoder moves to host memory (Wan's "
                              "T5-XXL: 11 GB of bf16 off the device)", choices=("live", "cached"))
+    attention: str = _opt("sdpa", "the denoiser's attention: sdpa (PyTorch's) or xformers' memory-efficient attention "
+                          "where xformers imports and its ops load beside this torch (otherwise one line says why and "
+                          "SDPA runs)", choices=("sdpa", "xformers"))
     # Guards against reward hacking
     early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")

@@ -90,6 +90,8 @@ def test_record_key_follows_every_setting_and_the_assets(tmp_path):
     assert run_config(["--decode-recompute"], 0)["decode_recompute"] is True
     assert "text_encoder" not in run_config([], 0)
     assert run_config(["--text-encoder", "cached"], 0)["text_encoder"] == "cached"
+    assert "attention" not in run_config([], 0)
+    assert run_config(["--attention", "xformers"], 0)["attention"] == "xformers"
     # neither the number of seeds in the study nor a variant's wording changes a run
     assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS) == identity
     reworded = Variant("tau-1.0", "tau", "another label", VARIANT["tau-1.0"].options)

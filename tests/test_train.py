@@ -246,3 +246,16 @@ def test_cached_text_encoder_trains_as_the_live_one_without_calling_the_encoder(
     live, cached = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("live", "cached"))
     for key, value in live.items():
         torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-7)
+
+
+
+def test_xformers_attention_that_cannot_run_here_says_why_and_trains_on_sdpa(tmp_path, capsys):
+    """--attention xformers where xformers does not import or its ops do not load (here: not installed, no GPU):
+    one line naming why, then the run as with SDPA."""
+    args = ["--model", "tiny", "--steps", "1", "--num-held-out", "1", "--sample-steps", "2", "--no-tensorboard"]
+    main([*args, "--attention", "xformers", "--output", str(tmp_path / "x")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--attention xformers")]
+    assert len(lines) == 1 and lines[0].endswith("attention runs on SDPA"), lines
+    main([*args, "--output", str(tmp_path / "sdpa")])
+    ours, stock = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("x", "sdpa"))
+    assert all(torch.equal(ours[k], stock[k]) for k in stock)

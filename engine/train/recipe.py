@@ -26,7 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import kernels
 from engine import distributed as dist_utils
 from engine import media
-from engine.acceleration import accelerate
+from engine.acceleration import accelerate, use_attention
 from engine.builtin import build_model, builtin
 from engine.chain import EditChain
 from engine.config import TrainConfig, resolve_config
@@ -110,6 +110,7 @@ class Trainer:
         self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
                                cfg.offset_noise, denoiser=denoiser, memory=self.memory,
                                no_grad_path=NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision))
+        self.attention = use_attention(self.model, cfg.attention)
         self.backend = self._setup_backend()
         self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.latents = SourceLatents(self.model, self.chain, self.uncond, self.latent_shape, cfg.seed, self.device,
