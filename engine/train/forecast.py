@@ -35,18 +35,16 @@ import torch.distributed as dist
 import kernels
 from csrc import STAT_NAMES
 from engine.builtin import build_model, builtin
-from engine.chain import EditChain
 from engine.config import TrainConfig
-from engine.context_parallel import ContextParallel
 from engine.counting import FlopCount, LiveBytes, NoGradReuse, fused_attention_on_meta
-from engine.distributed import ShardedGenerator, World
+from engine.distributed import World
 from engine.errors import UserError
 from engine.memory import DEFAULT_RATES, SavedTensorMeter, denoiser_blocks
 from engine.models import VideoDiffusion
 from engine.models.loading import load_architecture
 from engine.rewards.registry import reward_architecture
-from engine.runtime import NoGradPath, autocast_dtype
-from engine.video_reward import SegmentalReward
+from engine.runtime import autocast_dtype
+from engine.train.sources import setup_draws
 
 GB = 1e9
 
@@ -113,10 +111,11 @@ class Forecast:
         return "\n".join(lines)
 
 
-def forecast(config: TrainConfig, world_size: int = 1, context_parallel: bool = False) -> Forecast:
+def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
     """Count one step of ``config`` for one of ``world_size`` processes (splitting each clip's tokens with
-    ``context_parallel``, else the batch); see the module docstring."""
+    ``--context-parallel``, else the batch); see the module docstring."""
     started = time.perf_counter()
+    context_parallel = config.context_parallel
     if world_size < 1 or (config.batch_size % world_size and not context_parallel):
         raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by --world-size "
                         f"{world_size}")
@@ -187,31 +186,24 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
 
     cfg = dataclasses.replace(config, batch_size=config.batch_size // shares)
     trainer = Trainer(cfg)
-    trainer.world, trainer.device, trainer.amp_dtype = World(), torch.device("meta"), None
-    model = trainer.model = architecture(cfg.model)
+    trainer.world = trainer.data_world = World()  # one process counted; the others are shares of batch or tokens
+    trainer.device, trainer.amp_dtype = torch.device("meta"), None
+    model, reward = architecture(cfg.model), reward_architecture(cfg.reward)
     weights = {"denoiser": _stored_bytes(model.denoiser), "vae": _stored_bytes(model.vae),
-               "text encoder": _stored_bytes(model.text_encoder)}
-    model.context_gradient = cfg.decode_context == "grad"
-    reward = reward_architecture(cfg.reward)
-    weights["reward"] = _stored_bytes(reward)
+               "text encoder": _stored_bytes(model.text_encoder), "reward": _stored_bytes(reward)}
+    if cfg.text_encoder == "cached":  # the encoder waits in host memory; the embeddings are a few MB
+        weights["text encoder"] = 0
     if compute != torch.float32:
         for module in (model.denoiser, model.vae, model.text_encoder, reward):
             module.to(compute)
-    trainer.reward = SegmentalReward(reward, cfg.segments, cfg.tar_lambda, cfg.segvr, cfg.tar)
-    trainer.latent_shape = model.latent_shape(cfg.num_frames, cfg.height, cfg.width)
-    trainer.noise_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 1), trainer.world)
-    trainer.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), trainer.world)
+    trainer._setup_model(model, reward)
+    setup_draws(trainer)
     trainer.uncond = _text_embeddings(model, 1, compute)
-    trainer.memory = trainer._setup_memory()
+    trainer._check_steps()
+    trainer._setup_step()
     if trainer.memory is not None:  # the planner weighs recompute against copies at the target's rates, not meta's
         rates = DEFAULT_RATES[target]
         trainer.memory.rates = rates if trainer.memory.rates.host_bytes_per_s > 0 else rates._replace(host_bytes_per_s=0.0)
-    denoiser = trainer._setup_trainable_and_optimizer()
-    if dist.is_initialized():
-        ContextParallel(model.denoiser)
-    trainer.chain = EditChain(model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
-                              cfg.offset_noise, denoiser=denoiser, memory=trainer.memory,
-                              no_grad_path=NoGradPath.resolve(cfg.no_grad_path, trainer.device, cfg.precision))
     trainable = sum(p.numel() for p in trainer.trainable)
     if cfg.finetune == "lora":
         weights["LoRA"] = 4 * trainable  # fp32, as the run keeps them
