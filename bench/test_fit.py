@@ -61,7 +61,7 @@ def render(rows: dict, measured: str) -> str:
         table.append([row, setting, f"{f['device_peak_gb']:.1f} (goal {f['device_budget_gb']})",
                       f"{f['host_gb_bf16']:.1f} (goal {f['host_budget_gb']})", f"{ratio:.2f}x (goal {f['flops_goal']})",
                       f"{sum(weights.values()):.1f} (text encoder {weights['text encoder']:.1f})",
-                      f"{f['step_peak_gb']:.1f}", f"{f['tflops']:,.0f}",
+                      f"{f['step_peak_gb']:.1f} in {f['peak_at']}", f"{f['tflops']:,.0f}",
                       "yes" if f["device_peak_gb"] <= f["device_budget_gb"] and f["host_gb_bf16"] <= f["host_budget_gb"]
                       and ratio <= f["flops_goal"] else "no"])
     return "\n".join([
@@ -69,7 +69,7 @@ def render(rows: dict, measured: str) -> str:
                    "(engine/train/forecast.py: the run's own step on the meta device); the editing recipe at the engine's "
                    "defaults, bf16 autocast on CUDA, batch 1, HPSv2 (ViT-H-14); 14B's 8 processes split each clip's tokens "
                    "(`--world-size 8 --context-parallel`, Ulysses).", "",
-        markdown_table(["run", "memory options", "device peak GB", "host GB", "FLOPs vs no recompute", "weights GB", "step's tensors GB",
+        markdown_table(["run", "memory options", "device peak GB", "host GB", "FLOPs vs no recompute", "weights GB", "step's tensors GB at their highest",
                         "TFLOP / step", "fits"], table), "",
         "Weights are counted as the engine holds them: every frozen weight in fp32, on the device unless the text "
         "encoder (UMT5-XXL / T5-XXL) is cached. The peers' figures for comparison: VideoX-Fun-style reward "
@@ -92,5 +92,5 @@ def test_fit_forecast(row, setting, folders, report):
         "device_peak_gb": f["device_peak_gb"], "host_gb_bf16": f["host_gb"], "tflops": f["tflops"],
         "tflops_without_recompute": f["tflops_without_recompute"], "device_budget_gb": device_goal,
         "host_budget_gb": host_goal, "flops_goal": flops_goal, "weights_gb": f["weights_gb"],
-        "step_peak_gb": f["step_peak_gb"], "saved_gb": f["saved_gb"]}
+        "step_peak_gb": f["step_peak_gb"], "peak_at": f["peak_at"], "saved_gb": f["saved_gb"]}
     assert f["tflops"] >= f["tflops_without_recompute"] > 0

@@ -36,7 +36,7 @@ import kernels
 from csrc import STAT_NAMES
 from engine.builtin import build_model, builtin
 from engine.config import TrainConfig
-from engine.counting import FlopCount, LiveBytes, NoGradReuse, fused_attention_on_meta
+from engine.counting import FlopCount, LiveBytes, ModulePath, NoGradReuse, fused_attention_on_meta
 from engine.distributed import World
 from engine.errors import UserError
 from engine.memory import DEFAULT_RATES, SavedTensorMeter, denoiser_blocks
@@ -66,6 +66,7 @@ class Forecast:
     trainable_params: int
     optimizer_bytes: int         # AdamW's two moments of the trainable weights (this process's shard)
     step_peak: int               # the step's own tensors at their highest (activations, gradients, outputs)
+    peak_at: str                 # the innermost module running when they were, in forward or backward
     saved_bytes: int             # saved for backward on the device
     host_peak: int               # spilled to host memory at the highest
     tflop: float
@@ -82,7 +83,7 @@ class Forecast:
         return {"model": self.model, "target": self.target, "compute_dtype": self.compute_dtype,
                 "world_size": self.world_size, "context_parallel": self.context_parallel, "device_peak_gb": self.device_peak / GB,
                 "weights_gb": {k: v / GB for k, v in self.weights.items()}, "optimizer_gb": self.optimizer_bytes / GB,
-                "step_peak_gb": self.step_peak / GB, "saved_gb": self.saved_bytes / GB, "host_gb": self.host_peak / GB,
+                "step_peak_gb": self.step_peak / GB, "peak_at": self.peak_at, "saved_gb": self.saved_bytes / GB, "host_gb": self.host_peak / GB,
                 "tflops": self.tflop, "tflops_without_recompute": self.tflop_without_recompute,
                 "trainable_params": self.trainable_params}
 
@@ -99,8 +100,8 @@ class Forecast:
             f"  device peak      {self.device_peak / GB:8.2f} GB",
             f"    weights        {sum(self.weights.values()) / GB:8.2f} GB  ({weights})",
             f"    AdamW state    {self.optimizer_bytes / GB:8.2f} GB  ({self.trainable_params:,} trainable parameters)",
-            f"    step           {self.step_peak / GB:8.2f} GB  at its highest (of which saved for backward on the "
-            f"device: {self.saved_bytes / GB:.2f} GB)",
+            f"    step           {self.step_peak / GB:8.2f} GB  at its highest, in {self.peak_at} (of which saved "
+            f"for backward on the device: {self.saved_bytes / GB:.2f} GB)",
             f"  host memory      {self.host_peak / GB:8.2f} GB  spilled by the plan at its highest",
             f"  compute          {self.tflop:8.2f} TFLOP per step, {ratio:.2f}x the "
             f"{self.tflop_without_recompute:.2f} of the same step with nothing recomputed",
@@ -131,7 +132,7 @@ def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
     return Forecast(config.model, target, str(compute).removeprefix("torch."), world_size, context_parallel,
                     config.batch_size // shares, (frames, height, width), counted["steps_run"],
                     counted["grad_steps"], counted["weights"], counted["trainable_params"], counted["optimizer_bytes"],
-                    counted["step_peak"], counted["saved"], counted["host"], counted["flops"] / 1e12,
+                    counted["step_peak"], counted["peak_at"], counted["saved"], counted["host"], counted["flops"] / 1e12,
                     plain["flops"] / 1e12, counted["plan"], time.perf_counter() - started)
 
 
@@ -215,8 +216,12 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
     prompts = ["a red ball moving left"] * cfg.batch_size
     context = _text_embeddings(model, cfg.batch_size, compute)
 
+    phase = ["forward"]
+
     def step():
+        phase[0] = "forward"
         loss, _ = trainer.loss_step(latents, prompts, context)
+        phase[0] = "backward"
         loss.backward()
 
     previous = kernels.get_backend()
@@ -229,7 +234,10 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
                 trainer.optimizer.zero_grad(set_to_none=True)
                 trainer.memory.store.reset_peaks()
             saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
-            with FlopCount() as flops, saved if not flops_only else nullcontext(), LiveBytes("meta") as live:
+            modules = ModulePath(denoiser=model.denoiser, vae=model.vae, reward=reward)
+            where = lambda: f"{modules.current() or 'between modules'} ({phase[0]})"  # noqa: E731
+            with modules, FlopCount() as flops, saved if not flops_only else nullcontext(), \
+                    LiveBytes("meta", where=where) as live:
                 step()
     finally:
         kernels.set_backend(previous)
@@ -239,7 +247,7 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
     memory = trainer.memory
     host = dict(zip(STAT_NAMES, memory.store.stats()))["peak_host_bytes"] if memory is not None else 0
     return {"weights": weights, "trainable_params": trainable, "optimizer_bytes": 2 * 4 * trainable // shards,
-            "step_peak": live.peak + grad_correction // shards, "saved": saved.bytes if not flops_only else 0,
+            "step_peak": live.peak + grad_correction // shards, "peak_at": live.peak_at or "", "saved": saved.bytes if not flops_only else 0,
             "host": host, "flops": flops.total, "steps_run": trainer.chain.steps_run,
             "grad_steps": trainer.chain.grad_steps, "plan": _plan_text(cfg, memory)}
 
