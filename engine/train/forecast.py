@@ -126,8 +126,8 @@ def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
     with _quiet_casts(), _process_group(world_size if context_parallel else 1):
         counted = _counted_step(config, world_size, shares, target, compute)
         with redirect_stdout(io.StringIO()):  # the same model and reward again: their lines were printed once
-            plain = _counted_step(dataclasses.replace(config, checkpoint="none"), world_size, shares, target, compute,
-                                  flops_only=True)
+            kept = dataclasses.replace(config, checkpoint="none", decode_recompute=False)  # every saved tensor kept
+            plain = _counted_step(kept, world_size, shares, target, compute, flops_only=True)
     frames, height, width = config.num_frames, config.height, config.width
     return Forecast(config.model, target, str(compute).removeprefix("torch."), world_size, context_parallel,
                     config.batch_size // shares, (frames, height, width), counted["steps_run"],
@@ -235,7 +235,8 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
                 trainer.memory.store.reset_peaks()
             saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
             modules = ModulePath(denoiser=model.denoiser, vae=model.vae, reward=reward)
-            where = lambda: f"{modules.current() or 'between modules'} ({phase[0]})"  # noqa: E731
+            where = lambda: (f"{modules.current()} ({phase[0]})" if modules.current() else  # noqa: E731
+                             "autograd's backward" if phase[0] == "backward" else "the forward, between modules")
             with modules, FlopCount() as flops, saved if not flops_only else nullcontext(), \
                     LiveBytes("meta", where=where) as live:
                 step()
