@@ -114,6 +114,8 @@ def test_context_parallel_forecast_splits_the_tokens(tmp_path):
     split = forecast(resolve_config(["--model", str(folders["wan"]), *args, "--context-parallel"]), world_size=2)
     assert split.batch_per_process == whole.batch_per_process == 2
     assert 0 < split.saved_bytes < whole.saved_bytes
+    with pytest.raises(UserError, match="needs --world-size N"):
+        forecast(resolve_config(["--model", str(folders["wan"]), *args, "--context-parallel"]))
     with pytest.raises(UserError, match="no context-parallel plan"):
         forecast(resolve_config(["--model", str(folders["cogvideox"]), *args, "--context-parallel"]), world_size=2)
 

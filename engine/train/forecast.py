@@ -120,6 +120,8 @@ def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
     if world_size < 1 or (config.batch_size % world_size and not context_parallel):
         raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by --world-size "
                         f"{world_size}")
+    if context_parallel and world_size == 1:
+        raise UserError("--dry-run --context-parallel needs --world-size N: the processes that split each clip")
     shares = 1 if context_parallel else world_size
     target = "cpu" if config.device == "cpu" else "cuda"
     compute = autocast_dtype(config.precision, torch.device(target)) or torch.float32
