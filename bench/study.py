@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.code_trace import ROOT, CodeTrace, changed, code_digests
-from bench.study_plan import DEFAULT, VARIANTS, Plan, Variant
+from bench.study_plan import ADDED_OPTIONS, DEFAULT, VARIANTS, Plan, Variant
 
 
 RESULTS = Path(__file__).parent / "world" / "results"
@@ -105,11 +105,14 @@ def _config(options: list[str], seed: int, steps: int, folder: Path):
 
 
 def run_config(options: list[str], seed: int) -> dict:
-    """The run's training configuration, every default resolved, but its steps (the budget decides them) and its
-    output folder: in a record's identity in place of the configuration code, so that a default changed in
-    ``engine/config.py`` makes stale only the runs it changes (a variant that sets it keeps its record)."""
+    """The run's training configuration, every default resolved, but its steps (the budget decides them), its
+    output folder and the options added since the study began at the value its runs had (``ADDED_OPTIONS``): in a
+    record's identity in place of the configuration code, so that a default changed in ``engine/config.py`` makes
+    stale only the runs it changes (a variant that sets it keeps its record)."""
     config = _config(options, seed, 1, Path("run")).to_dict()
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in ("steps", "output")}, default=str))
+    kept = {k: v for k, v in config.items()
+            if k not in ("steps", "output") and not (k in ADDED_OPTIONS and ADDED_OPTIONS[k] == v)}
+    return json.loads(json.dumps(kept, default=str))
 
 
 def _trainer(options: list[str], seed: int, steps: int, folder: Path):

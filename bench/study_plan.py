@@ -42,6 +42,9 @@ VARIANTS = (
     Variant("full", "rank", "full fine-tuning (lr 1.5e-4)", ("--finetune", "full", "--lr", "1.5e-4")),
     Variant("long", "over-optimisation", "default job, 10x longer", budget=10.0, evaluations=10,
             scales=(0.25, 0.5, 0.75)),
+    # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them)
+    Variant("reward-motion", "reward", "the world motion reward alone", ("--reward", "motion:world")),
+    Variant("reward-mixed", "reward", "image reward + motion reward at 0.5", ("--reward", "hpsv2:world,motion:world@0.5")),
 )
 
 
@@ -62,6 +65,11 @@ CLAIMS = (
     Claim("TAR lambda 1 beats lambda 0.5 (unstable)", "default", "lambda-0.5"),
     Claim("gradient through the last step only (K 1, DRaFT-1) beats K 6", "K-1", "default"),
 )
+
+
+# Training options added after the study began, at the value that reproduces what its runs ran: left out of the
+# records' keys at that value, so that adding an option does not make every record stale.
+ADDED_OPTIONS = {"decode_recompute": False, "text_encoder": "live", "attention": "sdpa", "context_parallel": False}
 
 
 @dataclass(frozen=True)

@@ -208,3 +208,34 @@ def revert(unet: nn.Module) -> None:
     for module in unet.modules():
         if _is_patched_lora(module):
             del module.forward
+
+
+# -- attention backend --------------------------------------------------------------------------------------------
+def use_attention(model, backend: str) -> str:
+    """Make ``model``'s denoiser attend with ``backend`` and return the one it runs: "sdpa" (as built) or
+    "xformers" (its memory-efficient attention, through diffusers: the attention dispatcher of the video
+    transformers, the xformers processors of the UNet3D) where xformers imports and its ops run here. Otherwise one
+    line says why, and SDPA runs. The fused temporal-attention kernel then leaves xformers' processors in place."""
+    if backend == "sdpa":
+        return "sdpa"
+    from engine.models import CausalVideoDiffusion
+
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as err:
+        return _sdpa(f"xformers does not import ({type(err).__name__}: {err}); its wheels pin their own torch, so "
+                     f"install one built for torch {torch.__version__.split('+')[0]} with pip install --no-deps")
+    try:
+        if isinstance(model, CausalVideoDiffusion):
+            model.denoiser.set_attention_backend("xformers")
+        else:
+            model.denoiser.enable_xformers_memory_efficient_attention()
+    except Exception as err:  # its ops not loading beside this torch, or no GPU
+        return _sdpa((str(err).strip().splitlines() or [type(err).__name__])[0])
+    return "xformers"
+
+
+def _sdpa(reason: str) -> str:
+    print(f"--attention xformers: not used: {reason}; attention runs on SDPA")
+    return "sdpa"
+

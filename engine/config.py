@@ -64,6 +64,19 @@ class TrainConfig:
                                "frames' latent frames only) or with it (grad: exact gradient through the causal "
                                "context, every decoded frame's activations saved); per-frame VAEs have no context",
                                choices=("no-grad", "grad"))
+    context_parallel: bool = _opt(False, "under torchrun: every process works on the same clips, each on its share of "
+                                  "their tokens (Ulysses; Wan 2.1), for clips whose activations do not fit one GPU; "
+                                  "the batch is then each process's batch")
+    decode_recompute: bool = _opt(False, "causal VAEs (Wan, CogVideoX): the decoder's activations of the chunks decoded "
+                                  "with gradient recomputed in backward instead of kept (each keeps its input and the "
+                                  "causal cache it read; one more decoder forward of those chunks). Exact")
+    text_encoder: str = _opt("live", "live: the text encoder stays on the device and embeds prompts as they come; "
+                             "cached: every prompt the run knows (training, held-out, the empty one) is embedded "
+                             "once, the embeddings stay on the device and the encoder moves to host memory (Wan's "
+                             "T5-XXL: 11 GB of bf16 off the device)", choices=("live", "cached"))
+    attention: str = _opt("sdpa", "the denoiser's attention: sdpa (PyTorch's) or xformers' memory-efficient attention "
+                          "where xformers imports and its ops load beside this torch (otherwise one line says why and "
+                          "SDPA runs)", choices=("sdpa", "xformers"))
     # Guards against reward hacking
     early_stop_patience: int = _opt(0, "stop when the held-out reward has not improved for this many evaluations (0 = off; needs --eval-every)")
     early_stop_min_delta: float = _opt(0.0, "smallest held-out reward gain that counts as an improvement")
@@ -135,6 +148,8 @@ class TrainConfig:
             (self.early_stop_min_delta >= 0, f"--early-stop-min-delta {self.early_stop_min_delta} must be non-negative"),
             (0 <= self.motion_weight < math.inf, f"--motion-weight {self.motion_weight} must be a non-negative number"),
             (self.prompts is None or self.videos is None, "give either --prompts or --videos, not both"),
+            (self.finetune == "lora" or not self.context_parallel,
+             "--context-parallel trains LoRA (--finetune full shards the weights instead; the two are not combined)"),
             (self.finetune == "lora" or self.init_lora is None, "--init-lora needs --finetune lora (full fine-tuning "
              "starts from the --model weights)"),
             (self.finetune == "lora" or self.motion_weight == 0 or self.motion_reference == "source",

@@ -189,14 +189,16 @@ class NoGradReuse:
 class LiveBytes(TorchDispatchMode):
     """The bytes of ``device`` tensors alive, and their peak, while active: every op's outputs are followed by
     their storages (each counted once, until the last tensor on it dies), so the peak is what a caching-free
-    allocator would hold at its highest, on top of what existed before the block (``base``, e.g. the weights).
+    allocator would hold at its highest, on top of what existed before the block (``base``, e.g. the weights);
+    ``where()``, if given, names the moment of the peak (``peak_at``).
     On the meta device storages live and die exactly as they would on a GPU; an op's internal workspace (cuDNN,
     cuBLAS) is not an output and is not seen."""
 
-    def __init__(self, device: str = "meta", base: int = 0):
+    def __init__(self, device: str = "meta", base: int = 0, where=None):
         super().__init__()
-        self.device, self.base = device, base
+        self.device, self.base, self.where = device, base, where
         self.live = self.peak = base
+        self.peak_at: str | None = None  # ``where()`` when the peak was reached (e.g. the module running)
         self._storages: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -212,7 +214,9 @@ class LiveBytes(TorchDispatchMode):
             return
         self._storages[key] = nbytes = storage.nbytes()
         self.live += nbytes
-        self.peak = max(self.peak, self.live)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_at = self.where() if self.where is not None else None
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:
@@ -238,3 +242,33 @@ def fused_attention_on_meta():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+class ModulePath:
+    """The innermost module running now, named by its path in ``roots`` (e.g. ``vae.decoder.up_blocks.2``), through
+    global forward hooks: forward calls, and recomputations inside backward, which run forwards too."""
+
+    def __init__(self, **roots: torch.nn.Module):
+        self.names = {id(module): f"{root}.{name}".rstrip(".") for root, top in roots.items()
+                      for name, module in top.named_modules()}
+        self.stack: list[str] = []
+
+    def __enter__(self) -> "ModulePath":
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def enter(module, args):
+            self.stack.append(self.names.get(id(module), type(module).__name__))
+
+        def leave(module, args, output):
+            if self.stack:
+                self.stack.pop()
+
+        self._handles = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def current(self) -> str | None:
+        return self.stack[-1] if self.stack else None

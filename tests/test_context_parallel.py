@@ -1,6 +1,7 @@
-"""Context parallelism (engine/context_parallel.py): two gloo processes splitting one clip's tokens give the LoRA
-gradient of one process, through the editing chain with the chain-memory planner, the causal decoder and the
-reward; what has no plan, or no process group, is refused with the fix.
+"""Context parallelism (engine/context_parallel.py, ``--context-parallel``): two gloo processes splitting one clip's
+tokens give the LoRA gradient of one process, through the editing chain with the chain-memory planner, the causal
+decoder and the reward, and the trainer's two-process run trains one process's LoRA; what has no plan, or no
+process group, is refused with the fix.
 
 Run as a script under torchrun (``python -m torch.distributed.run --nproc_per_node 2 tests/test_context_parallel.py
 OUT``), each process writes what it measured to OUT/rank<N>.json."""
@@ -75,6 +76,35 @@ def test_two_processes_splitting_the_clip_give_one_process_gradient(tmp_path):
         measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert measured["largest"] > 0
         assert measured["relative_error"] < 1e-4, measured
+
+
+@pytest.mark.heavy(2)
+def test_trainer_with_two_processes_splitting_each_clip_trains_one_process_lora(tmp_path):
+    """python -m engine.train --context-parallel under torchrun (2 processes, each on the whole batch of tiny Wan
+    clips and half of their tokens): after two steps, with a held-out evaluation between them, the LoRA of the
+    same run in one process."""
+    from safetensors.torch import load_file
+
+    from engine.train import main as train
+
+    folder = tiny_model(seed=0, family="wan").save(tmp_path / "wan")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\na green ball moving right\n")
+    args = ["--model", str(folder), "--reward", "colorfulness", "--prompts", str(prompts), "--ddim-steps", "4",
+            "--sample-steps", "2", "--num-frames", "9", "--height", "32", "--width", "32", "--num-held-out", "1",
+            "--segments", "2", "--grad-steps", "2", "--lr", "1e-2", "--steps", "2", "--eval-every", "1",
+            "--no-tensorboard", "--no-grad-path", "off"]
+    train([*args, "--output", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29532", "-m", "engine.train", *args, "--context-parallel", "--output", str(tmp_path / "two")],
+                            capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
 
 
 def test_refused_without_a_process_group_or_a_plan(tmp_path):

@@ -299,6 +299,43 @@ def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_pa
     torch.testing.assert_close(frames[0], frames[1], rtol=0, atol=1e-5)
 
 
+def test_cli_decoder_recompute_trains_the_same_lora(saved, tmp_path):
+    """--decode-recompute: two steps give the LoRA of two steps without it (the decoder's recompute is exact); a
+    model whose VAE decodes frame by frame refuses it."""
+    from safetensors.torch import load_file
+
+    from engine.train import main as train
+
+    _, folder = saved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")
+    for run, extra in (("kept", ()), ("recomputed", ("--decode-recompute",))):
+        train(cli(folder, prompts, tmp_path / run, "--steps", "2", "--no-tensorboard", *extra))
+    lora = {run: load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("kept", "recomputed")}
+    for key, value in lora["kept"].items():
+        torch.testing.assert_close(lora["recomputed"][key], value, rtol=1e-5, atol=1e-7)
+    assert any(v.abs().sum() > 0 for k, v in lora["kept"].items() if "lora_B" in k)
+    with pytest.raises(SystemExit) as exit_info:
+        train(["--model", "tiny", "--decode-recompute", "--steps", "1", "--output", str(tmp_path / "tiny")])
+    assert exit_info.value.code == 2 and not (tmp_path / "tiny").exists()
+
+
+def test_cli_cached_text_encoder_trains_the_same_lora(saved, tmp_path):
+    """--text-encoder cached through the family's own encode_prompt: the LoRA of the live encoder's run."""
+    from safetensors.torch import load_file
+
+    from engine.train import main as train
+
+    _, folder = saved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving left\na blue square moving up\n")
+    for run in ("live", "cached"):
+        train(cli(folder, prompts, tmp_path / run, "--steps", "2", "--no-tensorboard", "--text-encoder", run))
+    lora = {run: load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("live", "cached")}
+    for key, value in lora["live"].items():
+        torch.testing.assert_close(lora["cached"][key], value, rtol=1e-5, atol=1e-7)
+
+
 def test_wan_module_names_map_to_the_original_checkpoint():
     from engine.models.wan import original_module_name
 

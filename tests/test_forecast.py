@@ -55,14 +55,16 @@ def real_step(config) -> tuple[int, float]:
     return saved.bytes, flops.total
 
 
-@pytest.mark.parametrize("checkpoint", ["plan", "blocks"])
-def test_forecast_matches_a_real_cpu_step(folders, checkpoint, tmp_path):
+@pytest.mark.parametrize("options", [("--checkpoint", "plan"), ("--checkpoint", "blocks"), ("--decode-recompute",)],
+                         ids=["plan", "blocks", "decode-recompute"])
+def test_forecast_matches_a_real_cpu_step(folders, options, tmp_path):
     """From the configs alone (no weight file in the folder) the forecast's bytes saved for backward are within 5%
     of what the real step saves and its FLOPs are the real step's; with nothing recomputed the FLOPs are fewer or
     equal; the weights are counted at the bytes the real model holds."""
     family, model, configs = folders
-    config = resolve_config(["--model", str(configs), "--checkpoint", checkpoint, "--output", str(tmp_path / "f"),
-                             *SMALL])
+    if "--decode-recompute" in options and family == "unet3d":
+        pytest.skip("a per-frame VAE has no decoder recompute")
+    config = resolve_config(["--model", str(configs), *options, "--output", str(tmp_path / "f"), *SMALL])
     predicted = forecast(config)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball moving left\na blue cube moving up\n")
@@ -109,8 +111,19 @@ def test_context_parallel_forecast_splits_the_tokens(tmp_path):
         folders[family] = tiny_model(seed=0, family=family).save(tmp_path / family)
     args = ["--checkpoint", "none", *SMALL, "--batch-size", "2"]
     whole = forecast(resolve_config(["--model", str(folders["wan"]), *args]))
-    split = forecast(resolve_config(["--model", str(folders["wan"]), *args]), world_size=2, context_parallel=True)
+    split = forecast(resolve_config(["--model", str(folders["wan"]), *args, "--context-parallel"]), world_size=2)
     assert split.batch_per_process == whole.batch_per_process == 2
     assert 0 < split.saved_bytes < whole.saved_bytes
+    with pytest.raises(UserError, match="needs --world-size N"):
+        forecast(resolve_config(["--model", str(folders["wan"]), *args, "--context-parallel"]))
     with pytest.raises(UserError, match="no context-parallel plan"):
-        forecast(resolve_config(["--model", str(folders["cogvideox"]), *args]), world_size=2, context_parallel=True)
+        forecast(resolve_config(["--model", str(folders["cogvideox"]), *args, "--context-parallel"]), world_size=2)
+
+
+def test_cached_text_encoder_leaves_the_device(tmp_path):
+    """--text-encoder cached: the forecast counts no text encoder weights on the device."""
+    folder = tiny_model(seed=0, family="wan").save(tmp_path / "wan")
+    live = forecast(resolve_config(["--model", str(folder), *SMALL]))
+    cached = forecast(resolve_config(["--model", str(folder), *SMALL, "--text-encoder", "cached"]))
+    assert live.weights["text encoder"] > 0 == cached.weights["text encoder"]
+    assert cached.device_peak == live.device_peak - live.weights["text encoder"]

@@ -85,6 +85,13 @@ def test_record_key_follows_every_setting_and_the_assets(tmp_path):
     from bench.study import run_config
     assert run_config(["--tau", "0.6"], 0) == run_config([], 0) != run_config(["--tau", "0.8"], 0)
     assert run_config([], 0) != run_config([], 1)
+    # an option added since the study began is in the key only away from the value its runs had
+    assert "decode_recompute" not in run_config([], 0)
+    assert run_config(["--decode-recompute"], 0)["decode_recompute"] is True
+    assert "text_encoder" not in run_config([], 0)
+    assert run_config(["--text-encoder", "cached"], 0)["text_encoder"] == "cached"
+    assert "attention" not in run_config([], 0)
+    assert run_config(["--attention", "xformers"], 0)["attention"] == "xformers"
     # neither the number of seeds in the study nor a variant's wording changes a run
     assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS) == identity
     reworded = Variant("tau-1.0", "tau", "another label", VARIANT["tau-1.0"].options)

@@ -226,3 +226,36 @@ def test_held_out_evaluation_does_not_depend_on_the_eval_batch_size(tmp_path):
     first = [r for r in records[1] if r["kind"] == "eval"][0]
     grouped = [r for r in records[3] if r["kind"] == "eval"][0]
     assert first["eval_reward"] == pytest.approx(grouped["eval_reward"], rel=1e-4)
+
+
+def test_cached_text_encoder_trains_as_the_live_one_without_calling_the_encoder(tmp_path):
+    """--text-encoder cached: every prompt of the run embedded once at setup, the encoder then in host memory and
+    never called again; two steps give the live run's LoRA."""
+    from engine.train import Trainer
+
+    args = ["--model", "tiny", "--steps", "2", "--num-held-out", "2", "--sample-steps", "2", "--no-tensorboard"]
+    main([*args, "--output", str(tmp_path / "live")])
+    trainer = Trainer(resolve_config([*args, "--text-encoder", "cached", "--output", str(tmp_path / "cached")])).setup()
+    calls = []
+    forward = trainer.model.text_encoder.forward
+    trainer.model.text_encoder.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    trainer.train()
+    trainer.finish()
+    assert calls == [] and next(trainer.model.text_encoder.parameters()).device.type == "cpu"
+    assert set(trainer.model.prompt_cache) >= {""} | {s.prompt for s in trainer.train_sources + trainer.eval_sources}
+    live, cached = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("live", "cached"))
+    for key, value in live.items():
+        torch.testing.assert_close(cached[key], value, rtol=1e-5, atol=1e-7)
+
+
+
+def test_xformers_attention_that_cannot_run_here_says_why_and_trains_on_sdpa(tmp_path, capsys):
+    """--attention xformers where xformers does not import or its ops do not load (here: not installed, no GPU):
+    one line naming why, then the run as with SDPA."""
+    args = ["--model", "tiny", "--steps", "1", "--num-held-out", "1", "--sample-steps", "2", "--no-tensorboard"]
+    main([*args, "--attention", "xformers", "--output", str(tmp_path / "x")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--attention xformers")]
+    assert len(lines) == 1 and lines[0].endswith("attention runs on SDPA"), lines
+    main([*args, "--output", str(tmp_path / "sdpa")])
+    ours, stock = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("x", "sdpa"))
+    assert all(torch.equal(ours[k], stock[k]) for k in stock)

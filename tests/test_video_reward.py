@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.models import gather_frames
-from engine.rewards import Reward
+from engine.rewards import ClipReward, Reward, WeightedSum
 from engine.video_reward import SegmentalReward, reward_loss, segment_frame_indices, tar_weights
 
 
@@ -78,3 +78,52 @@ def test_segvr_and_tar_switch_off(tiny):
     idx = scorer.frame_indices(2, 8, train=True)
     assert idx.tolist() == [list(range(8))] * 2
     assert torch.equal(scorer.weights(idx, 8), torch.ones(2, 8))
+
+
+class FrameDifference(ClipReward):
+    """A video-level reward: mean absolute change between the declared frames (every other frame)."""
+
+    def frame_indices(self, num_frames, fps):
+        return torch.arange(0, num_frames, 2)
+
+    def forward(self, clips, prompts):
+        assert clips.ndim == 5 and len(prompts) == clips.shape[0]
+        return (clips[:, 1:] - clips[:, :-1]).abs().mean(dim=(1, 2, 3, 4))
+
+
+def test_a_mix_of_image_and_video_level_rewards_decodes_once_and_weighs_both(tiny):
+    calls = []
+    decode = tiny.vae.decode
+    tiny.vae.decode = lambda z, *a, **k: calls.append(z.shape[0]) or decode(z, *a, **k)
+    latents = torch.randn(2, 4, 8, 16, 16, requires_grad=True)
+    mix = WeightedSum([(FrameMean(), 0.7), (FrameDifference(), 2.0)])
+    rewards, scores = SegmentalReward(mix, segments=4)(tiny, latents, ["a", "b"], train=True,
+                                                       generator=torch.Generator().manual_seed(3))
+    assert calls == [2 * (4 + 4)], "the 4 SegVR frames and the clip reward's 4 frames, in one decode"
+    idx = segment_frame_indices(2, 8, 4, train=True, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        every = tiny.decode_latents(gather_frames(latents, torch.arange(8).expand(2, -1))).view(2, 8, 3, 32, 32)
+    chosen = every[torch.arange(2)[:, None], idx]
+    image = (tar_weights(idx, 8, 1.0) * chosen.mean(dim=(2, 3, 4))).mean(1)
+    expected = 0.7 * image + 2.0 * FrameDifference()(every[:, ::2], ["a", "b"])
+    assert torch.allclose(rewards, expected, atol=1e-5) and scores.shape == (2, 4)
+    rewards.sum().backward()
+    assert latents.grad.abs().sum() > 0
+
+
+def test_a_video_level_reward_alone_scores_its_own_frames(tiny):
+    latents = torch.randn(2, 4, 8, 16, 16)
+    rewards, scores = SegmentalReward(FrameDifference())(tiny, latents, ["a", "b"], train=False)
+    every = tiny.decode_latents(gather_frames(latents, torch.arange(8).expand(2, -1))).view(2, 8, 3, 32, 32)
+    assert torch.allclose(rewards, FrameDifference()(every[:, ::2], ["a", "b"]), atol=1e-5)
+    assert scores.shape == (2, 0)
+
+
+def test_the_trainer_fine_tunes_with_the_built_in_motion_reward_mixed_in(tmp_path):
+    from engine.train import main
+
+    summary = main(["--model", "world", "--reward", "hpsv2:world,motion:world@0.5", "--steps", "2",
+                    "--num-held-out", "2", "--sample-steps", "2", "--output", str(tmp_path / "run"),
+                    "--no-tensorboard"])
+    assert math.isfinite(summary["eval_reward_start"]) and math.isfinite(summary["eval_reward_end"])
+    assert summary["eval_reward_end"] != summary["eval_reward_start"]  # the LoRA changed what the mix scores

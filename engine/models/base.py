@@ -40,6 +40,7 @@ class VideoDiffusion:
     denoiser_name = "unet"  # the pipeline's attribute and folder
     default_size = (16, 256, 256)  # frames, height, width its pipeline generates by default (ModelScope's training size)
     context_gradient = False  # causal VAEs: the SegVR frames' gradient flows through the causal context too
+    prompt_cache = None  # prompt -> embedding [L, D] on the device, once cache_prompts has run
 
     def __post_init__(self):
         for module in (self.denoiser, self.vae, self.text_encoder):
@@ -107,6 +108,35 @@ class VideoDiffusion:
     # -- text and denoiser -----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D]: read from the prompt cache once ``cache_prompts`` has filled it (a prompt not
+        in it is embedded then, the text encoder brought to the device for that call), else embedded now."""
+        cache = self.prompt_cache
+        if cache is None:
+            return self.embed_prompts(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            self._cache(missing)
+        return torch.stack([cache[p] for p in prompts])
+
+    def cache_prompts(self, prompts: list[str], batch: int = 8) -> None:
+        """Embed ``prompts`` once, keep the embeddings on the device and the text encoder in host memory: what a
+        run that knows its prompts needs of the encoder (T5-XXL for Wan: 11 GB in bf16) leaves the device."""
+        self.prompt_cache = {}
+        unique = list(dict.fromkeys(prompts))
+        for i in range(0, len(unique), batch):
+            self._cache(unique[i:i + batch])
+        self.text_encoder.to("cpu")
+
+    def _cache(self, prompts: list[str]) -> None:
+        offloaded = next(self.text_encoder.parameters()).device != self.device
+        if offloaded:
+            self.text_encoder.to(self.device)
+        with torch.no_grad():
+            self.prompt_cache.update(zip(prompts, self.embed_prompts(prompts)))
+        if offloaded:
+            self.text_encoder.to("cpu")
+
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [B, 77, D] as the pipeline computes them (last hidden state)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids

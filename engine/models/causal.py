@@ -36,7 +36,7 @@ class CausalVideoDiffusion(VideoDiffusion):
         return self.pipeline_class.removesuffix("Pipeline")
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings [B, L, D] by the pipeline's own ``encode_prompt`` (its padding and truncation)."""
         embeds, _ = self.prompt_pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False,
                                                        max_sequence_length=self.text_length, device=self.device)

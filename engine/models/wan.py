@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from engine.models.causal import CausalVideoDiffusion
 
@@ -68,6 +70,39 @@ class WanVideo(CausalVideoDiffusion):
         timestep = torch.as_tensor(timestep, device=x.device).expand(x.shape[0])
         return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
 
+    @contextmanager
+    def _up_blocks_recomputed(self):
+        """With ``decode_recompute``, each up-block of a chunk decoded with gradient is recomputed in backward on its
+        own: backward through a recomputed chunk then holds one up-block's activations at a time, not the chunk's.
+        An up-block reads and replaces entries of the decoder's causal cache (one list, in place) from a running
+        index: the block runs on a copy of the entries it is given, which it returns with the index it reached, so
+        that its recomputation reads what it read first."""
+        if not (self.decode_recompute and torch.is_grad_enabled()):
+            yield
+            return
+        blocks = list(self.vae.decoder.up_blocks)
+
+        def wrap(forward):
+            def block(x, start, entries, kwargs):
+                cache, index = list(entries), [start]
+                return forward(x, feat_cache=cache, feat_idx=index, **kwargs), tuple(cache), index[0]
+
+            def recomputed(x, feat_cache=None, feat_idx=(0,), **kwargs):
+                out, entries, end = checkpoint(block, x, feat_idx[0], tuple(feat_cache), kwargs, use_reentrant=False)
+                feat_cache[:] = entries
+                feat_idx[0] = end
+                return out
+
+            return recomputed
+
+        for up_block in blocks:
+            up_block.forward = wrap(up_block.forward)
+        try:
+            yield
+        finally:
+            for up_block in blocks:
+                del up_block.forward
+
     def decode_selected(self, z, graded):
         """AutoencoderKLWan's decode: one latent frame at a time, the causal convolutions' cache carried over
         (each chunk reads a copy of it, so that a chunk recomputed in backward reads what it read first)."""
@@ -77,7 +112,8 @@ class WanVideo(CausalVideoDiffusion):
 
         def run(x, cache, first_chunk):
             cache = list(cache)
-            return vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk), cache
+            with self._up_blocks_recomputed():
+                return vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk), cache
 
         vae.clear_cache()
         x, cache = vae.post_quant_conv(z), vae._feat_map

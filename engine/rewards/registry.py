@@ -9,7 +9,14 @@ from engine.errors import UserError
 from engine.rewards.aesthetic import AestheticReward
 from engine.rewards.base import ColorfulnessReward, Reward, WeightedSum
 from engine.rewards.hpsv2 import HPSv2Reward
+from engine.rewards.motion import MotionReward
 from engine.rewards.pickscore import PickScoreReward
+
+
+def _videoalign(path: str) -> Reward:
+    from engine.rewards.videoalign import VideoAlignReward  # transformers' Qwen2-VL: imported when asked for
+
+    return VideoAlignReward.from_spec(path)
 
 
 # name -> (builder taking an optional path, needs a path)
@@ -18,6 +25,8 @@ REWARDS: dict[str, tuple[Callable[[str | None], Reward], bool]] = {
     "hpsv2": (lambda path: HPSv2Reward.from_spec(path), True),
     "pickscore": (lambda path: PickScoreReward.from_spec(path), True),
     "aesthetic": (lambda path: AestheticReward.from_spec(path), True),
+    "motion": (lambda path: MotionReward.from_spec(path), True),  # video-level; motion:world is the built-in
+    "videoalign": (_videoalign, True),  # video-level; videoalign:PATH[:vq|mq|ta|overall]
 }
 
 

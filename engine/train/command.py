@@ -17,9 +17,9 @@ from engine.train.recipe import DESCRIPTION, Stop, Trainer
 from engine.train.run_folder import release_lock
 
 
-DRY_RUN = ("--dry-run [--world-size N [--context-parallel]]: count one step of this run on the meta device (device "
-           "peak, host memory, TFLOP, the memory plan) for one of N processes (splitting the batch, or each clip's "
-           "tokens), from the model's configs, print it and exit without reading weights or writing.")
+DRY_RUN = ("--dry-run [--world-size N]: count one step of this run on the meta device (device peak, host memory, "
+           "TFLOP, the memory plan) for one of N processes (splitting the batch, or with --context-parallel each "
+           "clip's tokens), from the model's configs, print it and exit without reading weights or writing.")
 
 
 @cli_entry
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     if dry.dry_run:
         from engine.train.forecast import forecast
 
-        predicted = forecast(config, dry.world_size, dry.context_parallel)
+        predicted = forecast(config, dry.world_size)
         print(predicted.render())
         print(json.dumps(predicted.summary()))
         return predicted.summary()
@@ -52,14 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _dry_run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """``--dry-run``, ``--world-size`` and ``--context-parallel``, taken out of the run's options."""
+    """``--dry-run`` and ``--world-size``, taken out of the run's options."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--world-size", type=int, default=None)
-    parser.add_argument("--context-parallel", action="store_true")
     dry, rest = parser.parse_known_args(argv)
-    if (dry.world_size is not None or dry.context_parallel) and not dry.dry_run:
-        raise UserError("--world-size and --context-parallel are --dry-run's (the processes to forecast for); a real "
-                        "run takes its processes from torchrun")
+    if dry.world_size is not None and not dry.dry_run:
+        raise UserError("--world-size is --dry-run's (the processes to forecast for); a real run takes its processes "
+                        "from torchrun")
     dry.world_size = dry.world_size or 1
     return dry, rest

@@ -35,18 +35,16 @@ import torch.distributed as dist
 import kernels
 from csrc import STAT_NAMES
 from engine.builtin import build_model, builtin
-from engine.chain import EditChain
 from engine.config import TrainConfig
-from engine.context_parallel import ContextParallel
-from engine.counting import FlopCount, LiveBytes, NoGradReuse, fused_attention_on_meta
-from engine.distributed import ShardedGenerator, World
+from engine.counting import FlopCount, LiveBytes, ModulePath, NoGradReuse, fused_attention_on_meta
+from engine.distributed import World
 from engine.errors import UserError
 from engine.memory import DEFAULT_RATES, SavedTensorMeter, denoiser_blocks
 from engine.models import VideoDiffusion
 from engine.models.loading import load_architecture
 from engine.rewards.registry import reward_architecture
-from engine.runtime import NoGradPath, autocast_dtype
-from engine.video_reward import SegmentalReward
+from engine.runtime import autocast_dtype
+from engine.train.sources import setup_draws
 
 GB = 1e9
 
@@ -68,6 +66,7 @@ class Forecast:
     trainable_params: int
     optimizer_bytes: int         # AdamW's two moments of the trainable weights (this process's shard)
     step_peak: int               # the step's own tensors at their highest (activations, gradients, outputs)
+    peak_at: str                 # the innermost module running when they were, in forward or backward
     saved_bytes: int             # saved for backward on the device
     host_peak: int               # spilled to host memory at the highest
     tflop: float
@@ -84,7 +83,7 @@ class Forecast:
         return {"model": self.model, "target": self.target, "compute_dtype": self.compute_dtype,
                 "world_size": self.world_size, "context_parallel": self.context_parallel, "device_peak_gb": self.device_peak / GB,
                 "weights_gb": {k: v / GB for k, v in self.weights.items()}, "optimizer_gb": self.optimizer_bytes / GB,
-                "step_peak_gb": self.step_peak / GB, "saved_gb": self.saved_bytes / GB, "host_gb": self.host_peak / GB,
+                "step_peak_gb": self.step_peak / GB, "peak_at": self.peak_at, "saved_gb": self.saved_bytes / GB, "host_gb": self.host_peak / GB,
                 "tflops": self.tflop, "tflops_without_recompute": self.tflop_without_recompute,
                 "trainable_params": self.trainable_params}
 
@@ -101,8 +100,8 @@ class Forecast:
             f"  device peak      {self.device_peak / GB:8.2f} GB",
             f"    weights        {sum(self.weights.values()) / GB:8.2f} GB  ({weights})",
             f"    AdamW state    {self.optimizer_bytes / GB:8.2f} GB  ({self.trainable_params:,} trainable parameters)",
-            f"    step           {self.step_peak / GB:8.2f} GB  at its highest (of which saved for backward on the "
-            f"device: {self.saved_bytes / GB:.2f} GB)",
+            f"    step           {self.step_peak / GB:8.2f} GB  at its highest, in {self.peak_at} (of which saved "
+            f"for backward on the device: {self.saved_bytes / GB:.2f} GB)",
             f"  host memory      {self.host_peak / GB:8.2f} GB  spilled by the plan at its highest",
             f"  compute          {self.tflop:8.2f} TFLOP per step, {ratio:.2f}x the "
             f"{self.tflop_without_recompute:.2f} of the same step with nothing recomputed",
@@ -113,26 +112,29 @@ class Forecast:
         return "\n".join(lines)
 
 
-def forecast(config: TrainConfig, world_size: int = 1, context_parallel: bool = False) -> Forecast:
+def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
     """Count one step of ``config`` for one of ``world_size`` processes (splitting each clip's tokens with
-    ``context_parallel``, else the batch); see the module docstring."""
+    ``--context-parallel``, else the batch); see the module docstring."""
     started = time.perf_counter()
+    context_parallel = config.context_parallel
     if world_size < 1 or (config.batch_size % world_size and not context_parallel):
         raise UserError(f"--batch-size {config.batch_size} (the global batch) must be divisible by --world-size "
                         f"{world_size}")
+    if context_parallel and world_size == 1:
+        raise UserError("--dry-run --context-parallel needs --world-size N: the processes that split each clip")
     shares = 1 if context_parallel else world_size
     target = "cpu" if config.device == "cpu" else "cuda"
     compute = autocast_dtype(config.precision, torch.device(target)) or torch.float32
     with _quiet_casts(), _process_group(world_size if context_parallel else 1):
         counted = _counted_step(config, world_size, shares, target, compute)
         with redirect_stdout(io.StringIO()):  # the same model and reward again: their lines were printed once
-            plain = _counted_step(dataclasses.replace(config, checkpoint="none"), world_size, shares, target, compute,
-                                  flops_only=True)
+            kept = dataclasses.replace(config, checkpoint="none", decode_recompute=False)  # every saved tensor kept
+            plain = _counted_step(kept, world_size, shares, target, compute, flops_only=True)
     frames, height, width = config.num_frames, config.height, config.width
     return Forecast(config.model, target, str(compute).removeprefix("torch."), world_size, context_parallel,
                     config.batch_size // shares, (frames, height, width), counted["steps_run"],
                     counted["grad_steps"], counted["weights"], counted["trainable_params"], counted["optimizer_bytes"],
-                    counted["step_peak"], counted["saved"], counted["host"], counted["flops"] / 1e12,
+                    counted["step_peak"], counted["peak_at"], counted["saved"], counted["host"], counted["flops"] / 1e12,
                     plain["flops"] / 1e12, counted["plan"], time.perf_counter() - started)
 
 
@@ -187,31 +189,24 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
 
     cfg = dataclasses.replace(config, batch_size=config.batch_size // shares)
     trainer = Trainer(cfg)
-    trainer.world, trainer.device, trainer.amp_dtype = World(), torch.device("meta"), None
-    model = trainer.model = architecture(cfg.model)
+    trainer.world = trainer.data_world = World()  # one process counted; the others are shares of batch or tokens
+    trainer.device, trainer.amp_dtype = torch.device("meta"), None
+    model, reward = architecture(cfg.model), reward_architecture(cfg.reward)
     weights = {"denoiser": _stored_bytes(model.denoiser), "vae": _stored_bytes(model.vae),
-               "text encoder": _stored_bytes(model.text_encoder)}
-    model.context_gradient = cfg.decode_context == "grad"
-    reward = reward_architecture(cfg.reward)
-    weights["reward"] = _stored_bytes(reward)
+               "text encoder": _stored_bytes(model.text_encoder), "reward": _stored_bytes(reward)}
+    if cfg.text_encoder == "cached":  # the encoder waits in host memory; the embeddings are a few MB
+        weights["text encoder"] = 0
     if compute != torch.float32:
         for module in (model.denoiser, model.vae, model.text_encoder, reward):
             module.to(compute)
-    trainer.reward = SegmentalReward(reward, cfg.segments, cfg.tar_lambda, cfg.segvr, cfg.tar)
-    trainer.latent_shape = model.latent_shape(cfg.num_frames, cfg.height, cfg.width)
-    trainer.noise_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 1), trainer.world)
-    trainer.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), trainer.world)
+    trainer._setup_model(model, reward)
+    setup_draws(trainer)
     trainer.uncond = _text_embeddings(model, 1, compute)
-    trainer.memory = trainer._setup_memory()
+    trainer._check_steps()
+    trainer._setup_step()
     if trainer.memory is not None:  # the planner weighs recompute against copies at the target's rates, not meta's
         rates = DEFAULT_RATES[target]
         trainer.memory.rates = rates if trainer.memory.rates.host_bytes_per_s > 0 else rates._replace(host_bytes_per_s=0.0)
-    denoiser = trainer._setup_trainable_and_optimizer()
-    if dist.is_initialized():
-        ContextParallel(model.denoiser)
-    trainer.chain = EditChain(model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
-                              cfg.offset_noise, denoiser=denoiser, memory=trainer.memory,
-                              no_grad_path=NoGradPath.resolve(cfg.no_grad_path, trainer.device, cfg.precision))
     trainable = sum(p.numel() for p in trainer.trainable)
     if cfg.finetune == "lora":
         weights["LoRA"] = 4 * trainable  # fp32, as the run keeps them
@@ -223,8 +218,12 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
     prompts = ["a red ball moving left"] * cfg.batch_size
     context = _text_embeddings(model, cfg.batch_size, compute)
 
+    phase = ["forward"]
+
     def step():
+        phase[0] = "forward"
         loss, _ = trainer.loss_step(latents, prompts, context)
+        phase[0] = "backward"
         loss.backward()
 
     previous = kernels.get_backend()
@@ -237,7 +236,11 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
                 trainer.optimizer.zero_grad(set_to_none=True)
                 trainer.memory.store.reset_peaks()
             saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
-            with FlopCount() as flops, saved if not flops_only else nullcontext(), LiveBytes("meta") as live:
+            modules = ModulePath(denoiser=model.denoiser, vae=model.vae, reward=reward)
+            where = lambda: (f"{modules.current()} ({phase[0]})" if modules.current() else  # noqa: E731
+                             "autograd's backward" if phase[0] == "backward" else "the forward, between modules")
+            with modules, FlopCount() as flops, saved if not flops_only else nullcontext(), \
+                    LiveBytes("meta", where=where) as live:
                 step()
     finally:
         kernels.set_backend(previous)
@@ -247,7 +250,7 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
     memory = trainer.memory
     host = dict(zip(STAT_NAMES, memory.store.stats()))["peak_host_bytes"] if memory is not None else 0
     return {"weights": weights, "trainable_params": trainable, "optimizer_bytes": 2 * 4 * trainable // shards,
-            "step_peak": live.peak + grad_correction // shards, "saved": saved.bytes if not flops_only else 0,
+            "step_peak": live.peak + grad_correction // shards, "peak_at": live.peak_at or "", "saved": saved.bytes if not flops_only else 0,
             "host": host, "flops": flops.total, "steps_run": trainer.chain.steps_run,
             "grad_steps": trainer.chain.grad_steps, "plan": _plan_text(cfg, memory)}
 

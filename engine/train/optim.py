@@ -25,13 +25,16 @@ def make_optimizer(trainable, lr: float, weight_decay: float, warmup_steps: int,
 
 
 def optimizer_step(loss: torch.Tensor, trainable, optimizer, lr_scheduler, scaler, max_grad_norm: float,
-                   world) -> tuple[str, float]:
-    """Backward, average over processes, clip, update; returns (outcome, grad norm).
+                   world, reduce=None) -> tuple[str, float]:
+    """Backward, average over processes, clip, update; returns (outcome, grad norm). ``reduce(trainable)``, when
+    given, combines the processes' gradients after backward (context parallelism sums them).
 
     outcome is "updated"; "skipped" for a non-finite loss or gradient (weights, optimizer, scheduler and
     scaler state untouched); or "overflow" when fp16 loss scaling overflowed and the scaler lowered its scale.
     """
     scaler.scale(loss).backward()  # DDP (LoRA) or FSDP (full) averages the gradients over ranks
+    if reduce is not None:
+        reduce(trainable)
     scaler.unscale_(optimizer)
     max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
     grad_norm = dist_utils.total(torch.nn.utils.clip_grad_norm_(trainable, max_norm))

@@ -19,33 +19,32 @@ import time
 from contextlib import nullcontext
 
 import torch
-import yaml
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import kernels
 from engine import distributed as dist_utils
 from engine import media
-from engine.acceleration import accelerate
-from engine.builtin import build_model, builtin
+from engine.acceleration import accelerate, use_attention
+from engine.builtin import build_model
 from engine.chain import EditChain
 from engine.config import TrainConfig, resolve_config
-from engine.data import BatchSampler, build_sources, split_held_out
-from engine.distributed import ShardedGenerator
+from engine.context_parallel import ContextParallel
 from engine.errors import UserError, disk_writes
 from engine.lora import add_lora, adapters_disabled, load_lora
 from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
-from engine.models import VideoDiffusion
+from engine.models import CausalVideoDiffusion, VideoDiffusion
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
-from engine.rewards import build_reward
+from engine.rewards import Reward, build_reward
 from engine.runtime import NoGradPath, autocast, autocast_dtype, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
 from engine.train.evaluation import HeldOut
 from engine.train.optim import make_optimizer, optimizer_step
-from engine.train.run_folder import REWARD_CURVE, SAMPLES, TENSORBOARD, append_line, check_output, open_output
+from engine.train.run_folder import (REWARD_CURVE, SAMPLES, TENSORBOARD, append_line, check_output, open_output,
+                                     write_config)
 from engine.train.samples import print_summary, write_samples
-from engine.train.sources import SourceLatents
+from engine.train.sources import SourceLatents, setup_draws, setup_sources
 from engine.video_reward import SegmentalReward, reward_loss
 
 
@@ -74,6 +73,7 @@ class Trainer:
         # edited latents of the held-out sources: the latest evaluation's, and the first's (the base model's)
         self.held_out_edits: list[torch.Tensor] = []
         self.before_edits: list[torch.Tensor] = []
+        self.parallel: ContextParallel | None = None  # --context-parallel: each clip's tokens across the processes
 
     # ---------------------------------------------------------------------------------- setup
     def setup(self) -> "Trainer":
@@ -88,23 +88,19 @@ class Trainer:
         torch.set_num_threads(torch.get_num_threads())
         self.world = dist_utils.init_world("cuda" if cfg.device.startswith("cuda") or
                                            (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-        if cfg.batch_size % self.world.size:
+        # the processes that share out the batch: all of them, or with --context-parallel none (they split its tokens)
+        self.data_world = dist_utils.World() if cfg.context_parallel else self.world
+        if cfg.batch_size % self.data_world.size:
             raise UserError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the "
                             f"{self.world.size} processes")
         self.device = resolve_device(cfg.device, self.world.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.output = check_output(cfg.output, cfg.model, cfg.overwrite, cfg.break_lock)
-        self.model: VideoDiffusion = build_model(cfg.model, cfg.seed, self.device)
-        self.model.context_gradient = cfg.decode_context == "grad"
-        self.reward = SegmentalReward(build_reward(cfg.reward).to(self.device), cfg.segments, cfg.tar_lambda,
-                                      cfg.segvr, cfg.tar)
-        self._setup_data()
+        self._setup_model(build_model(cfg.model, cfg.seed, self.device), build_reward(cfg.reward).to(self.device))
+        setup_draws(self)
+        setup_sources(self)
         self._check_steps()
-        self.memory = self._setup_memory()
-        denoiser = self._setup_trainable_and_optimizer()
-        self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
-                               cfg.offset_noise, denoiser=denoiser, memory=self.memory,
-                               no_grad_path=NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision))
+        self._setup_step()
         self.backend = self._setup_backend()
         self.early_stopping = EarlyStopping(cfg.early_stop_patience, cfg.early_stop_min_delta)
         self.latents = SourceLatents(self.model, self.chain, self.uncond, self.latent_shape, cfg.seed, self.device,
@@ -120,25 +116,33 @@ class Trainer:
             if cfg.resume:
                 checkpoint.rewrite_metrics(self.output, self.records)
             else:
-                self._write_config()
+                write_config(self)
         self.tracker = Tracker(self.output / TENSORBOARD, enabled=cfg.tensorboard and self.world.is_main)
         return self
 
-    def _setup_data(self):
+    def _setup_model(self, model: VideoDiffusion, reward: Reward):
+        """The run's model with its decoding options, and its reward under SegVR and TAR (``--dry-run`` passes their
+        meta-device architectures)."""
         cfg = self.config
-        self.latent_shape = self.model.latent_shape(cfg.num_frames, cfg.height, cfg.width)  # checks the sizes
-        preset = builtin(cfg.model)
-        if cfg.prompts or cfg.videos or preset is None:
-            sources = build_sources(cfg.prompts, cfg.videos, cfg.num_frames, cfg.fps, cfg.height, cfg.width)
-        else:
-            sources = preset.sources(cfg.num_held_out, 0, cfg.num_frames, cfg.height, cfg.width)
-        self.train_sources, held_out = split_held_out(sources, cfg.num_held_out)
-        self.eval_sources = held_out or self.train_sources[:2]
-        self.sampler = BatchSampler(len(self.train_sources), cfg.batch_size, cfg.seed)
-        # Noise and SegVR draws are made for the global batch, so any number of processes gives one result.
-        self.noise_generator = ShardedGenerator(torch.Generator(self.device).manual_seed(cfg.seed + 1), self.world)
-        self.frame_generator = ShardedGenerator(torch.Generator().manual_seed(cfg.seed + 2), self.world)
-        self.uncond = self.model.encode_prompts([""])
+        self.model = model
+        model.context_gradient = cfg.decode_context == "grad"
+        if cfg.decode_recompute:
+            if not isinstance(model, CausalVideoDiffusion):
+                raise UserError(f"--decode-recompute applies to causal VAEs (Wan, CogVideoX); {cfg.model} decodes "
+                                "frame by frame, so leave it off")
+            model.decode_recompute = True
+        self.reward = SegmentalReward(reward, cfg.segments, cfg.tar_lambda, cfg.segvr, cfg.tar, cfg.fps)
+
+    def _setup_step(self):
+        """What a step runs on top of the model: the memory policy, the trainable weights and their optimizer, the
+        chain, the attention backend."""
+        cfg = self.config
+        self.memory = self._setup_memory()
+        denoiser = self._setup_trainable_and_optimizer()
+        self.chain = EditChain(self.model, cfg.ddim_steps, cfg.tau, cfg.grad_steps_resolved, cfg.guidance, cfg.eta,
+                               cfg.offset_noise, denoiser=denoiser, memory=self.memory,
+                               no_grad_path=NoGradPath.resolve(cfg.no_grad_path, self.device, cfg.precision))
+        self.attention = use_attention(self.model, cfg.attention)
 
     def _check_steps(self):
         """The chain's D and the samples' steps within the timesteps the model was trained with."""
@@ -169,7 +173,9 @@ class Trainer:
             self.trainable = add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha)
             if cfg.init_lora:
                 load_lora(denoiser, cfg.init_lora)
-            if self.world.size > 1:
+            if cfg.context_parallel:
+                self.parallel = ContextParallel(denoiser)
+            elif self.world.size > 1:
                 caller = dist_utils.data_parallel(denoiser, self.device)
         else:
             self.denoiser_class = type(denoiser).__name__  # FSDP renames the class; the saved config keeps this one
@@ -195,8 +201,9 @@ class Trainer:
 
     @property
     def runs_model(self) -> bool:
-        """Whether this rank runs evaluation and sampling: rank 0, or every rank when the model is sharded."""
-        return self.world.is_main or self.sharded
+        """Whether this rank runs evaluation and sampling: rank 0, or every rank when the model is sharded or each
+        clip is split across the processes."""
+        return self.world.is_main or self.sharded or self.config.context_parallel
 
     def _setup_base_model_outputs(self):
         """What needs the base model (LoRA off, or weights not yet updated): the prompt-generated source
@@ -211,20 +218,6 @@ class Trainer:
         if self.runs_model:
             with adapters_disabled(self.model.denoiser):
                 self.before_latents = self.held_out.sample_latents()
-
-    def _write_config(self):
-        cfg, chain = self.config, self.chain
-        resolved = cfg.to_dict() | {
-            "output": str(self.output),
-            "derived": {"start_timestep": chain.timesteps[0], "steps_run": chain.steps_run,
-                        "grad_steps": chain.grad_steps, "device": str(self.device), "backend": self.backend,
-                        "no_grad_path": chain.no_grad_path.mode if chain.no_grad_path else "off",
-                        "processes": self.world.size,
-                        "trainable_parameters": sum(p.numel() for p in self.trainable),
-                        "train_sources": len(self.train_sources), "eval_sources": len(self.eval_sources)},
-        }
-        with disk_writes(self.output, "config.yaml"):
-            (self.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     # ---------------------------------------------------------------------------------- one step
     def autocast(self):
@@ -268,7 +261,8 @@ class Trainer:
     def optimizer_step(self, loss: torch.Tensor) -> tuple[str, float]:
         """Backward, clip, update: "updated", "skipped" (not finite: nothing changed) or "overflow" (fp16)."""
         return optimizer_step(loss, self.trainable, self.optimizer, self.lr_scheduler, self.scaler,
-                              self.config.max_grad_norm, self.world)
+                              self.config.max_grad_norm, self.world,
+                              self.parallel.reduce_gradients if self.parallel is not None else None)
 
     def log(self, record: dict):
         self.records.append(record)
@@ -309,7 +303,7 @@ class Trainer:
                     self.step += 1
                     started = time.perf_counter()
                     # data: this process's share of the global batch (latents cached), prompts, text embeddings
-                    latents, prompts, context = self.batch(self.train_sources, self.world.shard(next(self.sampler)))
+                    latents, prompts, context = self.batch(self.train_sources, self.data_world.shard(next(self.sampler)))
                     # forward: edit -> decode SegVR frames -> reward with TAR
                     loss, terms = self.loss_step(latents, prompts, context)
                     # backward through the last K steps, average over ranks, clip, update (skipped if non-finite)

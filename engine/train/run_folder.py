@@ -12,6 +12,8 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
+import yaml
+
 from engine.errors import UserError, disk_writes
 
 CHECKPOINT = "checkpoint.pt"
@@ -167,3 +169,19 @@ def append_line(path: Path, line: str, what: str) -> None:
     with disk_writes(path, what, len(line.encode()), cleanup=cut_back), open(path, "a") as fh:
         fh.write(line)
         fh.flush()
+
+
+def write_config(run) -> None:
+    """config.yaml: the run's options as resolved, and what they came to (the chain's start, K, the device...)."""
+    cfg, chain = run.config, run.chain
+    resolved = cfg.to_dict() | {
+        "output": str(run.output),
+        "derived": {"start_timestep": chain.timesteps[0], "steps_run": chain.steps_run,
+                    "grad_steps": chain.grad_steps, "device": str(run.device), "backend": run.backend,
+                    "no_grad_path": chain.no_grad_path.mode if chain.no_grad_path else "off",
+                    "processes": run.world.size,
+                    "trainable_parameters": sum(p.numel() for p in run.trainable),
+                    "train_sources": len(run.train_sources), "eval_sources": len(run.eval_sources)},
+    }
+    with disk_writes(run.output, "config.yaml"):
+        (run.output / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
