@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.code_trace import ROOT, CodeTrace, changed, code_digests
-from bench.study_plan import ADDED_OPTIONS, DEFAULT, VARIANTS, Plan, Variant
+from bench.study_plan import ADDED_OPTIONS, DEFAULT, STUDY_BASE, VARIANTS, Plan, Variant
 
 
 RESULTS = Path(__file__).parent / "world" / "results"
@@ -57,7 +57,20 @@ def record_identity(variant: Variant | None, seed: int | None, plan: Plan, asset
     run = {k: v for k, v in asdict(variant).items() if k not in ("question", "label")} if variant else None  # not its words
     evaluation = {k: v for k, v in asdict(plan).items() if k != "seeds"}  # how many seeds there are is not this run's
     identity = {"variant": run, "seed": seed, "plan": evaluation, "assets": assets, "config": config}
-    return json.loads(json.dumps(identity))  # as a record stores it (tuples become lists)
+    extra = variant_assets(variant) if variant else {}
+    if extra:  # only variants that read one have the key: the other records' keys stay as they were
+        identity["variant_assets"] = extra
+    return json.loads(json.dumps(identity))
+
+
+def variant_assets(variant: Variant) -> dict[str, str]:
+    """Digests of the shipped assets beyond ``assets_digest`` that ``variant`` reads: the motion reward where its
+    options name ``motion:world``."""
+    from engine.assets import MOTION_REWARD_FILE
+
+    if not any("motion:world" in option for option in variant.options):
+        return {}
+    return {MOTION_REWARD_FILE.name: hashlib.sha256(MOTION_REWARD_FILE.read_bytes()).hexdigest()}  # as a record stores it (tuples become lists)
 
 
 def record_key(identity: dict) -> str:
@@ -101,7 +114,7 @@ def _config(options: list[str], seed: int, steps: int, folder: Path):
     from engine.config import resolve_config
 
     return resolve_config(["--model", "world", "--seed", str(seed), "--output", str(folder), "--overwrite",
-                           "--no-tensorboard", "--log-every", "1", "--steps", str(steps), *options])
+                           "--no-tensorboard", "--log-every", "1", *STUDY_BASE, "--steps", str(steps), *options])
 
 
 def run_config(options: list[str], seed: int) -> dict:
