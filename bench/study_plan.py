@@ -1,4 +1,4 @@
-"""What the method study runs (``bench.study`` runs it): its variants of the default job, the paper's claims it
+"""What the method study runs (``bench.study`` runs it): its variants of its base recipe (the default job when it began), the paper's claims it
 judges, and the plan every record shares. Kept apart from the runner so that adding a variant or rewording a
 label leaves every record current."""
 
@@ -15,7 +15,7 @@ STUDY_BASE = ("--tau", "0.6")
 
 @dataclass(frozen=True)
 class Variant:
-    """One recipe of the study: the default job with ``options`` changed, run to ``budget`` default jobs of
+    """One recipe of the study: its base recipe with ``options`` changed, run to ``budget`` base recipes of
     compute and scored at ``evaluations`` evenly spaced points of it; at the last one also with the LoRA at each
     strength of ``scales`` (``--lora-scale`` at inference)."""
 
@@ -32,7 +32,7 @@ def _variants(question: str, flag: str, values: dict[str, str], extra: tuple[str
     return [Variant(f"{question}-{value}", question, label, (flag, value, *extra)) for value, label in values.items()]
 
 
-DEFAULT = Variant("default", "default job", "default job (tau 0.6, K 6, S 4, TAR, LoRA r4)")
+DEFAULT = Variant("default", "base recipe", "base recipe (tau 0.6, K 6, S 4, TAR, LoRA r4)")
 VARIANTS = (
     DEFAULT,
     Variant("tau-0.2", "tau", "tau 0.2 (K all: the 4 steps it runs)", ("--tau", "0.2", "--grad-steps", "all")),
@@ -44,7 +44,7 @@ VARIANTS = (
     *_variants("lambda", "--tar-lambda", {"0.5": "TAR lambda 0.5", "2.0": "TAR lambda 2"}),
     *_variants("rank", "--lora-rank", {"2": "LoRA r2", "16": "LoRA r16"}),
     Variant("full", "rank", "full fine-tuning (lr 1.5e-4)", ("--finetune", "full", "--lr", "1.5e-4")),
-    Variant("long", "over-optimisation", "default job, 10x longer", budget=10.0, evaluations=10,
+    Variant("long", "over-optimisation", "base recipe, 10x longer", budget=10.0, evaluations=10,
             scales=(0.25, 0.5, 0.75)),
     # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them)
     Variant("reward-motion", "reward", "the world motion reward alone", ("--reward", "motion:world")),

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.report import markdown_table
 from bench.study import (ROOT, RESULTS, assets_digest, evaluation_pairs, record_identity, record_path, run_config,
                          staleness)
-from bench.study_plan import CLAIMS, DEFAULT, VARIANTS, Plan
+from bench.study_plan import CLAIMS, DEFAULT, STUDY_BASE, VARIANTS, Plan
 from engine.stats import hierarchical_bootstrap
 
 PLOTS = Path(__file__).parent / "world"
@@ -70,13 +70,13 @@ def curve(base: dict, records: dict[int, dict]) -> list[dict]:
 
 
 def budget_point(record: dict, variant) -> int:
-    """The evaluation at one default job's compute: the last for most variants, the first for longer ones."""
+    """The evaluation at one base recipe's compute: the last for most variants, the first for longer ones."""
     one_budget = record["steps"] * record["tflop_per_step"] / variant.budget
     return min(range(1, len(record["evals"])), key=lambda k: abs(record["evals"][k]["tflop"] - one_budget))
 
 
 def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str):
-    """(seeds, interval) of ``better`` minus ``worse`` in gold quality from noise at one default job's compute,
+    """(seeds, interval) of ``better`` minus ``worse`` in gold quality from noise at one base recipe's compute,
     clip by clip on the seeds both have; None when they share none."""
     seeds = sorted(set(runs[better]) & set(runs[worse]))
     if not seeds:
@@ -102,9 +102,9 @@ def claim_effect(claim, runs: dict[str, dict[int, dict]]) -> dict | None:
 
 
 def recommendation(summary: dict, runs: dict[str, dict[int, dict]], plan: Plan) -> dict | None:
-    """The recipe a user should use: of the variants run with every seed at the default job's budget, the one
+    """The recipe a user should use: of the variants run with every seed at the base recipe's budget, the one
     with the highest mean gold-quality gain from noise at that compute; it replaces the default job only when its
-    paired difference from the default is above zero (picked as the best of several, its interval is optimistic)."""
+    paired difference from the base recipe is above zero (picked as the best of several, its interval is optimistic)."""
     complete = [v.name for v in VARIANTS if v.budget == 1.0 and len(runs[v.name]) == plan.seeds]
     if DEFAULT.name not in complete:
         return None
@@ -199,8 +199,8 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
     plan, variants = summary["plan"], summary["variants"]
     lines = [f"`python -m bench.world_study --part study` runs the records (`bench/world/results/`, one per variant "
              f"and seed); `python -m bench.world_study --report` writes this section from them. Every variant is the "
-             f"default job with one option changed, trained to the compute of the default job ({plan['default_steps']} "
-             f"steps; steps = that TFLOP / the variant's own TFLOP per step), scored from noise on the effect set's "
+             f"study's base recipe (the default job when the study began) with one option changed, trained to the "
+             f"compute of the base recipe ({plan['default_steps']} steps; steps = that TFLOP / the variant's own TFLOP per step), scored from noise on the effect set's "
              f"in-domain captions ({plan['clips']} clips, the same noise as the base model) at evenly spaced points. "
              f"Gains: mean over fine-tuning seeds [95% interval, hierarchical bootstrap over seeds, then clips]; "
              f"plan: {plan['seeds']} seeds a variant."]
@@ -223,7 +223,7 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
                           f"{len(v['seeds'])}/{plan['seeds']}",
                           *[_format(at[m], d) for m, (_, d) in METRICS.items()],
                           _format(v["edits_at_budget"]["quality"], 2)])
-        lines.append(f"**{question}** (gains over the base model at the default job's compute)\n\n" + markdown_table(
+        lines.append(f"**{question}** (gains over the base model at the base recipe's compute)\n\n" + markdown_table(
             ["variant", "GFLOP / step", "steps", "seeds", *[f"Δ {label}" for label, _ in METRICS.values()],
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
@@ -241,14 +241,25 @@ def _render_recommendation(choice: dict, variants: dict) -> str:
     of_all = sum(1 for v in VARIANTS if v.budget == 1.0)
     so_far = "" if choice["candidates"] == of_all else f", {of_all - choice['candidates']} more still to run"
     head = (f"**The recipe a user should use** (of the {choice['candidates']} variants with every seed at the "
-            f"default job's compute{so_far}, the highest mean gold-quality gain from noise): {label}")
+            f"base recipe's compute{so_far}, the highest mean gold-quality gain from noise): {label}")
     if choice["versus_default"] is None:
-        return head + ": the default job stays."
+        return head + ": the base recipe stays the default job."
     difference = _format(choice["versus_default"], 2)
     if choice["adopt"]:
-        return head + f", {difference} dB over the default job (paired): the default job's recipe should become it."
-    return head + (f", {difference} dB over the default job (paired; picked as the best of several, so this "
-                   "interval is optimistic): not beyond the noise, the default job stays.")
+        adopted = ("the default job runs it (`engine.builtin`'s world preset)" if default_job_runs(choice["recipe"], variants)
+                   else "the default job's recipe should become it")
+        return head + f", {difference} dB over the base recipe (paired): {adopted}."
+    return head + (f", {difference} dB over the base recipe (paired; picked as the best of several, so this "
+                   "interval is optimistic): not beyond the noise, the base recipe stays the default job.")
+
+
+def default_job_runs(name: str, variants: dict) -> bool:
+    """Whether ``python -m engine.train`` with no options trains exactly variant ``name`` at the steps it ran."""
+    from engine.config import resolve_config
+
+    variant = next(v for v in VARIANTS if v.name == name)
+    recipe = resolve_config(["--model", "world", *STUDY_BASE, "--steps", str(variants[name]["steps"]), *variant.options])
+    return resolve_config(["--model", "world"]).to_dict() == recipe.to_dict()
 
 
 def _render_overoptimisation(over: dict, seeds: int) -> str:
@@ -261,7 +272,7 @@ def _render_overoptimisation(over: dict, seeds: int) -> str:
     rows = [[name, *[_format(row[m], METRICS[m][1]) for m in OVERSEEN],
              _format(row["quality_vs_last"], 2) if "quality_vs_last" in row else "",
              ", ".join(str(s) for s in row.get("steps", []))] for name, row in over["guards"].items()]
-    return (f"**over-optimisation: when the gold quality turns down, and what catches it** (the default job 10x "
+    return (f"**over-optimisation: when the gold quality turns down, and what catches it** (the base recipe 10x "
             f"longer, {seeds} seeds; gains from noise over the base model)\n\nThe mean gold quality peaks at step "
             f"{over['peak']['step']} ({over['peak']['tflop']:.1f} TFLOP); the last evaluation minus the peak: quality "
             f"{_format(quality, 2)} dB, reward {_format(reward, 4)}: {verdict}. The peak is read off the same runs, "

@@ -157,9 +157,9 @@ def test_report_of_a_hand_made_cache(tmp_path):
     assert ("| editing (tau 0.6) beats fine-tuning the whole chain from noise (tau 1.0, DRaFT) | 2 | "
             "+0.50 [+0.50, +0.50] | reproduced |") in body
     assert "| TAR beats uniform frame weights | 2 | -0.50 [-0.50, -0.50] | not reproduced |" in body
-    assert "of the 4 variants with every seed at the default job's compute, 14 more still to run" in body
-    assert "TAR off (uniform weights), +0.50 [+0.50, +0.50] dB over the default job (paired): the default job's" in body
-    assert questions == {"default job": ["default"], "tau": ["default", "tau-1.0"], "S": ["default", "S-1"],
+    assert "of the 4 variants with every seed at the base recipe's compute, 16 more still to run" in body
+    assert "TAR off (uniform weights), +0.50 [+0.50, +0.50] dB over the base recipe (paired): the default job's recipe should become it" in body
+    assert questions == {"base recipe": ["default"], "tau": ["default", "tau-1.0"], "S": ["default", "S-1"],
                          "TAR": ["default", "tar-off"]}
     assert "| tau 1.0 (from noise, DRaFT) | 10.00 | 40 | 2/2 | +0.50 [+0.50, +0.50] |" in body
 
@@ -320,3 +320,14 @@ def test_workers_share_a_list_through_claims(tmp_path, capsys):
     assert claim(path)  # its process has ended: taken over
     path.with_suffix(".claim").write_text(json.dumps({"pid": 1, "start_time": 1, "host": "elsewhere"}))
     assert not claim(path)
+
+
+def test_the_default_job_is_the_recipe_the_study_chose():
+    """The study chose tau 1.0 at its base recipe's compute (29 steps): ``python -m engine.train`` with no options
+    trains exactly that variant, and no other one."""
+    from bench.study_report import default_job_runs
+
+    steps = {"tau-1.0": {"steps": 29}, "default": {"steps": 40}, "K-1": {"steps": 56}}
+    assert default_job_runs("tau-1.0", steps)
+    assert not default_job_runs("tau-1.0", {"tau-1.0": {"steps": 40}})
+    assert not default_job_runs("default", steps) and not default_job_runs("K-1", steps)

@@ -16,11 +16,12 @@ from engine.tracking import Tracker
 def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], before: list[torch.Tensor],
                   after: list[torch.Tensor], edits: list[list[torch.Tensor]], tracker: Tracker, step: int,
                   fps: float) -> list[Path]:
-    """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts, and the
-    held-out edits: per prompt the (source, base edit, fine-tuned edit) latents in ``edits`` (none for a resumed
-    run, whose base-model edits were made by the run it resumes)."""
+    """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts (with their
+    amplified difference in ``before_after.png``), and the held-out edits: per prompt the (source, base edit,
+    fine-tuned edit) latents in ``edits`` (none for a resumed run, whose base-model edits were made by the run it
+    resumes)."""
     folder.mkdir(exist_ok=True)
-    written, rows = [], []
+    written, rows, labels = [], [], []
     for i, pair in enumerate(zip(before, after)):
         videos = {}
         for label, latent in zip(("before", "after"), pair):
@@ -29,13 +30,23 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
             written.append(media.write_gif(videos[label], folder / f"{i:02d}_{label}.gif", fps))
             tracker.video(f"samples/{i:02d}_{label}", videos[label], step, fps)
         written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
-        rows += [videos["before"], videos["after"]]
-    written.append(media.write_grid(rows, folder / "before_after.png"))  # every prompt: before, after, ...
+        rows += [videos["before"], videos["after"], difference(videos["before"], videos["after"])]
+        labels += [f"{i:02d} before", "after", f"|diff| x{DIFFERENCE_GAIN}"]
+    written.append(media.write_grid(rows, folder / "before_after.png", labels))  # every prompt: before, after, diff
     if edits:
         rows = [model.decode_video(latent.to(model.device)) for triple in edits for latent in triple]
         written.append(media.write_grid(rows, folder / "edits.png"))  # every prompt: source, before, after, ...
     (folder / "prompts.txt").write_text("".join(f"{i:02d}: {p}\n" for i, p in enumerate(prompts)))
     return written
+
+
+DIFFERENCE_GAIN = 4  # a change of 1/4 of the range shows at full brightness
+
+
+def difference(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Where fine-tuning changed a video from the same noise, and how much: |after - before| per pixel and channel,
+    amplified, so that a change too small to see side by side shows."""
+    return ((after - before).abs() * DIFFERENCE_GAIN).clamp(0, 1)
 
 
 def print_summary(first: dict, last: dict, output: Path, file=sys.stdout) -> None:
