@@ -68,8 +68,10 @@ class TrainConfig:
                                   "their tokens (Ulysses; Wan 2.1), for clips whose activations do not fit one GPU; "
                                   "the batch is then each process's batch")
     decode_recompute: bool = _opt(False, "causal VAEs (Wan, CogVideoX): the decoder's activations of the chunks decoded "
-                                  "with gradient recomputed in backward instead of kept (each keeps its input and the "
-                                  "causal cache it read; one more decoder forward of those chunks). Exact")
+                                  "with gradient recomputed in backward instead of kept, the residual blocks of its "
+                                  "up-blocks one at a time; each chunk keeps its input only, the causal cache it read "
+                                  "decoded again in backward from the chunks before it (with --decode-context no-grad). "
+                                  "Exact")
     text_encoder: str = _opt("live", "live: the text encoder stays on the device and embeds prompts as they come; "
                              "cached: every prompt the run knows (training, held-out, the empty one) is embedded "
                              "once, the embeddings stay on the device and the encoder moves to host memory (Wan's "

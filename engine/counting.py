@@ -203,8 +203,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # an output on an input's storage (a view, an in-place op) allocates nothing: that storage is followed
+        # already or was there before the block (a weight, whose transpose a linear layer takes)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == self.device:
+            if isinstance(t, torch.Tensor) and t.device.type == self.device \
+                    and t.untyped_storage()._cdata not in inputs:
                 self._follow(t.untyped_storage())
         return out
 

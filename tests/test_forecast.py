@@ -127,3 +127,18 @@ def test_cached_text_encoder_leaves_the_device(tmp_path):
     cached = forecast(resolve_config(["--model", str(folder), *SMALL, "--text-encoder", "cached"]))
     assert live.weights["text encoder"] > 0 == cached.weights["text encoder"]
     assert cached.device_peak == live.device_peak - live.weights["text encoder"]
+
+
+def test_live_bytes_counts_what_ops_allocate_not_views_of_weights():
+    """A linear layer on the meta device: its output is new memory, the transpose of its weight that the layer
+    takes is a view of a weight that was there before, and nothing is left alive after the block."""
+    from engine.counting import LiveBytes
+
+    layer = torch.nn.Linear(256, 512, device="meta")
+    x = torch.empty(8, 256, device="meta")
+    with LiveBytes("meta") as live:
+        y = layer(x)
+        assert live.live == y.numel() * 4
+    assert live.peak == 8 * 512 * 4
+    del y
+    assert live.live == 0

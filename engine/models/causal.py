@@ -3,12 +3,78 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from engine.errors import UserError
 from engine.models.base import VideoDiffusion
+
+
+def _leaves(cache):
+    """The tensors (and other entries) of a causal cache: a list, tuple or dict of them, nested, or None."""
+    if isinstance(cache, (list, tuple)):
+        return [leaf for entry in cache for leaf in _leaves(entry)]
+    if isinstance(cache, dict):
+        return _leaves(list(cache.values()))
+    return [cache]
+
+
+class ChunkRun:
+    """The inputs of the decoder layers that a recomputed chunk recomputes each on its own, by position. A layer's
+    checkpoint keeps only a box: its inputs stay in the box while the chunk's forward runs, are dropped after it
+    (so that no graded chunk keeps its layers' inputs, nor through them the causal cache they read, until
+    backward) and are put back, box by box, when backward recomputes the chunk, before any layer needs them."""
+
+    class Box:
+        inputs = None
+
+    def __init__(self):
+        self.boxes: list[ChunkRun.Box] = []
+        self.passes = self.cursor = 0
+
+    @contextmanager
+    def pass_(self):
+        """One run of the chunk: the first fills new boxes, the recomputation the same ones in the same order."""
+        self.passes, self.cursor = self.passes + 1, 0
+        yield
+
+    def box(self) -> "ChunkRun.Box":
+        if self.passes == 1:
+            self.boxes.append(ChunkRun.Box())
+        self.cursor += 1
+        return self.boxes[self.cursor - 1]
+
+    def release(self) -> None:
+        for box in self.boxes:
+            box.inputs = None
+
+    def checkpointed(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)``, recomputed in backward from its inputs in a box of this chunk."""
+        box = self.box()
+        box.inputs = (args, kwargs)
+        return checkpoint(_from_box, function, box, use_reentrant=False)
+
+    @staticmethod
+    @contextmanager
+    def replacing(modules: list, wrap):
+        """Each module's forward replaced by ``wrap(module)`` inside (an instance attribute, removed after)."""
+        for module in modules:
+            module.forward = wrap(module)
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.forward
+
+
+def _from_box(function, box: ChunkRun.Box):
+    if box.inputs is None:
+        raise RuntimeError(f"--decode-recompute: the inputs of {getattr(function, '__qualname__', function)} were "
+                           "not put back before its recomputation")
+    args, kwargs = box.inputs
+    return function(*args, **kwargs)
 
 
 class CausalVideoDiffusion(VideoDiffusion):
@@ -99,17 +165,53 @@ class CausalVideoDiffusion(VideoDiffusion):
 
     # The decoder's activations of a chunk decoded with gradient are most of what a step saves at real size (a
     # latent frame is 4 pixel frames at full resolution through every up-block). With ``decode_recompute`` each
-    # such chunk keeps only its input and the causal cache it read, and runs again in backward: one more decoder
-    # forward of the graded chunks for their activations. Exact (the decoder draws no random numbers).
+    # such chunk keeps only its input and runs again in backward: one more decoder forward of the graded chunks for
+    # their activations. The causal cache it read (the last frames of every causal convolution's input, at every
+    # resolution: a few GB a chunk at 480x832) is not kept either where the chunks before it decoded without
+    # gradient: backward decodes them again, without gradient, for it. Exact (the decoder draws no random numbers).
     decode_recompute = False
 
-    def decode_chunk(self, run, *inputs):
-        """``run(*inputs)``, one chunk of the decode loop (a function of its inputs alone: the causal cache it
-        reads is an input, the one it leaves an output); recomputed in backward when ``decode_recompute`` is on
-        and the chunk runs with gradient."""
-        if self.decode_recompute and torch.is_grad_enabled():
-            return checkpoint(run, *inputs, use_reentrant=False)
-        return run(*inputs)
+    def decode_chunks(self, run, x: torch.Tensor, cache, graded: set[int]) -> list[torch.Tensor]:
+        """The decode loop: ``run(x[:, :, chunk], cache, first) -> (frames, cache)`` over ``chunks`` (``first``: the
+        clip's first chunk), each with gradient only if it holds a graded latent frame; ``cache``: the causal cache
+        before the first chunk."""
+        chunks, frames, initial = self.chunks(x.shape[2]), [], cache
+        for chunk in chunks:
+            with torch.set_grad_enabled(any(k in chunk for k in graded)):
+                if self.decode_recompute and torch.is_grad_enabled():
+                    out, cache = self._recomputed_chunk(run, x, chunks, chunk, cache, initial)
+                else:
+                    out, cache = run(x[:, :, chunk.start:chunk.stop], cache, chunk.start == 0)
+            frames.append(out)
+        return frames
+
+    def _recomputed_chunk(self, run, x, chunks, chunk, cache, initial):
+        """One chunk run again in backward. Its cache is an input kept for backward where it carries gradient (the
+        context decoded with it); otherwise backward decodes the chunks before it again, without gradient. Inside,
+        ``layers_recomputed`` may recompute the decoder's layers each on its own (``ChunkRun``)."""
+        part, first = x[:, :, chunk.start:chunk.stop], chunk.start == 0
+        kept = any(isinstance(t, torch.Tensor) and t.requires_grad for t in _leaves(cache))
+        context, held, layers = x[:, :, :chunk.start].detach(), [cache], ChunkRun()
+
+        def again(part, *kept_cache):
+            read = held[0] if held[0] is not None else kept_cache[0] if kept else None
+            if read is None:  # backward: the cache this chunk read, again
+                with torch.no_grad():
+                    read = initial
+                    for before in chunks[:chunks.index(chunk)]:
+                        read = run(context[:, :, before.start:before.stop], read, before.start == 0)[1]
+            with layers.pass_(), self.layers_recomputed(layers):
+                return run(part, read, first)
+
+        out = checkpoint(again, part, *([cache] if kept else []), use_reentrant=False)
+        held[0] = None  # backward reads the kept input or replays the context
+        layers.release()
+        return out
+
+    def layers_recomputed(self, layers: "ChunkRun"):
+        """Inside a recomputed chunk: the family's decoder layers recomputed each on its own in backward (through
+        ``layers``), or nothing more."""
+        return nullcontext()
 
     def decode_frames(self, latents: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The chosen frames from the shortest exact prefix; with ``context_gradient`` off (the default) only the

@@ -35,17 +35,24 @@ class CogVideoXVideo(CausalVideoDiffusion):
         convolutions' cache carried over."""
         vae = self.vae
 
-        def run(frames, conv_cache):
+        def run(frames, conv_cache, first):
             if vae.post_quant_conv is not None:
                 frames = vae.post_quant_conv(frames)
             return vae.decoder(frames, conv_cache=conv_cache)
 
-        conv_cache, decoded = None, []
-        for chunk in self.chunks(z.shape[2]):
-            with torch.set_grad_enabled(any(k in chunk for k in graded)):
-                frames, conv_cache = self.decode_chunk(run, z[:, :, chunk.start:chunk.stop], conv_cache)
-            decoded.append(frames)
+        decoded = self.decode_chunks(run, z, None, graded)
         return torch.cat(decoded, 2)
+
+    def layers_recomputed(self, layers):
+        """Each residual block of the decoder's up-blocks recomputed in backward on its own (they take the causal
+        cache they read and return the one they leave: no state between them)."""
+        resnets = [resnet for block in self.vae.decoder.up_blocks for resnet in block.resnets]
+
+        def wrap(resnet):
+            forward = resnet.forward
+            return lambda *args, **kwargs: layers.checkpointed(forward, *args, **kwargs)
+
+        return layers.replacing(resnets, wrap)
 
     def chunks(self, n: int) -> list[range]:
         size = self.vae.num_latent_frames_batch_size

@@ -6,7 +6,6 @@ import re
 from contextlib import contextmanager
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from engine.models.causal import CausalVideoDiffusion
 
@@ -71,37 +70,45 @@ class WanVideo(CausalVideoDiffusion):
         return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
 
     @contextmanager
-    def _up_blocks_recomputed(self):
-        """With ``decode_recompute``, each up-block of a chunk decoded with gradient is recomputed in backward on its
-        own: backward through a recomputed chunk then holds one up-block's activations at a time, not the chunk's.
-        An up-block reads and replaces entries of the decoder's causal cache (one list, in place) from a running
-        index: the block runs on a copy of the entries it is given, which it returns with the index it reached, so
+    def layers_recomputed(self, layers):
+        """Each layer of the decoder's up-blocks that reads the causal cache (residual blocks, upsamplers)
+        recomputed in backward on its own: backward through a recomputed chunk then holds one such layer's
+        activations at a time, not the chunk's. A layer reads and replaces entries of the decoder's causal cache
+        (one list, in place) from a running index: it runs on a copy of the entries it reads, which it returns, so
         that its recomputation reads what it read first."""
-        if not (self.decode_recompute and torch.is_grad_enabled()):
-            yield
-            return
-        blocks = list(self.vae.decoder.up_blocks)
+        from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
-        def wrap(forward):
-            def block(x, start, entries, kwargs):
-                cache, index = list(entries), [start]
-                return forward(x, feat_cache=cache, feat_idx=index, **kwargs), tuple(cache), index[0]
+        modules = [m for block in self.vae.decoder.up_blocks for m in
+                   [*block.resnets, *(getattr(block, "upsamplers", None) or []), getattr(block, "upsampler", None)]
+                   if m is not None]
+        # the entries a layer reads: one per causal convolution over time that it runs with the cache
+        reads = {m: sum(isinstance(c, WanCausalConv3d) and c.kernel_size[0] > 1 for c in m.modules()) for m in modules}
 
-            def recomputed(x, feat_cache=None, feat_idx=(0,), **kwargs):
-                out, entries, end = checkpoint(block, x, feat_idx[0], tuple(feat_cache), kwargs, use_reentrant=False)
-                feat_cache[:] = entries
-                feat_idx[0] = end
+        def wrap(module):
+            forward, count = module.forward, reads[module]
+
+            def layer(x, entries, start):
+                cache, index = [None] * start + list(entries), [start]
+                out = forward(x, feat_cache=cache, feat_idx=index)
+                if index[0] != start + count:
+                    raise RuntimeError(f"--decode-recompute: {type(module).__name__} read {index[0] - start} causal-"
+                                       f"cache entries where {count} were expected: this diffusers' Wan decoder is "
+                                       "not the one it knows; run without --decode-recompute")
+                return out, tuple(cache[start:])
+
+            def recomputed(x, feat_cache=None, feat_idx=(0,)):
+                if feat_cache is None:
+                    return forward(x)
+                start = feat_idx[0]
+                out, entries = layers.checkpointed(layer, x, tuple(feat_cache[start:start + count]), start)
+                feat_cache[start:start + count] = entries
+                feat_idx[0] = start + count
                 return out
 
             return recomputed
 
-        for up_block in blocks:
-            up_block.forward = wrap(up_block.forward)
-        try:
+        with layers.replacing(modules, wrap):
             yield
-        finally:
-            for up_block in blocks:
-                del up_block.forward
 
     def decode_selected(self, z, graded):
         """AutoencoderKLWan's decode: one latent frame at a time, the causal convolutions' cache carried over
@@ -112,16 +119,10 @@ class WanVideo(CausalVideoDiffusion):
 
         def run(x, cache, first_chunk):
             cache = list(cache)
-            with self._up_blocks_recomputed():
-                return vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk), cache
+            return vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first_chunk), cache
 
         vae.clear_cache()
-        x, cache = vae.post_quant_conv(z), vae._feat_map
-        frames = []
-        for chunk in self.chunks(z.shape[2]):
-            with torch.set_grad_enabled(any(k in chunk for k in graded)):
-                out, cache = self.decode_chunk(run, x[:, :, chunk.start:chunk.stop], cache, chunk.start == 0)
-            frames.append(out)
+        frames = self.decode_chunks(run, vae.post_quant_conv(z), list(vae._feat_map), graded)
         vae.clear_cache()
         out = torch.cat(frames, 2)
         if vae.config.patch_size is not None:
