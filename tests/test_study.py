@@ -92,6 +92,12 @@ def test_record_key_follows_every_setting_and_the_assets(tmp_path):
     assert run_config(["--text-encoder", "cached"], 0)["text_encoder"] == "cached"
     assert "attention" not in run_config([], 0)
     assert run_config(["--attention", "xformers"], 0)["attention"] == "xformers"
+    # the study's base recipe is pinned (STUDY_BASE): the default job's recipe changing leaves its records' runs
+    from engine.config import resolve_config
+    assert run_config([], 0)["tau"] == 0.6 != resolve_config(["--model", "world"]).tau
+    # a variant that reads an asset beyond the shared ones carries its digest; the others' keys do not change
+    motion = record_identity(VARIANT["reward-motion"], 0, plan, ASSETS)
+    assert set(motion["variant_assets"]) == {"world-motion.safetensors"} and "variant_assets" not in identity
     # neither the number of seeds in the study nor a variant's wording changes a run
     assert record_identity(VARIANT["tau-1.0"], 0, Plan(seeds=5), ASSETS) == identity
     reworded = Variant("tau-1.0", "tau", "another label", VARIANT["tau-1.0"].options)
