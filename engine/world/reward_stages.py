@@ -99,9 +99,12 @@ def slopes(pairs) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
     return found
 
 
-# The fine-tuning recipes whose generations teach the reward each round: the world preset, the whole chain from
-# noise (DRaFT-style), and both three times longer, where a reward is hacked first.
-ONPOLICY_RECIPES = ({}, {"tau": 1.0}, {"steps": 120}, {"tau": 1.0, "steps": 120})
+# The fine-tuning recipes whose generations teach the reward each round (the world preset with these options):
+# editing (tau 0.6, 40 steps, the preset when the shipped reward was made), the whole chain from noise
+# (DRaFT-style), and both three times longer, where a reward is hacked first. Spelled out in full, so that the
+# preset's later recipe (tau 1.0, 29 steps) leaves the build as it was.
+ONPOLICY_RECIPES = ({"tau": 0.6, "steps": 40}, {"tau": 1.0, "steps": 40}, {"tau": 0.6, "steps": 120},
+                    {"tau": 1.0, "steps": 120})
 ONPOLICY_GAP = 1.0  # dB between a fine-tuned generation and the base model's of the same noise to make a pair
 
 
@@ -188,6 +191,6 @@ def _onpolicy_pairs(build, work: Path, reward_file: Path, round_: int, pairs, ba
                 counts["below_reference"] += 1
         change = sum(r["quality"] - b["quality"] for r, b in zip(rows, base_rows)) / len(rows)
         loras.append({"recipe": recipe, "seed": seed, "from_noise_quality_change_db": change, **counts})
-        print(f"onpolicy round {round_}, LoRA {k + 1} ({recipe or 'the preset'}): from noise {change:+.2f} dB; "
+        print(f"onpolicy round {round_}, LoRA {k + 1} ({recipe}): from noise {change:+.2f} dB; "
               + ", ".join(f"{n.replace('_', ' ')} {c}" for n, c in counts.items()), flush=True)
     return found, loras
