@@ -100,7 +100,11 @@ def table1(seeds: int, samples: int, work: Path) -> str:
                         + markdown_table(["prompt set", "metric", "base", "fine-tuned", "gain [95% CI]"], rows)
                         + f"\n\n![gains, {group} set](world/table1_{group}.png)")
     (PLOTS / "table1.json").write_text(json.dumps(figures, indent=2) + "\n")
-    return (f"{seeds} fine-tuning seeds (the default job, `--seed 0..{seeds - 1}`), each scored on the same initial "
+    from engine.config import resolve_config
+
+    recipe = resolve_config(["--model", "world", *STEPS])
+    return (f"{seeds} fine-tuning seeds (the default job: tau {recipe.tau}, {recipe.steps} steps; `--seed "
+            f"0..{seeds - 1}`), each scored on the same initial "
             "noise as the base model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the "
             "hierarchical bootstrap (seeds, then clips within a seed).\n\n" + "\n\n".join(sections))
 
