@@ -338,10 +338,13 @@ def _first_difference(a, b, where: str = "") -> str | None:
 def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[str]:
     """For each variant whose records are stale only because code they ran has changed: run one such seed again
     with the current code. When its results equal the record's (every number at the 8 digits records keep, wall
-    times aside), the change did not change what the variant computes, and every such record of the variant is
-    stamped with the current code (the seed run again is rewritten whole; another only where every changed
-    function it ran also ran again); otherwise they stay stale, and the first difference is said. Records stale for any other reason (options, plan, assets, configuration) are left
-    to ``run_study``. Returns one line per variant."""
+    times aside), the change did not change what the variant computes: the seed run again is rewritten whole,
+    keeping the code its old record ran (``verified_code``), and every other such record of the variant is stamped
+    with the current code where each changed function it ran is one that verification covers (run by the seed's old
+    record or by its run again; a function since removed counts where the old record ran it too). A variant with
+    such a verified seed already gets the stamping alone. Otherwise its records stay stale, and the first
+    difference is said. Records stale for any other reason (options, plan, assets, configuration) are left to
+    ``run_study``. Returns one line per variant."""
     (load, write, measure), lines = _runner(plan, folder), []
     for variant in variants:
         loaded = [(seed, *load(variant, seed)) for seed in range(plan.seeds)]
@@ -350,23 +353,34 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
         if not stale:
             lines.append(f"{variant.name}: no record stale by code alone")
             continue
-        seed, identity, path, record = stale[0]
-        measured, ran = measure(variant, seed)
-        difference = _first_difference(_results(record), _results(_float32_digits(measured)))
-        if difference:
-            lines.append(f"{variant.name}: seed {seed} computes something else now ({difference}); its "
-                         f"{len(stale)} stale record(s) stay stale for --part study to run again")
-            continue
-        write(path, identity, measured, ran)
-        verified, ran_now = 1, set(current_code(ran))
-        for _, _, other_path, other in stale[1:]:
-            if not set(changed(other["code"])) <= ran_now:  # it ran changed code the seed run again did not
+        verified = [(seed, record) for seed, _, _, record, why in loaded
+                    if why is None and record is not None and "verified_code" in record]
+        if verified:
+            seed, reference = verified[0]
+            others = stale
+        else:
+            seed, identity, path, record = stale[0]
+            measured, ran = measure(variant, seed)
+            difference = _first_difference(_results(record), _results(_float32_digits(measured)))
+            if difference:
+                lines.append(f"{variant.name}: seed {seed} computes something else now ({difference}); its "
+                             f"{len(stale)} stale record(s) stay stale for --part study to run again")
                 continue
-            own = {(str(ROOT / entry.rsplit(":", 1)[0]), entry.rsplit(":", 1)[1]) for entry in other["code"]}
+            write(path, identity, {**measured, "verified_code": record["code"]}, ran)
+            reference, others = json.loads(path.read_text()), stale[1:]
+        covered = set(reference["verified_code"]) | set(reference["code"])
+        stamped = 0
+        for _, _, other_path, other in others:
+            if not set(changed(other["code"])) <= covered:  # it ran changed code the verification did not
+                continue
+            # what it ran that still exists, and what the seed run again ran (the functions that replace removed ones)
+            own = {(str(ROOT / entry.rsplit(":", 1)[0]), entry.rsplit(":", 1)[1])
+                   for entry in [*other["code"], *reference["code"]] if (ROOT / entry.rsplit(":", 1)[0]).exists()}
             _write_record(other_path, {**other, "code": current_code(own), "verified": f"by seed {seed} run again, "
                                        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"})
-            verified += 1
-        lines.append(f"{variant.name}: seed {seed} run again gives the same numbers; {verified} of {len(stale)} "
-                     f"record(s) now carry the current code" + (" (the others ran changed code it did not: --part "
-                                                                "study runs them again)" if verified < len(stale) else ""))
+            stamped += 1
+        left = len(others) - stamped
+        lines.append(f"{variant.name}: seed {seed} run again gives the same numbers; {stamped} more record(s) now "
+                     "carry the current code" + (f" ({left} ran changed code it did not: --part study runs them "
+                                                  "again)" if left else ""))
     return lines

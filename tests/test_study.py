@@ -238,7 +238,8 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
 @pytest.mark.heavy(2)
 def test_verify_stamps_records_whose_code_changed_but_not_their_numbers(tmp_path):
     """Records stale because code they ran changed: one seed run again with the current code; the same numbers
-    stamp every such record of the variant with the current code; different numbers leave them stale, named."""
+    stamp the variant's other such records with the current code where the changed code they ran is code that seed
+    ran (a function since removed included); different numbers leave them stale, named."""
     import bench.study as study
 
     variant = Variant("K-1", "K", "K 1", ("--grad-steps", "1", "--num-held-out", "2"), evaluations=1)
@@ -251,13 +252,26 @@ def test_verify_stamps_records_whose_code_changed_but_not_their_numbers(tmp_path
     def as_if_edited(path, record, **changes):  # the function's digest as if its code had changed since
         path.write_text(json.dumps({**record, "code": {**record["code"], key: "0" * 16}, **changes}))
 
+    gone = "engine/train/recipe.py:Trainer._since_removed"  # a function both ran that the code no longer has
     for path, record in zip(paths, made):
-        as_if_edited(path, record)
+        as_if_edited(path, record, code={**record["code"], key: "0" * 16, gone: "1" * 16})
     assert study.verify_study(plan, [variant], tmp_path) == [
-        "K-1: seed 0 run again gives the same numbers; 2 of 2 record(s) now carry the current code"]
+        "K-1: seed 0 run again gives the same numbers; 1 more record(s) now carry the current code"]
     stamped = [json.loads(p.read_text()) for p in paths]
     assert [r["code"] for r in stamped] == [r["code"] for r in made]
     assert stamped[1]["evals"] == made[1]["evals"] and "verified" in stamped[1] and "verified" not in stamped[0]
+    assert stamped[0]["verified_code"][key] == "0" * 16 and gone in stamped[0]["verified_code"]
+    # seed 0 verified already: a record stale since is stamped without running anything, unless it ran changed
+    # code that seed 0 did not run
+    as_if_edited(paths[1], made[1])
+    assert study.verify_study(plan, [variant], tmp_path) == [
+        "K-1: seed 0 run again gives the same numbers; 1 more record(s) now carry the current code"]
+    assert json.loads(paths[0].read_text())["measured"] == stamped[0]["measured"]
+    other = "engine/world/gold.py:never_run_by_seed_0"
+    paths[1].write_text(json.dumps({**made[1], "code": {**made[1]["code"], other: "2" * 16}}))
+    assert study.verify_study(plan, [variant], tmp_path) == [
+        "K-1: seed 0 run again gives the same numbers; 0 more record(s) now carry the current code (1 ran changed "
+        "code it did not: --part study runs them again)"]
     evals = json.loads(json.dumps(made[0]["evals"]))
     evals[1]["noise"][0]["quality"] += 1.0
     as_if_edited(paths[0], made[0], evals=evals)
