@@ -146,7 +146,7 @@ def test_yaml_config_and_flag_precedence(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tau", "1.5"], "--tau"),
-    (["--grad-steps", "13"], "--grad-steps"),
+    (["--grad-steps", "21"], "--grad-steps"),  # the default job runs 20 steps (tau 1.0 of D = 20)
     (["--grad-steps", "x"], "not a number"),
     (["--grad-steps", "rand"], "needs --checkpoint blocks or none"),
     (["--segments", "9"], "--segments"),
