@@ -100,6 +100,9 @@ class TrainConfig:
     # Environment and outputs
     device: str = _opt("auto", "cuda, cpu, cuda:1... (auto = cuda when available)")
     precision: str = _opt("auto", "autocast dtype (auto = bf16 on CUDA, fp32 on CPU)", choices=("auto", "fp32", "bf16", "fp16"))
+    frozen_dtype: str = _opt("auto", "dtype of the frozen weights (the denoiser's under LoRA, the text encoder's, the "
+                             "reward's; the VAE stays fp32): auto = the autocast dtype where the step runs under "
+                             "autocast (bf16 on CUDA), fp32 on the CPU", choices=("auto", "fp32", "bf16"))
     no_grad_path: str = _opt("auto", "how the chain's no-grad steps run: bf16 (autocast), compile (torch.compile; CUDA "
                              "graphs on CUDA) or off (like the gradient steps); auto = bf16 on a CPU with bf16 units, "
                              "else off", choices=("auto", "off", "bf16", "compile"))
