@@ -54,6 +54,9 @@ class TrainConfig:
                            choices=("plan", "blocks", "none"))
     memory_budget: str = _opt("auto", "device memory for saved activations with --checkpoint plan, e.g. 8GiB "
                               "(auto = the K=1 footprint of recomputing every layer, whatever K is)")
+    host_memory_budget: str = _opt("auto", "host memory the plan may spill saved activations to with --checkpoint "
+                                   "plan, e.g. 32GiB (auto = half of what this machine has available); beyond it the "
+                                   "plan recomputes or keeps them on the device")
     # The reward over frames
     segments: int = _opt(4, "SegVR: S segments, one random frame each")
     segvr: bool = _opt(True, "SegVR on (off = every frame is scored)")
@@ -163,12 +166,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        from engine.memory import parse_budget
+        from engine.memory.budget import parse_budget, parse_host_budget
 
-        try:
-            parse_budget(self.memory_budget)
-        except ValueError as err:
-            raise UserError(f"--memory-budget: {err}") from None
+        for flag, value, parse in (("--memory-budget", self.memory_budget, parse_budget),
+                                   ("--host-memory-budget", self.host_memory_budget, parse_host_budget)):
+            try:
+                parse(value)
+            except ValueError as err:
+                raise UserError(f"{flag}: {err}") from None
         run = self.steps_run
         k = self.grad_steps_resolved
         if not 1 <= k <= run:

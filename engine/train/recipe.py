@@ -163,7 +163,8 @@ class Trainer:
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.denoiser)
         elif cfg.checkpoint == "plan":
-            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget, strict=True)
+            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget, strict=True,
+                               host_budget=cfg.host_memory_budget)
         return None
 
     def _setup_trainable_and_optimizer(self) -> torch.nn.Module | None:
