@@ -6,19 +6,11 @@ import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import checkpoint
 
 from engine.errors import UserError
 from engine.models.base import VideoDiffusion
-
-
-def _leaves(cache):
-    """The tensors (and other entries) of a causal cache: a list, tuple or dict of them, nested, or None."""
-    if isinstance(cache, (list, tuple)):
-        return [leaf for entry in cache for leaf in _leaves(entry)]
-    if isinstance(cache, dict):
-        return _leaves(list(cache.values()))
-    return [cache]
 
 
 class ChunkRun:
@@ -190,7 +182,7 @@ class CausalVideoDiffusion(VideoDiffusion):
         context decoded with it); otherwise backward decodes the chunks before it again, without gradient. Inside,
         ``layers_recomputed`` may recompute the decoder's layers each on its own (``ChunkRun``)."""
         part, first = x[:, :, chunk.start:chunk.stop], chunk.start == 0
-        kept = any(isinstance(t, torch.Tensor) and t.requires_grad for t in _leaves(cache))
+        kept = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(cache))
         context, held, layers = x[:, :, :chunk.start].detach(), [cache], ChunkRun()
 
         def again(part, *kept_cache):
