@@ -6,7 +6,7 @@ import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import checkpoint
 
 from engine.errors import UserError
@@ -65,8 +65,32 @@ def _from_box(function, box: ChunkRun.Box):
     if box.inputs is None:
         raise RuntimeError(f"--decode-recompute: the inputs of {getattr(function, '__qualname__', function)} were "
                            "not put back before its recomputation")
-    args, kwargs = box.inputs
+    args, kwargs = _own_gradients(box.inputs)  # here: their gradients copied as soon as this layer's arrive
     return function(*args, **kwargs)
+
+
+class _OwnGradient(torch.autograd.Function):
+    """The identity, whose gradient is copied into a storage of its own where it arrives as a view of a larger one.
+
+    A causal convolution concatenates its cache in front of its input, so the gradient its cache receives is a
+    slice of the gradient of the whole concatenated input (``cat``'s backward). Between chunks that slice waits
+    for the chunk before to run its backward, and would keep the whole input's gradient alive until then: a
+    chunk-sized tensor for every causal convolution of the decoder."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.untyped_storage().nbytes() > grad.numel() * grad.element_size():
+            return grad.clone(memory_format=torch.contiguous_format)
+        return grad
+
+
+def _own_gradients(cache):
+    """``cache`` with every tensor that carries gradient passed through ``_OwnGradient``."""
+    return tree_map(lambda t: _OwnGradient.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad else t, cache)
 
 
 class CausalVideoDiffusion(VideoDiffusion):
@@ -187,6 +211,8 @@ class CausalVideoDiffusion(VideoDiffusion):
 
         def again(part, *kept_cache):
             read = held[0] if held[0] is not None else kept_cache[0] if kept else None
+            if kept:
+                read = _own_gradients(read)
             if read is None:  # backward: the cache this chunk read, again
                 with torch.no_grad():
                     read = initial
