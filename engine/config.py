@@ -54,6 +54,9 @@ class TrainConfig:
                            choices=("plan", "blocks", "none"))
     memory_budget: str = _opt("auto", "device memory for saved activations with --checkpoint plan, e.g. 8GiB "
                               "(auto = the K=1 footprint of recomputing every layer, whatever K is)")
+    host_memory_budget: str = _opt("auto", "host memory the plan may spill saved activations to with --checkpoint "
+                                   "plan, e.g. 32GiB (auto = half of what this machine has available); beyond it the "
+                                   "plan recomputes or keeps them on the device")
     # The reward over frames
     segments: int = _opt(4, "SegVR: S segments, one random frame each")
     segvr: bool = _opt(True, "SegVR on (off = every frame is scored)")
@@ -100,6 +103,9 @@ class TrainConfig:
     # Environment and outputs
     device: str = _opt("auto", "cuda, cpu, cuda:1... (auto = cuda when available)")
     precision: str = _opt("auto", "autocast dtype (auto = bf16 on CUDA, fp32 on CPU)", choices=("auto", "fp32", "bf16", "fp16"))
+    frozen_dtype: str = _opt("auto", "dtype of the frozen weights (the denoiser's under LoRA, the text encoder's, the "
+                             "reward's; the VAE stays fp32): auto = the autocast dtype where the step runs under "
+                             "autocast (bf16 on CUDA), fp32 on the CPU", choices=("auto", "fp32", "bf16"))
     no_grad_path: str = _opt("auto", "how the chain's no-grad steps run: bf16 (autocast), compile (torch.compile; CUDA "
                              "graphs on CUDA) or off (like the gradient steps); auto = bf16 on a CPU with bf16 units, "
                              "else off", choices=("auto", "off", "bf16", "compile"))
@@ -160,12 +166,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
-        from engine.memory import parse_budget
+        from engine.memory.budget import parse_budget, parse_host_budget
 
-        try:
-            parse_budget(self.memory_budget)
-        except ValueError as err:
-            raise UserError(f"--memory-budget: {err}") from None
+        for flag, value, parse in (("--memory-budget", self.memory_budget, parse_budget),
+                                   ("--host-memory-budget", self.host_memory_budget, parse_host_budget)):
+            try:
+                parse(value)
+            except ValueError as err:
+                raise UserError(f"{flag}: {err}") from None
         run = self.steps_run
         k = self.grad_steps_resolved
         if not 1 <= k <= run:

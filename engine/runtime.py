@@ -33,6 +33,19 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
+def frozen_dtype(setting: str, precision: str, device: torch.device) -> torch.dtype:
+    """The dtype the frozen weights are held in (``--frozen-dtype``): auto is the autocast dtype where the step runs
+    under autocast (bf16 on CUDA: half the weights' memory, as diffusers' LoRA scripts hold them; autocast computes
+    in it anyway), else fp32."""
+    amp = autocast_dtype(precision, device)
+    if setting == "fp32" or (setting == "auto" and amp is None):
+        return torch.float32
+    if amp is None:
+        raise UserError(f"--frozen-dtype {setting} needs the step under autocast (--precision bf16 or auto, on CUDA): "
+                        f"without it fp32 activations would meet {setting} weights; use --frozen-dtype fp32 here")
+    return amp if setting == "auto" else torch.bfloat16
+
+
 def autocast(device: torch.device, precision: str):
     dtype = autocast_dtype(precision, device)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

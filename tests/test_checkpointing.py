@@ -14,6 +14,7 @@ import torch
 import csrc
 from csrc import KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD
 from engine.chain import EditChain
+from engine.errors import UserError
 from engine.memory import (ChainMemory, SavedTensorMeter, checkpoint_blocks, parse_budget, denoiser_blocks,
                            denoiser_units)
 from engine.lora import add_lora
@@ -355,3 +356,26 @@ def test_reward_region_is_kept_when_it_fits_and_spilled_when_not(lora_model, inp
     finally:
         memory.revert()
     assert memory.region_bytes is None and memory.counters["regions"] == {"keep": 0, "offload": 0}
+
+
+def test_host_budget_bounds_what_the_plan_spills(lora_model, inputs, reference, profile):
+    """--host-memory-budget: under a tight device budget the plan spills; held to half of that on the host it
+    recomputes more instead, and stays exact; where the device budget needs more spilled than the host budget
+    allows it is refused, naming the least host budget."""
+    ref, _ = reference(3, 0.0)
+    free = ChainMemory(lora_model[0].denoiser, 3, tight_budget(profile), profile=profile)
+    free.revert()
+    spilled = free.plan.host_bytes
+    assert free.plan.feasible and spilled > 0
+    memory = ChainMemory(lora_model[0].denoiser, 3, tight_budget(profile), profile=profile, host_budget=spilled // 2)
+    try:
+        grads, _ = run(lora_model, inputs, 3, memory=memory)
+    finally:
+        memory.revert()
+    assert memory.plan.feasible and memory.plan.host_bytes <= spilled // 2
+    assert memory.plan.recompute_flops > free.plan.recompute_flops
+    assert_same_grads(grads, ref)
+    with pytest.raises(UserError, match=r"--host-memory-budget 0 B is below the \d+ B .* within --memory-budget"):
+        act, inp, _ = profile.columns(3)  # the least device budget: every unit spilled
+        least = csrc.fallback.reserve_bytes(act, inp, True, 1)
+        ChainMemory(lora_model[0].denoiser, 3, least, profile=profile, host_budget=0, strict=True).revert()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.config import resolve_config
+from engine.errors import UserError
 from engine.counting import FlopCount
 from engine.memory import SavedTensorMeter
 from engine.models import tiny_model
@@ -142,3 +143,17 @@ def test_live_bytes_counts_what_ops_allocate_not_views_of_weights():
     assert live.peak == 8 * 512 * 4
     del y
     assert live.live == 0
+
+
+def test_frozen_weights_are_counted_in_the_dtype_the_run_holds_them(tmp_path):
+    """On CUDA (bf16 autocast) the frozen denoiser, text encoder and reward are held in bf16, half their fp32
+    bytes; the VAE stays fp32 and LoRA is fp32 either way. On the CPU bf16 weights are refused."""
+    folder = tiny_model(seed=0, family="wan").save(tmp_path / "wan")
+    on_cuda = [*SMALL, "--device", "cuda"]
+    held = forecast(resolve_config(["--model", str(folder), *on_cuda])).weights
+    full = forecast(resolve_config(["--model", str(folder), *on_cuda, "--frozen-dtype", "fp32"])).weights
+    for part in ("denoiser", "text encoder"):
+        assert held[part] * 2 == full[part] > 0
+    assert held["vae"] == full["vae"] and held["LoRA"] == full["LoRA"] > 0
+    with pytest.raises(UserError, match="--frozen-dtype bf16 needs the step under autocast"):
+        forecast(resolve_config(["--model", str(folder), *SMALL, "--frozen-dtype", "bf16"]))

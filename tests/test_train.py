@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from engine.builtin import BUILTINS
 from engine.config import resolve_config
 from engine.errors import UserError
-from engine.train import main
+from engine.train import Trainer, main
 
 # What the default job (seed 0) must show on its held-out prompts. Measured on this CPU on 2026-12-06 (tau 1.0, 29
 # steps, the method study's recipe): reward of the edits 0.2132 -> 0.2178, from noise 0.2158 -> 0.2189; gold
@@ -259,3 +259,24 @@ def test_xformers_attention_that_cannot_run_here_says_why_and_trains_on_sdpa(tmp
     main([*args, "--output", str(tmp_path / "sdpa")])
     ours, stock = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("x", "sdpa"))
     assert all(torch.equal(ours[k], stock[k]) for k in stock)
+
+
+def test_frozen_weights_in_bf16_under_autocast_train_a_fp32_lora(tmp_path, monkeypatch):
+    """--frozen-dtype auto under bf16 autocast (the CPU's standing in for CUDA's, where it is the default): the
+    frozen denoiser and text encoder are held in bf16, the VAE in fp32, LoRA in fp32, and a run trains it."""
+    import engine.runtime
+    import engine.train.recipe
+
+    bf16 = lambda precision, device: torch.bfloat16  # noqa: E731
+    monkeypatch.setattr(engine.runtime, "autocast_dtype", bf16)
+    monkeypatch.setattr(engine.train.recipe, "autocast_dtype", bf16)
+    trainer = Trainer(resolve_config(quick(tmp_path / "run"))).setup()
+    model = trainer.model
+    assert {p.dtype for n, p in model.denoiser.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.vae.parameters()} == {torch.float32}
+    assert trainer.trainable and {p.dtype for p in trainer.trainable} == {torch.float32}
+    trainer.train().finish()
+    lora = load_file(str(tmp_path / "run" / "lora" / "adapter_model.safetensors"))
+    assert lora and all(t.dtype == torch.float32 and t.isfinite().all() for t in lora.values())
+    assert any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k), "the run must have changed the LoRA"

@@ -6,6 +6,8 @@ the C++ extension or its Python twin); ``inflight_bytes`` is the device allowanc
 
 from __future__ import annotations
 
+import math
+import os
 import re
 
 import csrc
@@ -47,13 +49,33 @@ DEFAULT_RATES = {
 
 
 
+def available_host_bytes() -> int:
+    """This machine's memory available to a new process (Linux: MemAvailable; elsewhere its physical memory)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_host_budget(value: int | float | str | None) -> int:
+    """Host bytes the plan may spill: a size (0: none), or 'auto' = half of what this machine has available now."""
+    if str(value).strip() == "0":
+        return 0
+    budget = parse_budget(value)
+    return available_host_bytes() // 2 if budget == "auto" else budget
+
+
 def make_plan(profile: ChainProfile, grad_steps: int, budget: int | str, rates: Rates, backend, prefetch_depth: int,
-              resolution: int, today_at_k1: bool) -> tuple[Plan, int | None]:
+              resolution: int, today_at_k1: bool, host_budget: int | None = None) -> tuple[Plan, int | None]:
     """The plan for ``grad_steps`` steps of ``profile`` and the budget in bytes it was solved for.
 
     ``today_at_k1`` (the "auto" budget with K=1): every unit recomputed with its inputs kept, no budget (None).
     Otherwise an "auto" budget is the K=1 footprint (all inputs kept plus the largest unit rematerialised), or
-    the least feasible one if larger."""
+    the least feasible one if larger. ``host_budget``: the most it may spill to the host (None: no limit)."""
     calls = profile.calls
     act, inp, flops = profile.columns(grad_steps)
     today = sum(c.input_bytes for c in calls) + max((c.act_bytes for c in calls), default=0)
@@ -64,7 +86,37 @@ def make_plan(profile: ChainProfile, grad_steps: int, budget: int | str, rates: 
     if budget == "auto":
         least = csrc.fallback.reserve_bytes(act, inp, rates.host_bytes_per_s > 0, prefetch_depth)
         budget = max(today, least)
-    return csrc.make_plan(act, inp, flops, budget, rates, prefetch_depth, resolution, backend), budget
+
+    def solve(rates: Rates) -> Plan:
+        return csrc.make_plan(act, inp, flops, budget, rates, prefetch_depth, resolution, backend)
+
+    plan = solve(rates)
+    if host_budget is None or plan.host_bytes <= host_budget:
+        return plan, budget
+    plan = within_host(solve, rates, host_budget)
+    plan.cost = sum(backend.option_costs(a, x, f, *rates)[d] for d, a, x, f in zip(plan.decisions, act, inp, flops))
+    return plan, budget  # its cost at the host's real rate
+
+
+def within_host(solve, rates: Rates, host_budget: int, rounds: int = 30) -> Plan:
+    """The least-cost plan that spills at most ``host_budget``: the solver (``solve(rates)``, which minimises
+    modelled time within the device budget) run with the host's copies priced dearer, its rate scaled down by a
+    factor found by bisection (a dearer host, fewer spills: more recomputation or more kept on the device). When
+    even the dearest host spills more than ``host_budget``, that plan (the fewest spills the device budget allows),
+    marked infeasible."""
+    low, high = math.log(1e-12), 0.0  # log of the factor: ``high`` spills too much, ``low`` the least there is
+    best = solve(rates._replace(host_bytes_per_s=rates.host_bytes_per_s * math.exp(low)))
+    if not (best.feasible and best.host_bytes <= host_budget):
+        best.feasible = False
+        return best
+    for _ in range(rounds):
+        middle = (low + high) / 2
+        plan = solve(rates._replace(host_bytes_per_s=rates.host_bytes_per_s * math.exp(middle)))
+        if plan.feasible and plan.host_bytes <= host_budget:
+            best, low = plan, middle
+        else:
+            high = middle
+    return best
 
 
 def inflight_bytes(profile: ChainProfile, grad_steps: int, prefetch_depth: int) -> int:

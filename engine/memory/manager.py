@@ -21,7 +21,7 @@ import csrc
 from csrc import DECISION_NAMES, KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD, STAT_NAMES, Plan, Rates
 
 from engine.errors import UserError
-from engine.memory.budget import DEFAULT_RATES, inflight_bytes, make_plan, parse_budget
+from engine.memory.budget import DEFAULT_RATES, inflight_bytes, make_plan, parse_budget, parse_host_budget
 from engine.memory.recompute import _Recompute, _Spilled
 from engine.memory.units import ChainProfile, UnitCost, _storage, _storage_ids, denoiser_units
 
@@ -35,6 +35,8 @@ class ChainMemory:
         unet: the denoiser, a UNet3DConditionModel or a video transformer (LoRA may be injected before or after).
         grad_steps: K, the gradient steps the chain runs.
         budget: device bytes for saved activations ("8GiB", an int) or "auto" (today's K=1 footprint).
+        host_budget: host bytes the plan may spill ("32GiB", an int, "auto": half of what this machine has
+            available), None: no limit.
         granularity: "layers" (default) or "blocks"; see ``denoiser_units``.
         backend: "extension", "python" or None (the extension when built; see ``csrc.backend``).
         host_offload: allow spilling to host memory (pinned on CUDA); off, the plan only keeps or recomputes.
@@ -55,12 +57,14 @@ class ChainMemory:
                  backend: str | None = None, host_offload: bool = True, rates: Rates | None = None,
                  prefetch_depth: int = 1, resolution: int = 1024,
                  decisions: int | Callable[[int, int, str], int] | None = None,
-                 profile: ChainProfile | None = None, max_inflight_bytes: int | None = None, strict: bool = False):
+                 profile: ChainProfile | None = None, max_inflight_bytes: int | None = None, strict: bool = False,
+                 host_budget: int | str | None = None):
         if grad_steps < 1:
             raise ValueError(f"grad_steps must be at least 1, got {grad_steps}")
         self.unet = unet
         self.grad_steps = int(grad_steps)
         self.budget = parse_budget(budget)
+        self.host_budget = None if host_budget is None else parse_host_budget(host_budget)
         self.device = next(unet.parameters()).device
         self.backend = csrc.backend(backend, self.device)
         self.host_offload = host_offload
@@ -97,7 +101,11 @@ class ChainMemory:
         self._wrap()
         self._hook = unet.register_forward_pre_hook(self._on_unet_call, with_kwargs=True)
         if self.profile is not None:
-            self._make_plan()
+            try:
+                self._make_plan()
+            except UserError:
+                self.revert()  # the model as it was: nothing half-wrapped behind a refused budget
+                raise
 
     # -- wiring ----------------------------------------------------------------------------------------------
     def _wrap(self):
@@ -239,13 +247,20 @@ class ChainMemory:
 
     def _make_plan(self):
         self.plan, budget = make_plan(self.profile, self.grad_steps, self.budget, self.rates, self.backend,
-                                      self.prefetch_depth, self.resolution, self._today_at_k1)
+                                      self.prefetch_depth, self.resolution, self._today_at_k1, self.host_budget)
         if self._today_at_k1:
             return
         if not self._fixed_inflight:
             self.store.set_max_inflight_bytes(inflight_bytes(self.profile, self.grad_steps, self.prefetch_depth))
         if not self.plan.feasible and self.strict:
             least = self.plan.device_bytes
+            if self.host_budget is not None and self.plan.host_bytes > self.host_budget and least <= budget:
+                spill = self.plan.host_bytes
+                raise UserError(f"--host-memory-budget {self.host_budget} B is below the {spill} B ({spill / 2 ** 20:.1f} "
+                                f"MiB) that {self.grad_steps} gradient step(s) spill at least within --memory-budget "
+                                f"{budget} B with this model and shape; pass --host-memory-budget "
+                                f"{math.ceil(spill / 2 ** 20)}MiB or more, a larger --memory-budget, or fewer "
+                                "--grad-steps")
             raise UserError(f"--memory-budget {budget} B is below the {least} B ({least / 2 ** 20:.1f} MiB) that "
                             f"{self.grad_steps} gradient step(s) need at least with this model and shape; pass "
                             f"--memory-budget {math.ceil(least / 2 ** 20)}MiB or more, or fewer --grad-steps")

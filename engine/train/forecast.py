@@ -43,7 +43,7 @@ from engine.memory import DEFAULT_RATES, SavedTensorMeter, denoiser_blocks
 from engine.models import VideoDiffusion
 from engine.models.loading import load_architecture
 from engine.rewards.registry import reward_architecture
-from engine.runtime import autocast_dtype
+from engine.runtime import autocast_dtype, frozen_dtype
 from engine.train.sources import setup_draws
 
 GB = 1e9
@@ -191,15 +191,16 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
     trainer = Trainer(cfg)
     trainer.world = trainer.data_world = World()  # one process counted; the others are shares of batch or tokens
     trainer.device, trainer.amp_dtype = torch.device("meta"), None
+    trainer.frozen = frozen_dtype(cfg.frozen_dtype, cfg.precision, torch.device(target))
     model, reward = architecture(cfg.model), reward_architecture(cfg.reward)
+    trainer._setup_model(model, reward)  # the frozen weights in the dtype the run holds them in
     weights = {"denoiser": _stored_bytes(model.denoiser), "vae": _stored_bytes(model.vae),
                "text encoder": _stored_bytes(model.text_encoder), "reward": _stored_bytes(reward)}
     if cfg.text_encoder == "cached":  # the encoder waits in host memory; the embeddings are a few MB
         weights["text encoder"] = 0
-    if compute != torch.float32:
+    if compute != torch.float32:  # autocast, modelled: the step computes in ``compute``
         for module in (model.denoiser, model.vae, model.text_encoder, reward):
             module.to(compute)
-    trainer._setup_model(model, reward)
     setup_draws(trainer)
     trainer.uncond = _text_embeddings(model, 1, compute)
     trainer._check_steps()

@@ -36,7 +36,7 @@ from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.models import CausalVideoDiffusion, VideoDiffusion
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import Reward, build_reward
-from engine.runtime import NoGradPath, autocast, autocast_dtype, resolve_device
+from engine.runtime import NoGradPath, autocast, autocast_dtype, frozen_dtype, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
 from engine.train.evaluation import HeldOut
@@ -95,6 +95,7 @@ class Trainer:
                             f"{self.world.size} processes")
         self.device = resolve_device(cfg.device, self.world.local_rank)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.frozen = frozen_dtype(cfg.frozen_dtype, cfg.precision, self.device)
         self.output = check_output(cfg.output, cfg.model, cfg.overwrite, cfg.break_lock)
         self._setup_model(build_model(cfg.model, cfg.seed, self.device), build_reward(cfg.reward).to(self.device))
         setup_draws(self)
@@ -125,6 +126,8 @@ class Trainer:
         meta-device architectures)."""
         cfg = self.config
         self.model = model
+        for module in (model.text_encoder, reward, *([model.denoiser] if cfg.finetune == "lora" else [])):
+            module.to(self.frozen)  # LoRA's own weights are made fp32 when they are added
         model.context_gradient = cfg.decode_context == "grad"
         if cfg.decode_recompute:
             if not isinstance(model, CausalVideoDiffusion):
@@ -160,7 +163,8 @@ class Trainer:
         if cfg.checkpoint == "blocks":
             checkpoint_blocks(self.model.denoiser)
         elif cfg.checkpoint == "plan":
-            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget, strict=True)
+            return ChainMemory(self.model.denoiser, cfg.grad_steps_resolved, cfg.memory_budget, strict=True,
+                               host_budget=cfg.host_memory_budget)
         return None
 
     def _setup_trainable_and_optimizer(self) -> torch.nn.Module | None:
@@ -171,6 +175,8 @@ class Trainer:
         self.sharded = cfg.finetune == "full" and self.world.size > 1
         if cfg.finetune == "lora":
             self.trainable = add_lora(denoiser, cfg.lora_rank, cfg.lora_alpha)
+            for weight in self.trainable:  # peft makes them in the frozen weights' dtype; AdamW updates fp32
+                weight.data = weight.data.float()
             if cfg.init_lora:
                 load_lora(denoiser, cfg.init_lora)
             if cfg.context_parallel:
