@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -44,6 +44,21 @@ def frozen_dtype(setting: str, precision: str, device: torch.device) -> torch.dt
         raise UserError(f"--frozen-dtype {setting} needs the step under autocast (--precision bf16 or auto, on CUDA): "
                         f"without it fp32 activations would meet {setting} weights; use --frozen-dtype fp32 here")
     return amp if setting == "auto" else torch.bfloat16
+
+
+@contextmanager
+def quiet_casts():
+    """diffusers warns at every ``.to(dtype)`` of a whole model that it should have been loaded in that dtype
+    instead, naming the modules it keeps in fp32 (none, for the models the engine casts): the engine casts its
+    frozen weights, and a count its meta-device models, on purpose."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def autocast(device: torch.device, precision: str):

@@ -43,7 +43,7 @@ from engine.memory import DEFAULT_RATES, SavedTensorMeter, denoiser_blocks
 from engine.models import VideoDiffusion
 from engine.models.loading import load_architecture
 from engine.rewards.registry import reward_architecture
-from engine.runtime import autocast_dtype, frozen_dtype
+from engine.runtime import autocast_dtype, frozen_dtype, quiet_casts
 from engine.train.sources import setup_draws
 
 GB = 1e9
@@ -125,7 +125,7 @@ def forecast(config: TrainConfig, world_size: int = 1) -> Forecast:
     shares = 1 if context_parallel else world_size
     target = "cpu" if config.device == "cpu" else "cuda"
     compute = autocast_dtype(config.precision, torch.device(target)) or torch.float32
-    with _quiet_casts(), _process_group(world_size if context_parallel else 1):
+    with quiet_casts(), _process_group(world_size if context_parallel else 1):
         counted = _counted_step(config, world_size, shares, target, compute)
         with redirect_stdout(io.StringIO()):  # the same model and reward again: their lines were printed once
             kept = dataclasses.replace(config, checkpoint="none", decode_recompute=False)  # every saved tensor kept
@@ -143,19 +143,6 @@ def architecture(spec: str) -> VideoDiffusion:
     if builtin(spec) is not None:  # the built-in presets are small: built as usual, then moved
         return build_model(spec, 0, "cpu").to("meta")
     return load_architecture(spec)
-
-
-@contextmanager
-def _quiet_casts():
-    """diffusers warns at every ``.to(dtype)`` of a model with fp32-pinned modules, which a count does not need."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def _stored_bytes(module: torch.nn.Module) -> int:

@@ -36,7 +36,7 @@ from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.models import CausalVideoDiffusion, VideoDiffusion
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import Reward, build_reward
-from engine.runtime import NoGradPath, autocast, autocast_dtype, frozen_dtype, resolve_device
+from engine.runtime import NoGradPath, autocast, autocast_dtype, frozen_dtype, quiet_casts, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
 from engine.train.evaluation import HeldOut
@@ -126,8 +126,9 @@ class Trainer:
         meta-device architectures)."""
         cfg = self.config
         self.model = model
-        for module in (model.text_encoder, reward, *([model.denoiser] if cfg.finetune == "lora" else [])):
-            module.to(self.frozen)  # LoRA's own weights are made fp32 when they are added
+        with quiet_casts():
+            for module in (model.text_encoder, reward, *([model.denoiser] if cfg.finetune == "lora" else [])):
+                module.to(self.frozen)  # LoRA's own weights are made fp32 when they are added
         model.context_gradient = cfg.decode_context == "grad"
         if cfg.decode_recompute:
             if not isinstance(model, CausalVideoDiffusion):
