@@ -126,9 +126,10 @@ class Trainer:
         meta-device architectures)."""
         cfg = self.config
         self.model = model
-        with quiet_casts():
-            for module in (model.text_encoder, reward, *([model.denoiser] if cfg.finetune == "lora" else [])):
-                module.to(self.frozen)  # LoRA's own weights are made fp32 when they are added
+        if self.frozen != torch.float32:  # as loaded otherwise (a model may keep a buffer in float64)
+            with quiet_casts():
+                for module in (model.text_encoder, reward, *([model.denoiser] if cfg.finetune == "lora" else [])):
+                    module.to(self.frozen)  # LoRA's own weights are made fp32 when they are added
         model.context_gradient = cfg.decode_context == "grad"
         if cfg.decode_recompute:
             if not isinstance(model, CausalVideoDiffusion):
