@@ -208,9 +208,10 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
 
     phase = ["forward"]
 
-    def step():
+    def step(saving=nullcontext()):
         phase[0] = "forward"
-        loss, _ = trainer.loss_step(latents, prompts, context)
+        with saving:  # what the forward saves for backward; the meter holds what it counts until it exits
+            loss, _ = trainer.loss_step(latents, prompts, context)
         phase[0] = "backward"
         loss.backward()
 
@@ -227,9 +228,8 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
             modules = ModulePath(denoiser=model.denoiser, vae=model.vae, reward=reward)
             where = lambda: (f"{modules.current()} ({phase[0]})" if modules.current() else  # noqa: E731
                              "autograd's backward" if phase[0] == "backward" else "the forward, between modules")
-            with modules, FlopCount() as flops, saved if not flops_only else nullcontext(), \
-                    LiveBytes("meta", where=where) as live:
-                step()
+            with modules, FlopCount() as flops, LiveBytes("meta", where=where) as live:
+                step(saved if not flops_only else nullcontext())
     finally:
         kernels.set_backend(previous)
     # gradients of trainable weights held in ``compute`` during the counted step are fp32 in the run
