@@ -67,18 +67,24 @@ def all_ranks_agree(flag: bool, world: World) -> bool:
     return bool(value.item())
 
 
-def shard_model(model: torch.nn.Module, units: list[torch.nn.Module], world: World, device: torch.device) -> None:
-    """FSDP2 on ``units`` then on ``model`` (the rest: embeddings, conv_in/out), over all ranks."""
+def shard_model(model: torch.nn.Module, units: list[torch.nn.Module], world: World, device: torch.device,
+                frozen_only: bool = False) -> None:
+    """FSDP2 on ``units`` then on ``model`` (the rest: embeddings, conv_in/out), over all ranks. ``frozen_only``
+    shards the weights that do not require grad and leaves the trainable ones (LoRA) whole on every rank, where
+    their gradients are the caller's to reduce."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # UNet3DConditionModel applies no in-place op to a block's output, which is what FSDP warns about for the
-    # views some blocks return (tests/test_robustness.py checks 2 sharded ranks against 1 process).
+    # UNet3DConditionModel and the video transformers apply no in-place op to a block's output, which is what FSDP
+    # warns about for the views some blocks return (tests/test_robustness.py and tests/test_context_parallel.py
+    # check sharded ranks against 1 process).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world.size,))
+    ignored = {p for p in model.parameters() if p.requires_grad} if frozen_only else None
     for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, ignored_params=ignored)
+    # frozen_only: the root reshards after every forward too, not only after backward (FSDP's default for a root)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, reshard_after_forward=True if frozen_only else None)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:

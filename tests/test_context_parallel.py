@@ -1,7 +1,7 @@
 """Context parallelism (engine/context_parallel.py, ``--context-parallel``): two gloo processes splitting one clip's
-tokens give the LoRA gradient of one process, through the editing chain with the chain-memory planner, the causal
-decoder and the reward, and the trainer's two-process run trains one process's LoRA; what has no plan, or no
-process group, is refused with the fix.
+tokens, each holding half of the frozen weights (FSDP), give the LoRA gradient of one process, through the editing
+chain with the chain-memory planner, the causal decoder and the reward, and the trainer's two-process run trains
+one process's LoRA; what has no plan, or no process group, is refused with the fix.
 
 Run as a script under torchrun (``python -m torch.distributed.run --nproc_per_node 2 tests/test_context_parallel.py
 OUT``), each process writes what it measured to OUT/rank<N>.json."""
@@ -41,6 +41,10 @@ def lora_gradient(split: bool) -> dict[str, torch.Tensor]:
     for p in lora:
         torch.nn.init.normal_(p, std=0.05)  # B is zero at the start: a gradient that reaches A needs it non-zero
     parallel = ContextParallel(model.denoiser) if split else None
+    if split:  # each process holds its half of every frozen weight; LoRA stays whole
+        frozen = [p for p in model.denoiser.parameters() if not p.requires_grad]
+        assert sum(p.to_local().numel() for p in frozen) <= 0.6 * sum(p.numel() for p in frozen)
+        assert not any(hasattr(p, "to_local") for p in lora)
     memory = ChainMemory(model.denoiser, 2, budget=1)  # below the least: every unit spilled and recomputed
     chain = EditChain(model, ddim_steps=4, tau=1.0, grad_steps=2, memory=memory)
     latents = torch.randn(1, *model.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(2))

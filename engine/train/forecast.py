@@ -19,7 +19,8 @@ Triton kernels are counted as their PyTorch references. ``--world-size N`` forec
 runs the whole model on its share of the batch; full fine-tuning shards weights, gradients and optimizer state
 N ways (one block gathered at a time); with ``--context-parallel`` the N processes split each clip's tokens
 instead (``engine.context_parallel``, run under a fake process group of N ranks: its collectives move nothing, and
-every tensor has the shape it has on rank 0).
+every tensor has the shape it has on rank 0) and shard the frozen weights, counted as FSDP holds them (FSDP runs
+no step on meta tensors: the count takes the model whole and the weights' bytes are the shards').
 """
 
 from __future__ import annotations
@@ -150,6 +151,18 @@ def _stored_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def _sharded_frozen_bytes(denoiser: torch.nn.Module, world_size: int) -> int:
+    """A process's frozen denoiser weights when FSDP shards them per block: its share of the blocks', two blocks
+    gathered whole (the one running and the one FSDP prefetches in backward), and the rest (embeddings, the head)
+    whole, as FSDP keeps the root's gathered between forward and backward."""
+    def frozen(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+
+    blocks = [frozen(block) for block in denoiser_blocks(denoiser)]
+    buffers = sum(b.numel() * b.element_size() for b in denoiser.buffers())
+    return sum(blocks) // world_size + 2 * max(blocks) + frozen(denoiser) - sum(blocks) + buffers
+
+
 @contextmanager
 def _process_group(size: int):
     """A fake process group of ``size`` ranks (this one rank 0) for the count's collectives; none for 1."""
@@ -196,6 +209,8 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
         rates = DEFAULT_RATES[target]
         trainer.memory.rates = rates if trainer.memory.rates.host_bytes_per_s > 0 else rates._replace(host_bytes_per_s=0.0)
     trainable = sum(p.numel() for p in trainer.trainable)
+    if cfg.context_parallel:  # the frozen weights sharded across the processes (engine.context_parallel)
+        weights["denoiser"] = _sharded_frozen_bytes(model.denoiser, world_size)
     if cfg.finetune == "lora":
         weights["LoRA"] = 4 * trainable  # fp32, as the run keeps them
     elif world_size > 1:  # FSDP: a shard of every weight, one block gathered at a time
