@@ -1,7 +1,7 @@
 """``pytest bench/``: will a run of a released video transformer fit where users train? ``--dry-run``'s forecast of
 the engine's default recipe (editing: tau 0.6 of 20 steps, LoRA r4, SegVR 4 frames + TAR, bf16 autocast on CUDA,
 batch 1, the chain-memory planner at its default device budget and the row's host goal as its host budget; 14B's 8
-processes split each clip's tokens) for each row of the fit table, from config-only
+processes split each clip's tokens and shard the frozen weights) for each row of the fit table, from config-only
 folders of the released models (``bench.fullsize.config_folder``) and HPSv2's ViT-H-14, against the goals
 (device peak, host memory, FLOPs over the same step with nothing recomputed). The rows go to
 bench/results_transformers.json ("fit") and bench/RESULTS.md ("will it fit"); nothing about the goals is asserted:
@@ -82,12 +82,12 @@ def render(rows: dict, measured: str) -> str:
         measured + " `python -m engine.train --model FOLDER --dry-run` on config-only folders of the released models "
                    "(engine/train/forecast.py: the run's own step on the meta device); the editing recipe at the engine's "
                    "defaults, bf16 autocast on CUDA, batch 1, HPSv2 (ViT-H-14); 14B's 8 processes split each clip's tokens "
-                   "(`--world-size 8 --context-parallel`, Ulysses).", "",
+                   "(`--world-size 8 --context-parallel`, Ulysses) and shard its frozen weights (FSDP2).", "",
         markdown_table(["run", "memory options", "device peak GB", "host GB", "FLOPs vs no recompute", "weights GB", "step's tensors GB at their highest",
                         "TFLOP / step", "fits"], table), "",
         "Weights are counted as the engine holds them: the frozen denoiser, text encoder and reward in bf16 "
         "(`--frozen-dtype auto`), the VAE and LoRA in fp32, on the device unless the text encoder (UMT5-XXL / "
-        "T5-XXL) is cached. Every row spills at most its host goal (`--host-memory-budget`); a row whose plan cannot "
+        "T5-XXL) is cached; 14B's frozen denoiser as one of 8 shards with two blocks gathered whole. Every row spills at most its host goal (`--host-memory-budget`); a row whose plan cannot "
         "is refused before its first step, as the run would be. The peers' figures for comparison: VideoX-Fun-style reward "
         "backpropagation saves 12.9 GB (Wan) and 66 GB (CogVideoX) for backward; HY-Video-PRFL reports 14B at 720p x "
         "81 frames within 67 GB per GPU."])
