@@ -232,7 +232,11 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
     if "overoptimisation" in summary:
         lines.append(_render_overoptimisation(summary["overoptimisation"], len(variants["long"]["seeds"])))
     if stale:
-        lines.append("Stale records (not counted; `--part study` runs them again): " + ", ".join(sorted(stale)))
+        by_code = ["(code:" in record for record in stale]
+        fix = ("`--part verify` runs one seed of each variant again and stamps the rest where it computes the same"
+               if all(by_code) else "`--part study` runs them again" if not any(by_code) else
+               "`--part verify` for those stale by code, `--part study` for the rest")
+        lines.append(f"Stale records (not counted; {fix}): " + ", ".join(sorted(stale)))
     return "\n\n".join(lines), questions
 
 
