@@ -72,10 +72,10 @@ class ContextParallel:
         device = next(denoiser.parameters()).device
         if device.type != "meta":  # FSDP runs no step on meta tensors: the dry run counts the shards itself
             from engine.distributed import World, shard_model
-            from engine.memory import denoiser_blocks
 
-            shard_model(denoiser, denoiser_blocks(denoiser), World(dist.get_rank(), self.size), device,
-                        frozen_only=True)
+            # the units: the blocks of the transformer's block lists (Wan 2.1: ``blocks``), called in order
+            blocks = [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+            shard_model(denoiser, blocks, World(dist.get_rank(), self.size), device, frozen_only=True)
         self.denoiser = denoiser
 
     def reduce_gradients(self, parameters) -> None:
