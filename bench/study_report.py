@@ -232,7 +232,7 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
     if "overoptimisation" in summary:
         lines.append(_render_overoptimisation(summary["overoptimisation"], len(variants["long"]["seeds"])))
     if stale:
-        by_code = ["(code:" in record for record in stale]
+        by_code = ["(code:" in record and not record.startswith("base.json") for record in stale]  # verify: variants
         fix = ("`--part verify` runs one seed of each variant again and stamps the rest where it computes the same"
                if all(by_code) else "`--part study` runs them again" if not any(by_code) else
                "`--part verify` for those stale by code, `--part study` for the rest")

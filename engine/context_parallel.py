@@ -11,8 +11,9 @@ parallelism takes), after which every process holds one process's gradient. Wan 
 text and video tokens joined in one sequence) has none in diffusers and is refused.
 
 The frozen weights are sharded across the same processes (FSDP2, one unit per block plus the rest): a process
-holds 1/N of them and gathers one block's at a time, in forward and again in backward, so a 14B denoiser's 28 GB
-(bf16) become 3.6 GB per process at 8. The trainable weights (LoRA) stay whole on every process, outside FSDP.
+holds 1/N of the blocks' weights and gathers a block's whole while it runs (FSDP prefetches the next), in forward
+and again in backward, so a 14B denoiser's 28.6 GB (bf16) become 5.4 GB per process at 8 (its shard, two blocks
+gathered, the embeddings and head whole). The trainable weights (LoRA) stay whole on every process, outside FSDP.
 
     parallel = ContextParallel(model.denoiser)      # inside torchrun; every process of the group, the same clip
     ... loss.backward(); parallel.reduce_gradients(lora_parameters); optimizer.step()
@@ -31,6 +32,12 @@ from engine.errors import UserError
 def supports_context_parallel(denoiser: torch.nn.Module) -> bool:
     """Whether diffusers has a context-parallel plan for this denoiser's class (Wan 2.1: yes; CogVideoX, UNet3D: no)."""
     return bool(getattr(type(denoiser), "_cp_plan", None))
+
+
+def sharded_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """FSDP's units under context parallelism: the blocks of the transformer's block lists (Wan 2.1: ``blocks``);
+    the rest of the denoiser (embeddings, head) is one more unit, gathered for every call."""
+    return [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 @contextmanager
@@ -73,9 +80,7 @@ class ContextParallel:
         if device.type != "meta":  # FSDP runs no step on meta tensors: the dry run counts the shards itself
             from engine.distributed import World, shard_model
 
-            # the units: the blocks of the transformer's block lists (Wan 2.1: ``blocks``), called in order
-            blocks = [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
-            shard_model(denoiser, blocks, World(dist.get_rank(), self.size), device, frozen_only=True)
+            shard_model(denoiser, sharded_blocks(denoiser), World(dist.get_rank(), self.size), device, frozen_only=True)
         self.denoiser = denoiser
 
     def reduce_gradients(self, parameters) -> None:

@@ -44,7 +44,7 @@ def lora_gradient(split: bool) -> dict[str, torch.Tensor]:
     if split:  # each process holds its half of every frozen weight; LoRA stays whole
         frozen = [p for p in model.denoiser.parameters() if not p.requires_grad]
         assert sum(p.to_local().numel() for p in frozen) <= 0.6 * sum(p.numel() for p in frozen)
-        assert not any(hasattr(p, "to_local") for p in lora)
+        assert not any(hasattr(p, "to_local") for p in model.denoiser.parameters() if p.requires_grad)
     memory = ChainMemory(model.denoiser, 2, budget=1)  # below the least: every unit spilled and recomputed
     chain = EditChain(model, ddim_steps=4, tau=1.0, grad_steps=2, memory=memory)
     latents = torch.randn(1, *model.latent_shape(9, 32, 32), generator=torch.Generator().manual_seed(2))

@@ -191,8 +191,9 @@ def test_report_check_and_stale_records(tmp_path):
     assert base is None and not any(runs.values())
     why = "(code: engine/fixture.py:<module>)"
     assert sorted(stale) == [f"base.json {why}", f"default-seed0.json {why}", f"tau-1.0-seed0.json {why}"]
-    report(**paths)  # the report says which part brings them back: --part verify where only code changed
-    assert "Stale records (not counted; `--part verify` runs one seed" in (tmp_path / "RESULTS.md").read_text()
+    report(**paths)  # the report says which part brings them back: the base record only --part study runs again
+    assert ("Stale records (not counted; `--part verify` for those stale by code, `--part study` for the rest)"
+            in (tmp_path / "RESULTS.md").read_text())
 
 
 @pytest.mark.parametrize("bad", ["nonsense", "tau-1.0,nonsense"])

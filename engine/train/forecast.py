@@ -37,6 +37,7 @@ import kernels
 from csrc import STAT_NAMES
 from engine.builtin import build_model, builtin
 from engine.config import TrainConfig
+from engine.context_parallel import sharded_blocks
 from engine.counting import FlopCount, LiveBytes, ModulePath, NoGradReuse, fused_attention_on_meta
 from engine.distributed import World
 from engine.errors import UserError
@@ -151,16 +152,12 @@ def _stored_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _sharded_frozen_bytes(denoiser: torch.nn.Module, world_size: int) -> int:
-    """A process's frozen denoiser weights when FSDP shards them per block: its share of the blocks', two blocks
-    gathered whole (the one running and the one FSDP prefetches in backward), and the rest (embeddings, the head)
-    whole, as FSDP keeps the root's gathered between forward and backward."""
-    def frozen(module):
-        return sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
-
-    blocks = [frozen(block) for block in denoiser_blocks(denoiser)]
-    buffers = sum(b.numel() * b.element_size() for b in denoiser.buffers())
-    return sum(blocks) // world_size + 2 * max(blocks) + frozen(denoiser) - sum(blocks) + buffers
+def _sharded_bytes(denoiser: torch.nn.Module, world_size: int) -> int:
+    """A process's denoiser weights (before LoRA is added: all frozen) when FSDP shards them per block
+    (``sharded_blocks``): its share of the blocks', two blocks gathered whole beside it (the one running and the
+    next, which FSDP prefetches), and the rest (embeddings, head) whole, gathered for every call and its backward."""
+    blocks = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in sharded_blocks(denoiser)]
+    return sum(blocks) // world_size + 2 * max(blocks) + _stored_bytes(denoiser) - sum(blocks)  # buffers: whole
 
 
 @contextmanager
@@ -198,6 +195,8 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
                "text encoder": _stored_bytes(model.text_encoder), "reward": _stored_bytes(reward)}
     if cfg.text_encoder == "cached":  # the encoder waits in host memory; the embeddings are a few MB
         weights["text encoder"] = 0
+    if cfg.context_parallel:  # the frozen weights sharded across the processes (engine.context_parallel)
+        weights["denoiser"] = _sharded_bytes(model.denoiser, world_size)
     if compute != torch.float32:  # autocast, modelled: the step computes in ``compute``
         for module in (model.denoiser, model.vae, model.text_encoder, reward):
             module.to(compute)
@@ -209,8 +208,6 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
         rates = DEFAULT_RATES[target]
         trainer.memory.rates = rates if trainer.memory.rates.host_bytes_per_s > 0 else rates._replace(host_bytes_per_s=0.0)
     trainable = sum(p.numel() for p in trainer.trainable)
-    if cfg.context_parallel:  # the frozen weights sharded across the processes (engine.context_parallel)
-        weights["denoiser"] = _sharded_frozen_bytes(model.denoiser, world_size)
     if cfg.finetune == "lora":
         weights["LoRA"] = 4 * trainable  # fp32, as the run keeps them
     elif world_size > 1:  # FSDP: a shard of every weight, one block gathered at a time
