@@ -260,6 +260,45 @@ def test_infeasible_budget_warns_and_runs_least_memory(lora_model, inputs, refer
     assert_same_grads(grads, ref)
 
 
+def test_weights_swapped_in_for_a_forward_are_never_spilled(lora_model, inputs, reference, profile):
+    """FSDP swaps gathered frozen weights (Parameters the UNet did not hold at step 0) into its layers for each
+    forward: the planner treats them as weights, even at a budget that spills everything else."""
+    ref, _ = reference(3, 0.0)
+    layers = [m for m in lora_model[0].denoiser.modules()
+              if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    originals, gathered = [layer.weight for layer in layers], []
+
+    def gather(layer, args):
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        gathered.append(layer.weight)  # kept alive: no storage of theirs is reused by a spilled tensor
+
+    class Recorder:  # the planner's host store, noting at each put whether a gathered weight's storage went in
+        def __init__(self, store):
+            self.store, self.puts, self.weights_put = store, 0, 0
+
+        def put(self, whole, group):
+            self.puts += 1
+            self.weights_put += any(whole.untyped_storage()._cdata == w.untyped_storage()._cdata for w in gathered)
+            return self.store.put(whole, group)
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+    hooks = [layer.register_forward_pre_hook(gather) for layer in layers]
+    memory = ChainMemory(lora_model[0].denoiser, 3, 1, profile=profile)
+    memory.store = recorder = Recorder(memory.store)
+    try:
+        grads, _ = run(lora_model, inputs, 3, memory=memory)
+    finally:
+        memory.revert()
+        for hook, layer, weight in zip(hooks, layers, originals):
+            hook.remove()
+            layer.weight = weight
+    assert gathered and recorder.puts
+    assert recorder.weights_put == 0
+    assert_same_grads(grads, ref, bitwise=False)
+
+
 def test_no_grad_steps_and_revert_leave_the_model_untouched(lora_model, inputs):
     model, _ = lora_model
     latents, context, uncond = inputs

@@ -285,10 +285,11 @@ class ChainMemory:
         raise ValueError(f"unknown decision {decision} for unit {self.units[unit][0]}")
 
     def _is_weight(self, t: torch.Tensor) -> bool:
-        """A parameter (or a view of one): the UNet's, the region's modules', or any trainable leaf, such as the
-        gathered weights FSDP swaps in for a forward. Weights are never spilled, recomputed or counted."""
+        """A parameter (or a view of one): the UNet's, the region's modules', any trainable leaf, or any other
+        ``nn.Parameter``, such as the gathered frozen weights FSDP swaps in for a forward (new each step, so not
+        among the UNet's at step 0). Weights are never spilled, recomputed or counted."""
         base = t if t._base is None else t._base
-        return (base.is_leaf and base.requires_grad) or _storage(t)[0] in self._weights
+        return isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad) or _storage(t)[0] in self._weights
 
     def _new_group(self) -> int:
         self._next_group += 1
