@@ -138,10 +138,11 @@ def early_stop_point(record: dict, patience: int = PATIENCE) -> int:
     return best
 
 
-def overoptimisation(base: dict, records: dict[int, dict]) -> dict:
-    """The long runs: where the mean gold quality from noise peaks, whether it then falls while the reward still
-    climbs (the last evaluation minus the peak's, paired per seed and clip), and what each guard keeps instead of
-    the last weights: those early stopping on the held-out reward keeps, or the last at a smaller LoRA strength."""
+def overoptimisation(base: dict, records: dict[int, dict], one_budget: int | None = None) -> dict:
+    """A longer variant's runs: where the mean gold quality from noise peaks, whether it then falls while the
+    reward still climbs (the last evaluation minus the peak's, paired per seed and clip), and what each guard keeps
+    instead of the last weights: those early stopping on the held-out reward keeps, or the last at a smaller LoRA
+    strength; each also against the weights at evaluation ``one_budget`` (the base recipe's compute), if given."""
     runs = list(records.values())
     points = curve(base, records)
     peak = 1 + max(range(len(points)), key=lambda i: points[i]["quality"]["mean"])
@@ -151,12 +152,15 @@ def overoptimisation(base: dict, records: dict[int, dict]) -> dict:
         guards[f"last weights at strength {scale}"] = lambda r, s=scale: r["evals"][-1]["scaled"][s]
     bases, last, at_peak = [base["noise"]] * len(runs), [r["evals"][-1]["noise"] for r in runs], \
         [r["evals"][peak]["noise"] for r in runs]
+    at_one = None if one_budget is None else [r["evals"][one_budget]["noise"] for r in runs]
     kept = {}
     for name, rows_of in guards.items():
         rows = [rows_of(r) for r in runs]
         kept[name] = {m: hierarchical_bootstrap(_differences(bases, rows, m)).as_dict() for m in OVERSEEN}
         if name != "last weights":
             kept[name]["quality_vs_last"] = hierarchical_bootstrap(_differences(last, rows, "quality")).as_dict()
+        if at_one is not None:
+            kept[name]["quality_vs_one_budget"] = hierarchical_bootstrap(_differences(at_one, rows, "quality")).as_dict()
     kept[f"early stopping (patience {PATIENCE})"]["steps"] = [r["evals"][early_stop_point(r)]["step"] for r in runs]
     return {"peak": {"step": points[peak - 1]["step"], "tflop": points[peak - 1]["tflop"]},
             "end_minus_peak": {m: hierarchical_bootstrap(_differences(at_peak, last, m)).as_dict()
@@ -184,8 +188,9 @@ def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -
                                 for m in ("reward", "quality")}}
     summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, runs)) is not None]
     summary["recommendation"] = recommendation(summary, runs, plan)
-    if runs.get("long"):
-        summary["overoptimisation"] = overoptimisation(base, runs["long"])
+    summary["overoptimisation"] = {
+        v.name: overoptimisation(base, runs[v.name], budget_point(next(iter(runs[v.name].values())), v))
+        for v in VARIANTS if v.budget > 1 and runs[v.name]}
     return summary
 
 
@@ -229,8 +234,8 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
         questions[question] = shown
     if summary.get("recommendation"):
         lines.append(_render_recommendation(summary["recommendation"], variants))
-    if "overoptimisation" in summary:
-        lines.append(_render_overoptimisation(summary["overoptimisation"], len(variants["long"]["seeds"])))
+    for name, over in summary.get("overoptimisation", {}).items():
+        lines.append(_render_overoptimisation(over, variants[name]))
     if stale:
         by_code = ["(code:" in record and not record.startswith("base.json") for record in stale]  # verify: variants
         fix = ("`--part verify` runs one seed of each variant again and stamps the rest where it computes the same"
@@ -266,24 +271,27 @@ def default_job_runs(name: str, variants: dict) -> bool:
     return resolve_config(["--model", "world"]).to_dict() == recipe.to_dict()
 
 
-def _render_overoptimisation(over: dict, seeds: int) -> str:
+def _render_overoptimisation(over: dict, variant: dict) -> str:
     quality, reward = over["end_minus_peak"]["quality"], over["end_minus_peak"]["reward"]
     if quality["ci95"][1] < 0:
         verdict = "the gold quality turns down " + ("while the reward still climbs" if reward["ci95"][0] > 0 else
                                                      "and the reward does not climb further")
     else:
         verdict = "no turn down of the gold quality beyond the noise"
+    compared = [("quality_vs_last", "quality vs the last weights (dB)"),
+                ("quality_vs_one_budget", "quality vs the weights at the base recipe's compute (dB)")]
+    compared = [(key, head) for key, head in compared if any(key in row for row in over["guards"].values())]
     rows = [[name, *[_format(row[m], METRICS[m][1]) for m in OVERSEEN],
-             _format(row["quality_vs_last"], 2) if "quality_vs_last" in row else "",
+             *[_format(row[key], 2) if key in row else "" for key, _ in compared],
              ", ".join(str(s) for s in row.get("steps", []))] for name, row in over["guards"].items()]
-    return (f"**over-optimisation: when the gold quality turns down, and what catches it** (the base recipe 10x "
-            f"longer, {seeds} seeds; gains from noise over the base model)\n\nThe mean gold quality peaks at step "
+    return (f"**over-optimisation: when the gold quality turns down, and what catches it** ({variant['label']}, "
+            f"{len(variant['seeds'])} seeds; gains from noise over the base model)\n\nThe mean gold quality peaks at step "
             f"{over['peak']['step']} ({over['peak']['tflop']:.1f} TFLOP); the last evaluation minus the peak: quality "
             f"{_format(quality, 2)} dB, reward {_format(reward, 4)}: {verdict}. The peak is read off the same runs, "
             f"so the drop after it is an upper bound. What each guard keeps: the weights early stopping on the "
             f"held-out reward keeps (`--eval-every` at these points, `--early-stop-patience {PATIENCE}`; "
             f"`lora_best/`), or the last weights at a smaller strength (`--lora-scale`).\n\n"
-            + markdown_table(["weights kept", *[f"Δ {METRICS[m][0]}" for m in OVERSEEN], "quality vs the last weights (dB)",
+            + markdown_table(["weights kept", *[f"Δ {METRICS[m][0]}" for m in OVERSEEN], *[h for _, h in compared],
                               "steps kept"], rows))
 
 

@@ -290,7 +290,8 @@ def test_overoptimisation_of_hand_made_long_runs():
     """Two seeds of the long variant, three clips: the gold quality rises to +1 dB at the 5th of 10 evaluations
     and falls back to 0 while the reward climbs. By hand: the peak at step 50, the end minus the peak -1 dB
     (reward +0.05): it turns down. Early stopping (patience 2) keeps seed 0's 5th evaluation (+1 dB) and seed 1's
-    8th (+0.4 dB): +0.7 dB, +0.7 over the last weights; the last weights at strength 0.5 keep +0.5 dB."""
+    8th (+0.4 dB): +0.7 dB, +0.7 over the last weights and +0.3 over the weights at one budget (the 2nd
+    evaluation, +0.4 dB); the last weights at strength 0.5 keep +0.5 dB, +0.1 over one budget."""
     quality = [0.2, 0.4, 0.6, 0.8, 1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
     held_out = {0: [1, 2, 3, 4, 5, 4, 4.5, 3, 2, 1], 1: [1, 2, 3, 4, 5, 6, 7, 8, 7, 6]}
 
@@ -307,19 +308,23 @@ def test_overoptimisation_of_hand_made_long_runs():
 
     runs = {0: record(0), 1: record(1)}
     assert early_stop_point(runs[0]) == 5 and early_stop_point(runs[1]) == 8
-    over = overoptimisation({"noise": rows(0.0, 0.2)}, runs)
+    over = overoptimisation({"noise": rows(0.0, 0.2)}, runs, one_budget=2)
     assert over["peak"] == {"step": 50, "tflop": 0.5}
     assert over["end_minus_peak"]["quality"] == {"mean": -1.0, "ci95": [-1.0, -1.0]}
     assert over["end_minus_peak"]["reward"]["mean"] == pytest.approx(0.05)
     stopped = over["guards"]["early stopping (patience 2)"]
     assert stopped["steps"] == [50, 80] and stopped["quality"]["mean"] == pytest.approx(0.7)
     assert stopped["quality_vs_last"]["mean"] == pytest.approx(0.7)
+    assert stopped["quality_vs_one_budget"]["mean"] == pytest.approx(0.3)
+    assert over["guards"]["last weights at strength 0.5"]["quality_vs_one_budget"]["mean"] == pytest.approx(0.1)
     assert stopped["quality"]["ci95"] == pytest.approx([0.4, 1.0])  # two seeds: the bootstrap draws 0.4 or 1.0
     assert over["guards"]["last weights at strength 0.5"]["quality"] == {"mean": 0.5, "ci95": [0.5, 0.5]}
     assert over["guards"]["last weights"]["quality"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
-    text = _render_overoptimisation(over, 2)
+    text = _render_overoptimisation(over, {"label": "base recipe, 10x longer", "seeds": [0, 1]})
+    assert "(base recipe, 10x longer, 2 seeds;" in text
     assert "the gold quality turns down while the reward still climbs" in text
     assert "| early stopping (patience 2) | +0.70 [+0.40, +1.00] |" in text
+    assert "| +0.70 [+0.40, +1.00] | +0.30 [+0.00, +0.60] | 50, 80 |" in text
 
 
 def test_workers_share_a_list_through_claims(tmp_path, capsys):
