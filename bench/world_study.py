@@ -46,17 +46,19 @@ def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
     return folder / "lora"
 
 
-def score_model(lora: Path | None, sets: dict[str, list]) -> dict[str, list[dict[str, float]]]:
+def score_model(lora: Path | None, sets: dict[str, list], scale: float = 1.0) -> dict[str, list[dict[str, float]]]:
     """Per set, every clip's reward and gold metrics, generated from the set's noise seeds by the world model
-    (with ``lora`` loaded): the same noise for every model, so clip i of two models forms a pair."""
+    (with ``lora`` loaded at strength ``scale``): the same noise for every model, so clip i of two models forms a
+    pair."""
     from bench.study import scorer
     from engine.builtin import build_model
-    from engine.lora import load_lora
+    from engine.lora import load_lora, set_lora_scale
     from engine.world.figures import from_noise
 
     model = build_model("world")
     if lora is not None:
         load_lora(model.denoiser, lora)
+        set_lora_scale(model.denoiser, scale)
     return {name: from_noise(model, pairs, scorer=scorer())[0] for name, pairs in sets.items()}
 
 
@@ -82,18 +84,18 @@ def paired_table(base: dict, tuned: dict[int, dict]) -> tuple[list[list[str]], d
     return rows, summary
 
 
-def table1(seeds: int, samples: int, work: Path) -> str:
+def table1(seeds: int, samples: int, work: Path, scale: float = 1.0) -> str:
     """Base and fine-tuned models from the same noise on the effect sets and on the fresh sets (seeds drawn from
     the final assets); per metric, the paired gain's mean over fine-tuning seeds with its 95% interval from the
     hierarchical bootstrap (seeds, then clips)."""
     from engine.world.scene import effect_sets
 
     loras = {s: fine_tune(work / f"table1-seed{s}", s, []) for s in range(seeds)}
-    sections, figures = [], {"seeds": seeds}
+    sections, figures = [], {"seeds": seeds, "lora_scale": scale}
     for group, offset in (("effect", 0), ("fresh", assets_offset())):
         sets = effect_sets(samples, group, offset)
         base = score_model(None, sets)
-        rows, summary = paired_table(base, {s: score_model(lora, sets) for s, lora in loras.items()})
+        rows, summary = paired_table(base, {s: score_model(lora, sets, scale) for s, lora in loras.items()})
         figures[group] = {"clips_per_set": {n: len(p) for n, p in sets.items()}, "seed_offset": offset, "sets": summary}
         plot_table1(summary, PLOTS / f"table1_{group}.png")
         sections.append(f"**{group} set** ({len(sets['in_domain'])} clips a prompt set{', noise seeds offset by ' + str(offset) + ' (drawn from the assets)' if offset else ''})\n\n"
@@ -103,7 +105,8 @@ def table1(seeds: int, samples: int, work: Path) -> str:
     from engine.config import resolve_config
 
     recipe = resolve_config(["--model", "world", *STEPS])
-    return (f"{seeds} fine-tuning seeds (the default job: tau {recipe.tau}, {recipe.steps} steps; `--seed "
+    strength = "" if scale == 1.0 else f", the LoRA applied at strength {scale:g} (`--lora-scale`)"
+    return (f"{seeds} fine-tuning seeds (the default job: tau {recipe.tau}, {recipe.steps} steps{strength}; `--seed "
             f"0..{seeds - 1}`), each scored on the same initial "
             "noise as the base model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the "
             "hierarchical bootstrap (seeds, then clips within a seed).\n\n" + "\n\n".join(sections))
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per model")
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="Table 1: score the fine-tunes with their LoRA "
+                        "at this strength (as `engine.sample --lora-scale`)")
     parser.add_argument("--work", help="keep the fine-tunes here and reuse the finished ones (default: a temporary folder)")
     parser.add_argument("--only", help="study: these variants only, comma-separated, run in that order (default: every one)")
     parser.add_argument("--report", action="store_true", help="write the study's sections from its records, running nothing")
@@ -158,11 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     STEPS[:] = ["--steps", str(args.steps)] if args.steps else []
     torch.set_num_threads(torch.get_num_threads())
     command = (f"python -m bench.world_study --part {{}} --seeds {args.seeds} --samples-per-prompt "
-               f"{args.samples_per_prompt}" + (f" --steps {args.steps}" if args.steps else ""))
+               f"{args.samples_per_prompt}" + (f" --steps {args.steps}" if args.steps else "")
+               + (f" --lora-scale {args.lora_scale:g}" if args.lora_scale != 1.0 else ""))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         if args.part in ("all", "table1"):
-            body = table1(args.seeds, args.samples_per_prompt, work)
+            body = table1(args.seeds, args.samples_per_prompt, work, args.lora_scale)
             update_section(RESULTS, "world: Table 1", f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
         if args.part in ("all", "study", "verify"):
             from bench.study import run_study, verify_study
