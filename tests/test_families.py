@@ -159,6 +159,33 @@ def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convo
     assert copied[0] < 0.9 * views[0]
 
 
+def test_decoder_recompute_saves_a_kept_cache_through_the_saved_tensor_hooks(model, monkeypatch):
+    """A recomputed chunk that reads a cache carrying gradient (the chunk before it decoded with gradient too) keeps
+    that cache for backward. Every tensor of it is saved through the saved-tensor hooks around the decode (where
+    ``ChainMemory.region`` spills to the host), not held beside them by the checkpoint."""
+    import engine.models.causal as causal
+    from torch.utils._pytree import tree_leaves
+
+    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 4, 4)  # latent frames 1, 3 and 4 graded below
+    model.decode_recompute, model.context_gradient = True, False
+    kept, packed, recompute = [], set(), causal.CausalVideoDiffusion._recomputed_chunk
+
+    def recording(self, run, x, chunks, chunk, cache, initial):
+        kept.extend(t for t in tree_leaves(cache) if isinstance(t, torch.Tensor) and t.requires_grad)  # kept alive
+        return recompute(self, run, x, chunks, chunk, cache, initial)
+
+    def pack(t):
+        packed.add(t.untyped_storage()._cdata)
+        return t
+
+    monkeypatch.setattr(causal.CausalVideoDiffusion, "_recomputed_chunk", recording)
+    z = latents.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        frames = model.decode_frames(z, torch.tensor([[3, 9, 16]]))
+    frames.sum().backward()
+    assert kept and all(t.untyped_storage()._cdata in packed for t in kept)
+
+
 def test_clip_round_trip_and_frame_count_errors(model):
     frames = torch.rand(1, SIZE["num_frames"], 3, 32, 32) * 2 - 1
     latents = model.encode_video(frames)

@@ -6,7 +6,7 @@ import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from engine.errors import UserError
@@ -208,9 +208,21 @@ class CausalVideoDiffusion(VideoDiffusion):
         part, first = x[:, :, chunk.start:chunk.stop], chunk.start == 0
         kept = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(cache))
         context, held, layers = x[:, :, :chunk.start].detach(), [cache], ChunkRun()
+        # a kept cache goes to the checkpoint as its tensors, each saved for backward through the saved-tensor
+        # hooks around it (ChainMemory.region may spill them to the host); a nested structure would be held as is
+        leaves, spec = tree_flatten(cache)
+        slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        tensors, others = [leaves[i] for i in slots], [None if isinstance(t, torch.Tensor) else t for t in leaves]
+        del leaves
+
+        def rebuilt(kept_tensors):
+            filled = list(others)
+            for i, t in zip(slots, kept_tensors):
+                filled[i] = t
+            return tree_unflatten(filled, spec)
 
         def again(part, *kept_cache):
-            read = held[0] if held[0] is not None else kept_cache[0] if kept else None
+            read = held[0] if held[0] is not None else rebuilt(kept_cache) if kept else None
             if kept:
                 read = _own_gradients(read)
             if read is None:  # backward: the cache this chunk read, again
@@ -221,8 +233,8 @@ class CausalVideoDiffusion(VideoDiffusion):
             with layers.pass_(), self.layers_recomputed(layers):
                 return run(part, read, first)
 
-        out = checkpoint(again, part, *([cache] if kept else []), use_reentrant=False)
-        held[0] = None  # backward reads the kept input or replays the context
+        out = checkpoint(again, part, *(tensors if kept else []), use_reentrant=False)
+        held[0] = tensors = None  # backward reads the kept input or replays the context
         layers.release()
         return out
 
