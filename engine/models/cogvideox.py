@@ -44,9 +44,10 @@ class CogVideoXVideo(CausalVideoDiffusion):
         return torch.cat(decoded, 2)
 
     def layers_recomputed(self, layers):
-        """Each residual block of the decoder's up-blocks recomputed in backward on its own (they take the causal
-        cache they read and return the one they leave: no state between them)."""
-        resnets = [resnet for block in self.vae.decoder.up_blocks for resnet in block.resnets]
+        """Each residual block and upsampler of the decoder's up-blocks recomputed in backward on its own (a block
+        takes the causal cache it reads and returns the one it leaves; an upsampler has none: no state between
+        them)."""
+        resnets = [layer for block in self.vae.decoder.up_blocks for layer in [*block.resnets, *(block.upsamplers or [])]]
 
         def wrap(resnet):
             forward = resnet.forward
