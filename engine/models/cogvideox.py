@@ -47,13 +47,13 @@ class CogVideoXVideo(CausalVideoDiffusion):
         """Each residual block and upsampler of the decoder's up-blocks recomputed in backward on its own (a block
         takes the causal cache it reads and returns the one it leaves; an upsampler has none: no state between
         them)."""
-        resnets = [layer for block in self.vae.decoder.up_blocks for layer in [*block.resnets, *(block.upsamplers or [])]]
+        recomputed = [layer for block in self.vae.decoder.up_blocks for layer in [*block.resnets, *(block.upsamplers or [])]]
 
-        def wrap(resnet):
-            forward = resnet.forward
+        def wrap(layer):
+            forward = layer.forward
             return lambda *args, **kwargs: layers.checkpointed(forward, *args, **kwargs)
 
-        return layers.replacing(resnets, wrap)
+        return layers.replacing(recomputed, wrap)
 
     def chunks(self, n: int) -> list[range]:
         size = self.vae.num_latent_frames_batch_size
