@@ -285,7 +285,7 @@ def _render_overoptimisation(over: dict, variant: dict) -> str:
              *[_format(row[key], 2) if key in row else "" for key, _ in compared],
              ", ".join(str(s) for s in row.get("steps", []))] for name, row in over["guards"].items()]
     return (f"**over-optimisation: when the gold quality turns down, and what catches it** ({variant['label']}, "
-            f"{len(variant['seeds'])} seeds; gains from noise over the base model)\n\nThe mean gold quality peaks at step "
+            f"{len(variant['seeds'])} seed{'s' if len(variant['seeds']) != 1 else ''}; gains from noise over the base model)\n\nThe mean gold quality peaks at step "
             f"{over['peak']['step']} ({over['peak']['tflop']:.1f} TFLOP); the last evaluation minus the peak: quality "
             f"{_format(quality, 2)} dB, reward {_format(reward, 4)}: {verdict}. The peak is read off the same runs, "
             f"so the drop after it is an upper bound. What each guard keeps: the weights early stopping on the "
