@@ -134,7 +134,10 @@ def barrier(world: World) -> None:
 
 
 def shutdown(world: World) -> None:
+    """Every rank waits for the others first: a rank that tears its process group down while another still has
+    collectives in flight can abort at exit (gloo's threads), failing a run that finished."""
     if world.size > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -478,3 +478,22 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
     assert (tmp_path / "taken" / "metrics.jsonl").read_text() == "{}\n"
     assert (tmp_path / "crashed" / "metrics.jsonl").read_text() == "{}\n"
     assert sorted(p.name for p in (tmp_path / "a_model").iterdir()) == ["model_index.json"]
+
+
+def _leave(rank, store, delay, times):
+    from engine.distributed import World, shutdown
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    time.sleep(delay[rank])
+    times[f"enter{rank}"] = time.time()
+    shutdown(World(rank=rank, size=2, local_rank=rank))
+    times[f"leave{rank}"] = time.time()
+
+
+def test_no_rank_tears_its_process_group_down_before_every_rank_is_done(tmp_path):
+    """Rank 1 finishes first; its process group must live until rank 0 has finished too."""
+    import torch.multiprocessing as mp
+
+    times = mp.Manager().dict()
+    mp.spawn(_leave, args=(str(tmp_path / "store"), (1.0, 0.0), times), nprocs=2)
+    assert times["leave1"] >= times["enter0"], dict(times)
