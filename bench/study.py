@@ -18,6 +18,7 @@ Code a run did not execute may change freely, so the study continues across sess
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -151,6 +152,15 @@ def step_tflop(options: list[str]) -> float:
     return counter.get_total_flops() / 1e12
 
 
+@functools.cache
+def counted_step_tflop(options: tuple[str, ...]) -> tuple[float, frozenset]:
+    """``step_tflop(options)`` and the code counting it ran, counted once a process: the count depends on the
+    options and the code alone, and it costs a training step under the FLOP counter."""
+    with CodeTrace() as trace:
+        tflop = step_tflop(list(options))
+    return tflop, frozenset(trace.seen)
+
+
 def eval_steps(total: int, evaluations: int) -> list[int]:
     return sorted({max(1, round(total * k / evaluations)) for k in range(1, evaluations + 1)})
 
@@ -211,7 +221,6 @@ def _runner(plan: Plan, folder: Path):
     record, and fine-tuning one (variant, seed) with each option set's FLOPs per step counted once."""
     folder.mkdir(parents=True, exist_ok=True)
     assets = assets_digest()
-    tflops: dict[tuple[str, ...], tuple[float, set]] = {}  # options -> (TFLOP a step, the code counting it ran)
 
     def load(variant, seed) -> tuple[dict, Path, dict | None, str | None]:
         """(identity, path, the record or None, why it is stale: "missing", what changed, or None: current)."""
@@ -231,16 +240,12 @@ def _runner(plan: Plan, folder: Path):
 
     def measure(variant, seed) -> tuple[dict, set]:
         """The record's measured part for (variant, seed) and the code it ran."""
-        for options in (tuple(DEFAULT.options), variant.options):
-            if options not in tflops:
-                with CodeTrace() as trace:
-                    tflops[options] = step_tflop(list(options)), trace.seen
-        budget = tflops[tuple(DEFAULT.options)][0] * plan.default_steps
-        tflop, counted = tflops[variant.options]
+        default_tflop, default_counted = counted_step_tflop(tuple(DEFAULT.options))
+        tflop, counted = counted_step_tflop(tuple(variant.options))
         started, trace = time.perf_counter(), CodeTrace()
-        measured = run_variant(variant, seed, plan, budget, tflop, trace)
+        measured = run_variant(variant, seed, plan, default_tflop * plan.default_steps, tflop, trace)
         measured["run_s"] = time.perf_counter() - started
-        return measured, trace.seen | counted | tflops[tuple(DEFAULT.options)][1]
+        return measured, trace.seen | counted | default_counted
 
     return load, write, measure
 
