@@ -15,12 +15,14 @@ from engine.models.base import VideoDiffusion
 
 class ChunkRun:
     """The inputs of the decoder layers that a recomputed chunk recomputes each on its own, by position. A layer's
-    checkpoint keeps only a box: its inputs stay in the box while the chunk's forward runs, are dropped after it
-    (so that no graded chunk keeps its layers' inputs, nor through them the causal cache they read, until
-    backward) and are put back, box by box, when backward recomputes the chunk, before any layer needs them."""
+    checkpoint keeps only a box: its inputs stay in the box until the layer has run (so that no graded chunk keeps
+    its layers' inputs, nor through them the causal cache they read, until backward) and are put back, box by box,
+    when backward recomputes the chunk, before any layer needs them; there they stay until the layer's own
+    recomputation, so that backward holds the inputs and caches of the layers it has yet to reach only."""
 
     class Box:
         inputs = None
+        uses_left = 0  # runs of the layer still to read the inputs: 1 in the chunk's forward, 2 in backward's
 
     def __init__(self):
         self.boxes: list[ChunkRun.Box] = []
@@ -38,14 +40,12 @@ class ChunkRun:
         self.cursor += 1
         return self.boxes[self.cursor - 1]
 
-    def release(self) -> None:
-        for box in self.boxes:
-            box.inputs = None
-
     def checkpointed(self, function, *args, **kwargs):
-        """``function(*args, **kwargs)``, recomputed in backward from its inputs in a box of this chunk."""
+        """``function(*args, **kwargs)``, recomputed in backward from its inputs in a box of this chunk. In the
+        chunk's forward the layer runs once; in backward's recomputation of the chunk, once more, then again for
+        its own backward."""
         box = self.box()
-        box.inputs = (args, kwargs)
+        box.inputs, box.uses_left = (args, kwargs), 1 if self.passes == 1 else 2
         return checkpoint(_from_box, function, box, use_reentrant=False)
 
     @staticmethod
@@ -66,6 +66,9 @@ def _from_box(function, box: ChunkRun.Box):
         raise RuntimeError(f"--decode-recompute: the inputs of {getattr(function, '__qualname__', function)} were "
                            "not put back before its recomputation")
     args, kwargs = _own_gradients(box.inputs)  # here: their gradients copied as soon as this layer's arrive
+    box.uses_left -= 1
+    if box.uses_left == 0:
+        box.inputs = None
     return function(*args, **kwargs)
 
 
@@ -235,7 +238,6 @@ class CausalVideoDiffusion(VideoDiffusion):
 
         out = checkpoint(again, part, *(tensors if kept else []), use_reentrant=False)
         held[0] = tensors = None  # backward reads the kept input or replays the context
-        layers.release()
         return out
 
     def layers_recomputed(self, layers: "ChunkRun"):
