@@ -159,6 +159,36 @@ def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convo
     assert copied[0] < 0.9 * views[0]
 
 
+def test_decoder_recompute_lets_go_of_each_layers_inputs_once_its_backward_has_run(model, monkeypatch):
+    """In backward, a recomputed layer's inputs (and the causal cache it read) are dropped once the layer has run
+    again for its own backward, not held until the chunk's backward ends: when a layer runs for its backward, the
+    layers after it, whose backward has run, hold nothing."""
+    import engine.models.causal as causal
+
+    runs, calls, held_after = [], {}, []
+    init, from_box = causal.ChunkRun.__init__, causal._from_box
+
+    def recording_init(self):
+        init(self)
+        runs.append(self)
+
+    def recording_from_box(function, box):
+        run = next(r for r in runs if any(b is box for b in r.boxes))
+        if run.passes == 2:  # backward: the chunk run again, then each layer again for its own backward
+            calls[id(box)] = calls.get(id(box), 0) + 1
+            if calls[id(box)] == 2:
+                i = next(i for i, b in enumerate(run.boxes) if b is box)
+                held_after.append(sum(b.inputs is not None for b in run.boxes[i + 1:]))
+        return from_box(function, box)
+
+    monkeypatch.setattr(causal.ChunkRun, "__init__", recording_init)
+    monkeypatch.setattr(causal, "_from_box", recording_from_box)
+    model.decode_recompute, model.context_gradient = True, False
+    z = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8, requires_grad=True)
+    model.decode_frames(z, torch.tensor([[3, 9, 16]])).sum().backward()
+    assert len(held_after) > 2 and set(held_after) == {0}, held_after
+
+
 def test_decoder_recompute_saves_a_kept_cache_through_the_saved_tensor_hooks(model, monkeypatch):
     """A recomputed chunk that reads a cache carrying gradient (the chunk before it decoded with gradient too) keeps
     that cache for backward. Every tensor of it is saved through the saved-tensor hooks around the decode (where
