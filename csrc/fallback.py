@@ -14,6 +14,7 @@ import threading
 from collections import deque
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # -- decisions (csrc/planner.h) ------------------------------------------------------------------------------------
 KEEP, OFFLOAD, RECOMPUTE, RECOMPUTE_OFFLOAD = range(4)
@@ -201,15 +202,16 @@ class _CudaCopier:
 
 class _Entry:
     __slots__ = ("groups", "nbytes", "pooled", "meta", "demand", "delivered", "sizes", "strides", "dtype",
-                 "device_type", "buffer", "host", "source", "device", "d2h", "h2d")
+                 "device_type", "buffer", "host", "source", "device", "handed", "d2h", "h2d")
 
     def __init__(self):
         self.demand = self.delivered = False
-        self.buffer = self.host = self.source = self.device = self.d2h = self.h2d = None
+        self.buffer = self.host = self.source = self.device = self.handed = self.d2h = self.h2d = None
 
 
 class Store:
-    """Host buffers for spilled saved tensors; the methods and statistics of torch.classes.chain_memory.Store."""
+    """Host buffers for spilled saved tensors; the methods and statistics of torch.classes.chain_memory.Store.
+    ``get`` hands the device copy over and refers to it weakly from then on (csrc/store.h says why)."""
 
     def __init__(self, max_inflight_bytes: int, prefetch_depth: int, pin_memory: bool):
         if max_inflight_bytes <= 0:
@@ -258,8 +260,16 @@ class Store:
             self._stats[_S["inflight_bytes"]] -= e.nbytes
             self._pending.popleft()
 
+    @staticmethod
+    def _handed_copy(e: _Entry) -> torch.Tensor | None:
+        """The copy ``get`` handed over, if it still lives."""
+        storage = None if e.handed is None else torch.UntypedStorage._new_with_weak_ptr(e.handed.cdata)
+        if storage is None:  # gone (the weak pointer's lock fails)
+            return None
+        return torch.empty(0, dtype=e.dtype, device=e.device_type).set_(storage, 0, e.sizes, e.strides)
+
     def _start_copy_back(self, e: _Entry, demand: bool) -> None:
-        if e.device is not None:
+        if e.device is not None or (e.handed is not None and not e.handed.expired()):
             return
         e.device = torch.empty_strided(e.sizes, e.strides, dtype=e.dtype, device=e.device_type)
         if not e.meta:
@@ -348,7 +358,8 @@ class Store:
             if group < 0:
                 group = e.groups[0]
             self._stats[_S["gets"]] += 1
-            if e.device is None:
+            handed = self._handed_copy(e)
+            if e.device is None and handed is None:
                 # Not prefetched: bring the asking group back now (backward needs all of it next).
                 for k in self._groups.get(group, ()):
                     self._start_copy_back(self._entries[k], True)
@@ -369,7 +380,13 @@ class Store:
             if e.h2d is not None:
                 e.h2d.block_stream()
                 e.h2d = None
-            return e.device
+            if handed is not None:
+                return handed
+            # hand the copy over: backward's use of it decides how long it lives
+            device, e.device = e.device, None
+            e.handed = StorageWeakRef(device.untyped_storage())
+            self._stats[_S["device_bytes"]] -= e.nbytes
+            return device
 
     def release(self, key: int) -> bool:
         with self._lock:

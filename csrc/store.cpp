@@ -130,8 +130,15 @@ int64_t Store::put(const at::Tensor& tensor, int64_t group) {
   return key;
 }
 
+at::Tensor Store::handed_copy(const Entry& e) {
+  if (!e.handed) return at::Tensor();
+  auto storage = e.handed->lock();
+  if (!storage) return at::Tensor();
+  return at::empty({0}, e.device_options).set_(c10::Storage(std::move(storage)), 0, e.sizes, e.strides);
+}
+
 void Store::start_copy_back(Entry& e, bool demand) {
-  if (e.device.defined()) return;
+  if (e.device.defined() || (e.handed && !e.handed->expired())) return;
   e.device = at::empty_strided(e.sizes, e.strides, e.device_options);
   if (!e.meta) {
     if (e.device.is_cuda()) {
@@ -175,7 +182,8 @@ at::Tensor Store::get(int64_t key, int64_t group) {
   if (group < 0) group = e.groups.front();
   ++stats_[kGets];
   auto it = groups_.find(group);
-  if (!e.device.defined()) {
+  at::Tensor handed = handed_copy(e);
+  if (!e.device.defined() && !handed.defined()) {
     // Not prefetched: bring the asking group back now (backward needs all of it next).
     if (it != groups_.end())
       for (int64_t k : it->second) start_copy_back(entries_.at(k), true);
@@ -201,7 +209,13 @@ at::Tensor Store::get(int64_t key, int64_t group) {
     e.h2d->block_stream();
     e.h2d.reset();
   }
-  return e.device;
+  if (handed.defined()) return handed;
+  // Hand the copy over: backward's use of it decides how long it lives.
+  at::Tensor device = std::move(e.device);
+  e.device = at::Tensor();
+  e.handed = device.storage().getWeakStorageImpl();
+  stats_[kDeviceBytes] -= e.nbytes;
+  return device;
 }
 
 bool Store::release(int64_t key) {

@@ -5,7 +5,9 @@
 // groups (one per spilled unit call, numbered in forward order); a key several units saved (the text embedding,
 // the time embedding) is put once and shared into the other groups. get(key, group) is asked on behalf of a
 // group: if the key is not back yet the whole group is copied back, and the `prefetch_depth` groups before it
-// start copying, the order backward needs them, so copies overlap compute.
+// start copying, the order backward needs them, so copies overlap compute. get() hands the copy over: from then on
+// the store refers to it weakly, so it lives as long as backward uses it (not until release()); asked again while
+// it lives, get() returns it; after, it copies it back again.
 // csrc/fallback.py (`Store`) is the same object in Python.
 #pragma once
 
@@ -17,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -74,13 +77,15 @@ class Store : public torch::CustomClassHolder {
     at::Tensor buffer;     // pooled uint8 host buffer
     at::Tensor host;       // buffer viewed with the tensor's dtype, sizes and strides
     at::Tensor source;     // device tensor kept alive until its device-to-host copy has finished
-    at::Tensor device;     // the copy handed back to backward (after prefetch or get)
+    at::Tensor device;     // the copy brought back (by prefetch or get), until get() hands it over
+    std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> handed;  // the copy get() handed over, held weakly
     std::shared_ptr<CopyFence> d2h, h2d;
   };
 
   at::Tensor take_buffer(int64_t pooled);
   void give_buffer(at::Tensor buffer, int64_t pooled);
   void start_copy_back(Entry& entry, bool demand);
+  static at::Tensor handed_copy(const Entry& entry);  // the copy get() handed over, if it still lives; else undefined
   void reap_finished_copies(bool wait_all);
   DeviceCopier& copier();
 

@@ -235,13 +235,18 @@ def test_store_groups_shares_pool_and_errors(name):
     store.share(ka, 2)                    # a is needed by group 2 as well
     kc = store.put(c, 3)
     assert torch.equal(store.get(kb, 2), b)  # group 2 comes back on demand, with a; group 1 is prefetched
-    assert torch.equal(store.get(ka, 2), a)
+    held = store.get(ka, 2)
+    assert torch.equal(held, a)
     s = dict(zip(STAT_NAMES, store.stats()))
-    assert s["demand_copies"] == 2 and s["h2d_bytes"] == 800 and s["device_bytes"] == 800
-    assert torch.equal(store.get(kc, 3), c)  # group 3 was not prefetched: demand copy
-    assert torch.equal(store.get(ka, 1), a)  # a repeat: no second copy
+    assert s["demand_copies"] == 2 and s["h2d_bytes"] == 800 and s["device_bytes"] == 0  # both handed over
+    assert store.get(ka, 1).data_ptr() == held.data_ptr()  # a repeat while a's copy lives: that copy
+    assert torch.equal(store.get(kc, 3), c)  # group 3 was not prefetched: demand copy; it prefetches group 2,
+    s = dict(zip(STAT_NAMES, store.stats()))  # where b's copy is gone and a's lives: b comes back alone
+    assert s["h2d_bytes"] == 1400 and s["device_bytes"] == 400 and s["demand_copies"] == 3 and s["gets"] == 4
+    del held
+    assert torch.equal(store.get(ka, 1), a)  # a's copy gone: copied back again
     s = dict(zip(STAT_NAMES, store.stats()))
-    assert s["h2d_bytes"] == 1000 and s["demand_copies"] == 3 and s["gets"] == 4
+    assert s["h2d_bytes"] == 1800 and s["device_bytes"] == 400 and s["gets"] == 5
     # released buffers go back to the pool and are reused by the next put of the same (rounded) size
     assert store.release(ka) and not store.release(ka)
     store.put(torch.randn(100), 4)
