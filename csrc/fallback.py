@@ -226,6 +226,7 @@ class Store:
         self._entries: dict[int, _Entry] = {}
         self._groups: dict[int, list[int]] = {}
         self._pending: deque[int] = deque()
+        self._handed_keys: list[int] = []
         self._pool: dict[int, list[torch.Tensor]] = {}
         self._copier: _CudaCopier | None = None
         self._stats = [0] * len(STAT_NAMES)
@@ -267,6 +268,17 @@ class Store:
         if storage is None:  # gone (the weak pointer's lock fails)
             return None
         return torch.empty(0, dtype=e.dtype, device=e.device_type).set_(storage, 0, e.sizes, e.strides)
+
+    def _forget_gone_copies(self) -> None:
+        kept = []
+        for key in self._handed_keys:
+            e = self._entries[key]  # release() takes its key out of _handed_keys
+            if not e.handed.expired():
+                kept.append(key)
+                continue
+            e.handed = None
+            self._stats[_S["device_bytes"]] -= e.nbytes
+        self._handed_keys = kept
 
     def _start_copy_back(self, e: _Entry, demand: bool) -> None:
         if e.device is not None or (e.handed is not None and not e.handed.expired()):
@@ -334,6 +346,7 @@ class Store:
 
     def prefetch_group(self, group: int) -> None:
         with self._lock:
+            self._forget_gone_copies()
             for k in self._groups.get(group, ()):
                 self._start_copy_back(self._entries[k], False)
 
@@ -358,6 +371,7 @@ class Store:
             if group < 0:
                 group = e.groups[0]
             self._stats[_S["gets"]] += 1
+            self._forget_gone_copies()
             handed = self._handed_copy(e)
             if e.device is None and handed is None:
                 # Not prefetched: bring the asking group back now (backward needs all of it next).
@@ -384,8 +398,11 @@ class Store:
                 return handed
             # hand the copy over: backward's use of it decides how long it lives
             device, e.device = e.device, None
+            if e.handed is not None:
+                self._stats[_S["device_bytes"]] -= e.nbytes  # an earlier copy handed over, gone since the last look
+            else:
+                self._handed_keys.append(key)
             e.handed = StorageWeakRef(device.untyped_storage())
-            self._stats[_S["device_bytes"]] -= e.nbytes
             return device
 
     def release(self, key: int) -> bool:
@@ -400,6 +417,9 @@ class Store:
                 self._stats[_S["inflight_bytes"]] -= e.nbytes
             if e.device is not None:
                 self._stats[_S["device_bytes"]] -= e.nbytes
+            if e.handed is not None:  # counted until looked at again: alive or not, it leaves with its entry
+                self._stats[_S["device_bytes"]] -= e.nbytes
+                self._handed_keys.remove(key)
             self._stats[_S["host_bytes"]] -= e.pooled
             self._stats[_S["entries"]] -= 1
             if not e.meta and e.pooled > 0:
@@ -422,6 +442,7 @@ class Store:
     def stats(self) -> list[int]:
         with self._lock:
             self._reap(False)
+            self._forget_gone_copies()
             return list(self._stats)
 
     def set_max_inflight_bytes(self, nbytes: int) -> None:

@@ -137,6 +137,17 @@ at::Tensor Store::handed_copy(const Entry& e) {
   return at::empty({0}, e.device_options).set_(c10::Storage(std::move(storage)), 0, e.sizes, e.strides);
 }
 
+void Store::forget_gone_copies() {
+  auto gone = [this](int64_t key) {
+    Entry& e = entries_.at(key);  // release() takes its key out of handed_keys_
+    if (!e.handed->expired()) return false;
+    e.handed.reset();
+    stats_[kDeviceBytes] -= e.nbytes;
+    return true;
+  };
+  handed_keys_.erase(std::remove_if(handed_keys_.begin(), handed_keys_.end(), gone), handed_keys_.end());
+}
+
 void Store::start_copy_back(Entry& e, bool demand) {
   if (e.device.defined() || (e.handed && !e.handed->expired())) return;
   e.device = at::empty_strided(e.sizes, e.strides, e.device_options);
@@ -157,6 +168,7 @@ void Store::start_copy_back(Entry& e, bool demand) {
 
 void Store::prefetch_group(int64_t group) {
   std::lock_guard<std::mutex> lock(mutex_);
+  forget_gone_copies();
   auto it = groups_.find(group);
   if (it == groups_.end()) return;
   for (int64_t key : it->second) start_copy_back(entries_.at(key), false);
@@ -181,6 +193,7 @@ at::Tensor Store::get(int64_t key, int64_t group) {
   Entry& e = found->second;
   if (group < 0) group = e.groups.front();
   ++stats_[kGets];
+  forget_gone_copies();
   auto it = groups_.find(group);
   at::Tensor handed = handed_copy(e);
   if (!e.device.defined() && !handed.defined()) {
@@ -213,8 +226,12 @@ at::Tensor Store::get(int64_t key, int64_t group) {
   // Hand the copy over: backward's use of it decides how long it lives.
   at::Tensor device = std::move(e.device);
   e.device = at::Tensor();
+  if (e.handed) {
+    stats_[kDeviceBytes] -= e.nbytes;  // an earlier copy handed over, gone since the last look
+  } else {
+    handed_keys_.push_back(key);
+  }
   e.handed = device.storage().getWeakStorageImpl();
-  stats_[kDeviceBytes] -= e.nbytes;
   return device;
 }
 
@@ -229,6 +246,10 @@ bool Store::release(int64_t key) {
     stats_[kInflightBytes] -= e.nbytes;
   }
   if (e.device.defined()) stats_[kDeviceBytes] -= e.nbytes;
+  if (e.handed) {  // counted until looked at again: alive or not, it leaves the device bytes with its entry
+    stats_[kDeviceBytes] -= e.nbytes;
+    handed_keys_.erase(std::find(handed_keys_.begin(), handed_keys_.end(), key));
+  }
   stats_[kHostBytes] -= e.pooled;
   --stats_[kEntries];
   if (!e.meta && e.pooled > 0) give_buffer(std::move(e.buffer), e.pooled);
@@ -252,6 +273,7 @@ void Store::synchronize() {
 std::vector<int64_t> Store::stats() {
   std::lock_guard<std::mutex> lock(mutex_);
   reap_finished_copies(false);
+  forget_gone_copies();
   return std::vector<int64_t>(stats_, stats_ + kNumStats);
 }
 

@@ -7,7 +7,8 @@
 // group: if the key is not back yet the whole group is copied back, and the `prefetch_depth` groups before it
 // start copying, the order backward needs them, so copies overlap compute. get() hands the copy over: from then on
 // the store refers to it weakly, so it lives as long as backward uses it (not until release()); asked again while
-// it lives, get() returns it; after, it copies it back again.
+// it lives, get() returns it; after, it copies it back again. Device bytes count the copies the store brought back
+// that still live, held by it or handed over (those are looked at again when a copy starts and for stats()).
 // csrc/fallback.py (`Store`) is the same object in Python.
 #pragma once
 
@@ -86,6 +87,7 @@ class Store : public torch::CustomClassHolder {
   void give_buffer(at::Tensor buffer, int64_t pooled);
   void start_copy_back(Entry& entry, bool demand);
   static at::Tensor handed_copy(const Entry& entry);  // the copy get() handed over, if it still lives; else undefined
+  void forget_gone_copies();  // handed-over copies no longer alive leave the device bytes
   void reap_finished_copies(bool wait_all);
   DeviceCopier& copier();
 
@@ -96,6 +98,7 @@ class Store : public torch::CustomClassHolder {
   std::unordered_map<int64_t, Entry> entries_;
   std::map<int64_t, std::vector<int64_t>> groups_;  // group -> keys, ordered so backward order is a reverse walk
   std::deque<int64_t> pending_d2h_;                 // keys whose device-to-host copy may still run
+  std::vector<int64_t> handed_keys_;                // keys whose handed-over copy is counted in the device bytes
   std::unordered_map<int64_t, std::vector<at::Tensor>> pool_;
   std::unique_ptr<DeviceCopier> copier_;
   int64_t stats_[kNumStats] = {};

@@ -237,12 +237,13 @@ def test_store_groups_shares_pool_and_errors(name):
     assert torch.equal(store.get(kb, 2), b)  # group 2 comes back on demand, with a; group 1 is prefetched
     held = store.get(ka, 2)
     assert torch.equal(held, a)
-    s = dict(zip(STAT_NAMES, store.stats()))
-    assert s["demand_copies"] == 2 and s["h2d_bytes"] == 800 and s["device_bytes"] == 0  # both handed over
+    s = dict(zip(STAT_NAMES, store.stats()))  # both handed over; b's copy is gone, a's lives
+    assert s["demand_copies"] == 2 and s["h2d_bytes"] == 800 and s["device_bytes"] == 400
     assert store.get(ka, 1).data_ptr() == held.data_ptr()  # a repeat while a's copy lives: that copy
     assert torch.equal(store.get(kc, 3), c)  # group 3 was not prefetched: demand copy; it prefetches group 2,
     s = dict(zip(STAT_NAMES, store.stats()))  # where b's copy is gone and a's lives: b comes back alone
-    assert s["h2d_bytes"] == 1400 and s["device_bytes"] == 400 and s["demand_copies"] == 3 and s["gets"] == 4
+    assert s["h2d_bytes"] == 1400 and s["device_bytes"] == 800 and s["demand_copies"] == 3 and s["gets"] == 4
+    assert s["peak_device_bytes"] == 1000  # a, b and c at once
     del held
     assert torch.equal(store.get(ka, 1), a)  # a's copy gone: copied back again
     s = dict(zip(STAT_NAMES, store.stats()))
@@ -268,6 +269,24 @@ def test_store_groups_shares_pool_and_errors(name):
         csrc.backend(name).Store(0, 1, False)
     with pytest.raises(RuntimeError, match="max_inflight_bytes"):
         store.set_max_inflight_bytes(0)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_store_counts_a_handed_over_copy_while_it_lives(name):
+    """Device bytes count the copies brought back that still live, held by the store or handed over; a copy gone
+    or released leaves them, whichever comes first."""
+    store = csrc.backend(name).Store(1 << 30, 0, False)
+    a, b = torch.randn(100), torch.randn(50)
+    ka, kb = store.put(a, 0), store.put(b, 1)
+    device_bytes = lambda: dict(zip(STAT_NAMES, store.stats()))["device_bytes"]  # noqa: E731
+    held = store.get(ka, 0)
+    assert device_bytes() == 400
+    store.get(kb, 1)  # handed over and gone at once
+    assert device_bytes() == 400
+    assert store.release(ka) and device_bytes() == 0  # released while it lives: the store counts it no more
+    assert torch.equal(held, a)
+    store.get(kb, 1)  # gone before anything looks again, then released
+    assert store.release(kb) and device_bytes() == 0
 
 
 @pytest.mark.parametrize("name", BACKENDS)
