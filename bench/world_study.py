@@ -84,24 +84,25 @@ def paired_table(base: dict, tuned: dict[int, dict]) -> tuple[list[list[str]], d
     return rows, summary
 
 
-def table1(seeds: int, samples: int, work: Path, scale: float = 1.0) -> str:
+def table1(seeds: int, samples: int, work: Path, scale: float = 1.0, suffix: str = "") -> str:
     """Base and fine-tuned models from the same noise on the effect sets and on the fresh sets (seeds drawn from
     the final assets); per metric, the paired gain's mean over fine-tuning seeds with its 95% interval from the
-    hierarchical bootstrap (seeds, then clips)."""
+    hierarchical bootstrap (seeds, then clips). ``suffix`` names the figures of a recipe other than the default
+    job's (``table1{suffix}.json``), so that they stand beside its Table 1."""
     from engine.world.scene import effect_sets
 
-    loras = {s: fine_tune(work / f"table1-seed{s}", s, []) for s in range(seeds)}
+    loras = {s: fine_tune(work / f"table1{suffix}-seed{s}", s, []) for s in range(seeds)}
     sections, figures = [], {"seeds": seeds, "lora_scale": scale}
     for group, offset in (("effect", 0), ("fresh", assets_offset())):
         sets = effect_sets(samples, group, offset)
         base = score_model(None, sets)
         rows, summary = paired_table(base, {s: score_model(lora, sets, scale) for s, lora in loras.items()})
         figures[group] = {"clips_per_set": {n: len(p) for n, p in sets.items()}, "seed_offset": offset, "sets": summary}
-        plot_table1(summary, PLOTS / f"table1_{group}.png")
+        plot_table1(summary, PLOTS / f"table1{suffix}_{group}.png")
         sections.append(f"**{group} set** ({len(sets['in_domain'])} clips a prompt set{', noise seeds offset by ' + str(offset) + ' (drawn from the assets)' if offset else ''})\n\n"
                         + markdown_table(["prompt set", "metric", "base", "fine-tuned", "gain [95% CI]"], rows)
-                        + f"\n\n![gains, {group} set](world/table1_{group}.png)")
-    (PLOTS / "table1.json").write_text(json.dumps(figures, indent=2) + "\n")
+                        + f"\n\n![gains, {group} set](world/table1{suffix}_{group}.png)")
+    (PLOTS / f"table1{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     from engine.config import resolve_config
 
     recipe = resolve_config(["--model", "world", *STEPS])
@@ -168,8 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         if args.part in ("all", "table1"):
-            body = table1(args.seeds, args.samples_per_prompt, work, args.lora_scale)
-            update_section(RESULTS, "world: Table 1", f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
+            # a recipe other than the default job's gets a section and figures of its own, beside Table 1
+            changed = [f"{args.steps} steps"] * bool(args.steps) + [f"LoRA strength {args.lora_scale:g}"] * (args.lora_scale != 1.0)
+            suffix = f"_steps{args.steps}" * bool(args.steps) + f"_scale{args.lora_scale:g}" * (args.lora_scale != 1.0)
+            body = table1(args.seeds, args.samples_per_prompt, work, args.lora_scale, suffix)
+            update_section(RESULTS, "world: Table 1" + (f" ({', '.join(changed)})" if changed else ""),
+                           f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
         if args.part in ("all", "study", "verify"):
             from bench.study import run_study, verify_study
             from bench.study_plan import VARIANTS, Plan
