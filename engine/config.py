@@ -64,7 +64,8 @@ class TrainConfig:
     tar: bool = _opt(True, "TAR on (off = uniform weights)")
     decode_context: str = _opt("no-grad", "causal VAEs (Wan, CogVideoX): the latent frames before a SegVR frame's own "
                                "decode without gradient (no-grad: the decoder's activations are saved for the chosen "
-                               "frames' latent frames only) or with it (grad: exact gradient through the causal "
+                               "frames' latent frames only, and each chosen frame's gradient reaches its own chunk's "
+                               "latent frames only) or with it (grad: exact gradient through the causal "
                                "context, every decoded frame's activations saved); per-frame VAEs have no context",
                                choices=("no-grad", "grad"))
     context_parallel: bool = _opt(False, "under torchrun: every process works on the same clips, each on its share of "
@@ -72,9 +73,9 @@ class TrainConfig:
                                   "the batch is then each process's batch")
     decode_recompute: bool = _opt(False, "causal VAEs (Wan, CogVideoX): the decoder's activations of the chunks decoded "
                                   "with gradient recomputed in backward instead of kept, the residual blocks of its "
-                                  "up-blocks one at a time; each chunk keeps its input only, the causal cache it read "
-                                  "decoded again in backward from the chunks before it (with --decode-context no-grad). "
-                                  "Exact")
+                                  "up-blocks one at a time; each chunk keeps its input only and the causal cache it read, "
+                                  "saved through the chain memory's hooks where the chunk before it decoded with "
+                                  "gradient, else decoded again in backward from the chunks before it. Exact")
     text_encoder: str = _opt("live", "live: the text encoder stays on the device and embeds prompts as they come; "
                              "cached: every prompt the run knows (training, held-out, the empty one) is embedded "
                              "once, the embeddings stay on the device and the encoder moves to host memory (Wan's "

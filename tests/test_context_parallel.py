@@ -107,8 +107,9 @@ def test_trainer_with_two_processes_splitting_each_clip_trains_one_process_lora(
     one, two = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("one", "two"))
     assert one.keys() == two.keys()
     assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    for key in one:  # the gradients agree to ~1e-5 of their scale (above); Adam's division by each element's own
+        # running magnitude makes an element with a gradient near 0 move by a step its rounding decides
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-3 * one[key].abs().max().item())
 
 
 def test_refused_without_a_process_group_or_a_plan(tmp_path):

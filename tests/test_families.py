@@ -136,14 +136,14 @@ def test_decoder_recompute_gives_the_same_frames_and_gradients_and_saves_less(mo
 
 
 def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convolutions_gradients(model, monkeypatch):
-    """A causal cache's gradient is a slice of its convolution's input gradient; left a view, it would keep that
-    whole gradient alive until the chunk before runs its backward. Copied out (``_OwnGradient``), backward through
+    """--decode-context grad: a causal cache's gradient is a slice of its convolution's input gradient; left a view,
+    it would keep that whole gradient alive until the chunk before runs its backward. Copied out (``_OwnGradient``), backward through
     the recomputed decode peaks lower, with the same gradient."""
     import engine.models.causal as causal
     from engine.counting import LiveBytes
 
     latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8)
-    model.decode_recompute = True
+    model.decode_recompute, model.context_gradient = True, True  # the caches carry gradient with the context's
 
     def backward():
         z = latents.clone().requires_grad_(True)
@@ -159,61 +159,187 @@ def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convo
     assert copied[0] < 0.9 * views[0]
 
 
+def test_decoder_recompute_drops_what_its_layers_leave_for_the_next_chunk(model, monkeypatch):
+    """When backward recomputes a chunk, the cache each layer leaves for the next chunk (which has run) is let go
+    as the layer returns (``ChunkRun.left``), not held until the chunk's recomputation ends; the gradient is the
+    same."""
+    import weakref
+
+    import engine.models.causal as causal
+    from torch.utils._pytree import tree_leaves
+
+    left, alive, checkpointed = [], [], causal.ChunkRun.checkpointed
+
+    def recording(self, function, *args, **kwargs):
+        if self.passes == 2:
+            alive.append(sum(ref() is not None for ref in left))
+        out = checkpointed(self, function, *args, **kwargs)
+        if self.passes == 2 and isinstance(out, tuple):  # a layer that leaves a cache: (frames, cache)
+            left.extend(weakref.ref(t) for t in tree_leaves(out[1]) if isinstance(t, torch.Tensor))
+        return out
+
+    def gradient():
+        z = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 4, 4, generator=torch.Generator().manual_seed(0))
+        z.requires_grad_(True)
+        model.decode_frames(z, torch.tensor([[3, 9, 16]])).sum().backward()
+        return z.grad
+
+    model.decode_recompute, model.context_gradient = True, False
+    monkeypatch.setattr(causal.ChunkRun, "checkpointed", recording)
+    dropped = gradient()
+    assert left and max(alive) == 0, alive
+    left.clear(), alive.clear()
+    monkeypatch.setattr(causal.ChunkRun, "left", lambda self, cache: cache)
+    torch.testing.assert_close(gradient(), dropped, rtol=0, atol=0)
+    assert max(alive) > 0  # without it, the decoder holds them to the chunk's end
+
+
+def test_cogvideox_decoder_recompute_recomputes_each_norm_and_convolution_of_a_block_in_its_backward(saved, model,
+                                                                                                    monkeypatch):
+    """CogVideoX: within a recomputed residual block, each norm and convolution is checkpointed on its own, so the
+    block's backward holds their inputs and one part's activations, not the whole block's: a lower peak, the same
+    gradient."""
+    if saved[0] != "cogvideox":
+        pytest.skip("CogVideoX's decoder blocks")
+    import engine.models.cogvideox as cogvideox
+    from engine.counting import LiveBytes
+
+    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8)
+    model.decode_recompute, model.context_gradient = True, False
+
+    def backward():
+        z = latents.clone().requires_grad_(True)
+        frames = model.decode_frames(z, torch.tensor([[3, 9, 16]]))
+        with LiveBytes("cpu") as live:
+            frames.sum().backward()
+        return live.peak, z.grad
+
+    by_parts = backward()
+    monkeypatch.setattr(cogvideox, "checkpoint_tensors", lambda function, *args, **kwargs: function(*args, **kwargs))
+    whole = backward()
+    torch.testing.assert_close(by_parts[1], whole[1], rtol=1e-5, atol=1e-7)
+    assert by_parts[0] < 0.9 * whole[0], (by_parts[0], whole[0])
+
+
 def test_decoder_recompute_lets_go_of_each_layers_inputs_once_its_backward_has_run(model, monkeypatch):
     """In backward, a recomputed layer's inputs (and the causal cache it read) are dropped once the layer has run
     again for its own backward, not held until the chunk's backward ends: when a layer runs for its backward, the
     layers after it, whose backward has run, hold nothing."""
     import engine.models.causal as causal
 
-    runs, calls, held_after = [], {}, []
-    init, from_box = causal.ChunkRun.__init__, causal._from_box
+    calls, held_after, from_box = {}, [], causal._from_box
 
-    def recording_init(self):
-        init(self)
-        runs.append(self)
-
-    def recording_from_box(function, box):
-        run = next(r for r in runs if any(b is box for b in r.boxes))
+    def recording_from_box(function, box, run):
         if run.passes == 2:  # backward: the chunk run again, then each layer again for its own backward
             calls[id(box)] = calls.get(id(box), 0) + 1
             if calls[id(box)] == 2:
                 i = next(i for i, b in enumerate(run.boxes) if b is box)
                 held_after.append(sum(b.inputs is not None for b in run.boxes[i + 1:]))
-        return from_box(function, box)
+        return from_box(function, box, run)
 
-    monkeypatch.setattr(causal.ChunkRun, "__init__", recording_init)
     monkeypatch.setattr(causal, "_from_box", recording_from_box)
-    model.decode_recompute, model.context_gradient = True, False
-    z = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8, requires_grad=True)
-    model.decode_frames(z, torch.tensor([[3, 9, 16]])).sum().backward()
-    assert len(held_after) > 2 and set(held_after) == {0}, held_after
+    for context_gradient in (False, True):
+        model.decode_recompute, model.context_gradient = True, context_gradient
+        z = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8, requires_grad=True)
+        model.decode_frames(z, torch.tensor([[3, 9, 16]])).sum().backward()
+        assert len(held_after) > 2 and set(held_after) == {0}, held_after
+        held_after.clear()
 
 
 def test_decoder_recompute_saves_a_kept_cache_through_the_saved_tensor_hooks(model, monkeypatch):
-    """A recomputed chunk that reads a cache carrying gradient (the chunk before it decoded with gradient too) keeps
-    that cache for backward. Every tensor of it is saved through the saved-tensor hooks around the decode (where
-    ``ChainMemory.region`` spills to the host), not held beside them by the checkpoint."""
+    """A recomputed chunk that reads the cache of a chunk decoded with gradient keeps that cache for backward,
+    with the context's gradient or without. Every tensor of it is saved through the saved-tensor hooks around the
+    decode (where ``ChainMemory.region`` spills to the host), not held beside them by the checkpoint."""
     import engine.models.causal as causal
     from torch.utils._pytree import tree_leaves
 
     latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 4, 4)  # latent frames 1, 3 and 4 graded below
-    model.decode_recompute, model.context_gradient = True, False
     kept, packed, recompute = [], set(), causal.CausalVideoDiffusion._recomputed_chunk
 
-    def recording(self, run, x, chunks, chunk, cache, initial):
-        kept.extend(t for t in tree_leaves(cache) if isinstance(t, torch.Tensor) and t.requires_grad)  # kept alive
-        return recompute(self, run, x, chunks, chunk, cache, initial)
+    def recording(self, run, x, chunks, chunk, cache, initial, keep):
+        if keep:
+            kept.extend(t for t in tree_leaves(cache) if isinstance(t, torch.Tensor))
+        return recompute(self, run, x, chunks, chunk, cache, initial, keep)
 
     def pack(t):
         packed.add(t.untyped_storage()._cdata)
         return t
 
     monkeypatch.setattr(causal.CausalVideoDiffusion, "_recomputed_chunk", recording)
-    z = latents.clone().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        frames = model.decode_frames(z, torch.tensor([[3, 9, 16]]))
-    frames.sum().backward()
-    assert kept and all(t.untyped_storage()._cdata in packed for t in kept)
+    for context_gradient in (False, True):
+        model.decode_recompute, model.context_gradient = True, context_gradient
+        z = latents.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            frames = model.decode_frames(z, torch.tensor([[3, 9, 16]]))
+        frames.sum().backward()
+        assert kept and all(t.untyped_storage()._cdata in packed for t in kept)
+        kept.clear()
+
+
+def test_decoder_recompute_asks_the_hooks_again_for_a_stored_cache_instead_of_holding_it(model, monkeypatch):
+    """--decode-context no-grad: where backward recomputes a chunk whose cache was saved through the hooks, each
+    layer's box holds a ``ChunkRun.Stored`` in place of that cache's tensors; when a layer runs again for its own
+    backward, no box of the chunk holds a tensor the hooks gave back, and the layer asks the hooks again. The
+    frames and the gradient are those of the plain decode under the same hooks."""
+    import engine.models.causal as causal
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    given, unpacks, held, stored = WeakIdKeyDictionary(), [0], [], []
+    calls, from_box = {}, causal._from_box
+
+    def pack(t):
+        return (t.clone(),)  # a copy elsewhere, as a spill to the host is
+
+    def unpack(packed):
+        unpacks[0] += 1
+        tensor = packed[0].clone()
+        given[tensor] = True
+        return tensor
+
+    def recording_from_box(function, box, run):
+        if run.passes == 2 and run.packed:
+            calls[id(box)] = calls.get(id(box), 0) + 1
+            if calls[id(box)] == 2:  # the layer's own recomputation
+                leaves = [t for b in run.boxes if b.inputs is not None for t in tree_leaves(b.inputs)]
+                held.append(sum(isinstance(t, torch.Tensor) and t in given for t in leaves))
+                stored.append(sum(isinstance(t, causal.ChunkRun.Stored) for t in tree_leaves(box.inputs)))
+        return from_box(function, box, run)
+
+    monkeypatch.setattr(causal, "_from_box", recording_from_box)
+    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 4, 4)
+    weights = torch.randn(3, 3, 32, 32)
+    results = []
+    for recompute in (False, True):
+        model.decode_recompute, model.context_gradient = recompute, False
+        z = latents.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            frames = model.decode_frames(z, torch.tensor([[3, 9, 16]]))  # latent frames 1, 3 and 4: 4 reads 3's cache
+        (frames * weights).sum().backward()
+        results.append((frames.detach(), z.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)
+    assert held and set(held) == {0}, held
+    assert sum(stored) > 0  # the layers that read the cache asked for it again
+
+
+def test_context_without_gradient_passes_none_from_a_chosen_frame_to_the_chunk_before(model):
+    """--decode-context no-grad: a chosen frame's gradient reaches the latent frames of its own chunk only, also
+    where the chunk before it holds a chosen frame and so decodes with gradient (its cache then carries none);
+    grad: the exact gradient, which does reach it."""
+    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 4, 4)  # 17 frames
+    indices = torch.tensor([[5, 9]])  # latent frames 2 and 3, in chunks one after the other (Wan, CogVideoX)
+    weights = torch.zeros(2, 3, 32, 32)
+    weights[1].normal_()  # the gradient of frame 9 alone
+    earlier = [k for k in range(3) if any(2 in c and k in c for c in model.chunks(5))]  # latent frame 2's chunk
+    for recompute in (False, True):
+        for context_gradient in (False, True):
+            model.decode_recompute, model.context_gradient = recompute, context_gradient
+            z = latents.clone().requires_grad_(True)
+            (model.decode_frames(z, indices) * weights).sum().backward()
+            reached = z.grad[:, :, earlier].abs().sum()
+            assert (reached > 0) if context_gradient else (reached == 0), (recompute, context_gradient)
+            assert z.grad[:, :, 3].abs().sum() > 0
 
 
 def test_clip_round_trip_and_frame_count_errors(model):

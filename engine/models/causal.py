@@ -18,21 +18,61 @@ class ChunkRun:
     checkpoint keeps only a box: its inputs stay in the box until the layer has run (so that no graded chunk keeps
     its layers' inputs, nor through them the causal cache they read, until backward) and are put back, box by box,
     when backward recomputes the chunk, before any layer needs them; there they stay until the layer's own
-    recomputation, so that backward holds the inputs and caches of the layers it has yet to reach only."""
+    recomputation, so that backward holds the inputs of the layers it has yet to reach only.
+
+    A causal cache the chunk read without gradient is saved through the saved-tensor hooks around the chunk
+    (``store``: ``ChainMemory`` spills it to the host). Where a box takes one of its tensors, the box holds a
+    ``Stored`` in its place when backward recomputes the chunk: the tensor given back for that recomputation is
+    let go once the layer has run, and asked of the hooks again for the layer's own recomputation. Backward then
+    holds the cache of one such layer at a time, not the chunk's."""
 
     class Box:
         inputs = None
         uses_left = 0  # runs of the layer still to read the inputs: 1 in the chunk's forward, 2 in backward's
 
+    class Stored:
+        """The cache's tensor at ``index``, asked for when a layer runs."""
+
+        def __init__(self, index: int):
+            self.index = index
+
     def __init__(self):
         self.boxes: list[ChunkRun.Box] = []
         self.passes = self.cursor = 0
+        self.unpack, self.packed = None, []  # the hooks' unpack and what their pack made of each cache tensor
+        self.index_of: dict[int, int] = {}   # in the chunk's forward: id of a cache tensor -> its index
+        self.boxed: set[int] = set()         # indices of the cache tensors that boxes take
+        self.given: dict[int, torch.Tensor] = {}  # backward: tensors given back and not yet taken by their box
 
     @contextmanager
     def pass_(self):
         """One run of the chunk: the first fills new boxes, the recomputation the same ones in the same order."""
         self.passes, self.cursor = self.passes + 1, 0
         yield
+
+    def store(self, tensors: list[torch.Tensor]) -> None:
+        """Save ``tensors`` (a cache without gradient) through the saved-tensor hooks in force (none, or ones that
+        belong to a checkpoint: held as they are). Unpacking again is within the hooks' contract: autograd does it
+        for every access to a saved tensor."""
+        pack, self.unpack = _saved_tensor_hooks() or ((lambda t: t), (lambda t: t))
+        self.packed = [pack(t) for t in tensors]
+        self.index_of = {id(t): i for i, t in enumerate(tensors)}
+
+    def given_back(self) -> list:
+        """Backward: every stored tensor unpacked (in the order saved, as autograd would), a ``Stored`` in place of
+        each that a box takes."""
+        tensors = [self.unpack(p) for p in self.packed]
+        self.given = {i: tensors[i] for i in self.boxed}
+        return [ChunkRun.Stored(i) if i in self.boxed else t for i, t in enumerate(tensors)]
+
+    def resolved(self, inputs):
+        """``inputs`` with each ``Stored`` replaced by its tensor: the one given back if no layer took it yet, else
+        asked for again."""
+        def tensor(stored: ChunkRun.Stored):
+            given = self.given.pop(stored.index, None)
+            return self.unpack(self.packed[stored.index]) if given is None else given
+
+        return tree_map(lambda t: tensor(t) if isinstance(t, ChunkRun.Stored) else t, inputs)
 
     def box(self) -> "ChunkRun.Box":
         if self.passes == 1:
@@ -46,7 +86,15 @@ class ChunkRun:
         its own backward."""
         box = self.box()
         box.inputs, box.uses_left = (args, kwargs), 1 if self.passes == 1 else 2
-        return checkpoint(_from_box, function, box, use_reentrant=False)
+        if self.passes == 1:
+            self.boxed.update(self.index_of[id(t)] for t in tree_leaves(box.inputs)
+                              if isinstance(t, torch.Tensor) and id(t) in self.index_of)
+        return checkpoint(_from_box, function, box, self, use_reentrant=False)
+
+    def left(self, cache):
+        """What a layer leaves for the next chunk (``cache``), or None in its place when backward recomputes the
+        chunk: the next chunk has run by then, and a chunk reads its own layers' caches nowhere."""
+        return tree_map(lambda t: None, cache) if self.passes > 1 else cache
 
     @staticmethod
     @contextmanager
@@ -61,11 +109,50 @@ class ChunkRun:
                 del module.forward
 
 
-def _from_box(function, box: ChunkRun.Box):
+class _Tensors:
+    """A structure's tensors apart from the rest of it (``tensors``), and the structure rebuilt around others."""
+
+    def __init__(self, tree):
+        leaves, self.spec = tree_flatten(tree)
+        self.slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        self.others = [None if isinstance(t, torch.Tensor) else t for t in leaves]
+        self.tensors = [leaves[i] for i in self.slots]
+
+    def rebuilt(self, tensors):
+        filled = list(self.others)
+        for i, t in zip(self.slots, tensors):
+            filled[i] = t
+        return tree_unflatten(filled, self.spec)
+
+
+def checkpoint_tensors(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` under a checkpoint that takes every tensor among its arguments, however nested,
+    as an input of its own (saved through the hooks in force), so that the checkpoint holds none of them by
+    reference (a causal cache comes in a dict)."""
+    arguments = _Tensors((args, kwargs))
+    tensors, arguments.tensors = arguments.tensors, None
+
+    def call(*tensors):
+        args, kwargs = arguments.rebuilt(tensors)
+        return function(*args, **kwargs)
+
+    return checkpoint(call, *tensors, use_reentrant=False)
+
+
+def _saved_tensor_hooks():
+    """The (pack, unpack) that a tensor saved now would go through, if set by ``saved_tensors_hooks`` rather than
+    by a checkpoint (whose hooks expect autograd's own saves); else None."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is None or getattr(hooks[0], "_checkpoint_internal", False) or "checkpoint" in hooks[0].__module__:
+        return None
+    return hooks
+
+
+def _from_box(function, box: ChunkRun.Box, run: ChunkRun):
     if box.inputs is None:
         raise RuntimeError(f"--decode-recompute: the inputs of {getattr(function, '__qualname__', function)} were "
                            "not put back before its recomputation")
-    args, kwargs = _own_gradients(box.inputs)  # here: their gradients copied as soon as this layer's arrive
+    args, kwargs = _own_gradients(run.resolved(box.inputs))  # here: their gradients copied as soon as this layer's arrive
     box.uses_left -= 1
     if box.uses_left == 0:
         box.inputs = None
@@ -197,38 +284,40 @@ class CausalVideoDiffusion(VideoDiffusion):
         chunks, frames, initial = self.chunks(x.shape[2]), [], cache
         for chunk in chunks:
             with torch.set_grad_enabled(any(k in chunk for k in graded)):
+                made_with_gradient = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(cache))
+                if not self.context_gradient:  # the context passes no gradient, whether or not it was chosen too
+                    cache = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, cache)
                 if self.decode_recompute and torch.is_grad_enabled():
-                    out, cache = self._recomputed_chunk(run, x, chunks, chunk, cache, initial)
+                    out, cache = self._recomputed_chunk(run, x, chunks, chunk, cache, initial, made_with_gradient)
                 else:
                     out, cache = run(x[:, :, chunk.start:chunk.stop], cache, chunk.start == 0)
             frames.append(out)
         return frames
 
-    def _recomputed_chunk(self, run, x, chunks, chunk, cache, initial):
-        """One chunk run again in backward. Its cache is an input kept for backward where it carries gradient (the
-        context decoded with it); otherwise backward decodes the chunks before it again, without gradient. Inside,
-        ``layers_recomputed`` may recompute the decoder's layers each on its own (``ChunkRun``)."""
+    def _recomputed_chunk(self, run, x, chunks, chunk, cache, initial, kept):
+        """One chunk run again in backward. Its cache is kept for backward where ``kept`` (the chunk before decoded
+        with gradient, so forward made the cache at no extra cost): as an input of the checkpoint where it carries
+        gradient (``--decode-context grad``), else saved through ``ChunkRun.store``. Otherwise backward decodes
+        the chunks before it again, without gradient. Inside, ``layers_recomputed`` may recompute the decoder's
+        layers each on its own (``ChunkRun``)."""
         part, first = x[:, :, chunk.start:chunk.stop], chunk.start == 0
-        kept = any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves(cache))
         context, held, layers = x[:, :, :chunk.start].detach(), [cache], ChunkRun()
-        # a kept cache goes to the checkpoint as its tensors, each saved for backward through the saved-tensor
-        # hooks around it (ChainMemory.region may spill them to the host); a nested structure would be held as is
-        leaves, spec = tree_flatten(cache)
-        slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-        tensors, others = [leaves[i] for i in slots], [None if isinstance(t, torch.Tensor) else t for t in leaves]
-        del leaves
+        # a kept cache is saved as its tensors, through the saved-tensor hooks around (ChainMemory.region may spill
+        # them to the host); a nested structure would be held as is
+        structure = _Tensors(cache)
+        tensors, structure.tensors = structure.tensors, None
+        graded = kept and any(t.requires_grad for t in tensors)
+        if kept and not graded:
+            layers.store(tensors)
 
-        def rebuilt(kept_tensors):
-            filled = list(others)
-            for i, t in zip(slots, kept_tensors):
-                filled[i] = t
-            return tree_unflatten(filled, spec)
-
-        def again(part, *kept_cache):
-            read = held[0] if held[0] is not None else rebuilt(kept_cache) if kept else None
-            if kept:
-                read = _own_gradients(read)
-            if read is None:  # backward: the cache this chunk read, again
+        def again(part, *graded_cache):
+            if held[0] is not None:
+                read = held[0]
+            elif graded:
+                read = _own_gradients(structure.rebuilt(graded_cache))
+            elif kept:
+                read = structure.rebuilt(layers.given_back())
+            else:  # the cache this chunk read, again
                 with torch.no_grad():
                     read = initial
                     for before in chunks[:chunks.index(chunk)]:
@@ -236,8 +325,9 @@ class CausalVideoDiffusion(VideoDiffusion):
             with layers.pass_(), self.layers_recomputed(layers):
                 return run(part, read, first)
 
-        out = checkpoint(again, part, *(tensors if kept else []), use_reentrant=False)
-        held[0] = tensors = None  # backward reads the kept input or replays the context
+        out = checkpoint(again, part, *(tensors if graded else []), use_reentrant=False)
+        held[0] = tensors = None  # backward reads the saved cache or replays the context
+        layers.index_of = {}
         return out
 
     def layers_recomputed(self, layers: "ChunkRun"):
@@ -248,7 +338,8 @@ class CausalVideoDiffusion(VideoDiffusion):
     def decode_frames(self, latents: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The chosen frames from the shortest exact prefix; with ``context_gradient`` off (the default) only the
         latent frames that hold a chosen frame decode with gradient: the decoder's activations are saved for those
-        alone, and the reward's gradient does not flow through the causal context into earlier latents."""
+        alone, and the reward's gradient does not flow through the causal cache into earlier chunks' latents, also
+        where an earlier chunk holds a chosen frame: each chosen frame's gradient reaches its own chunk only."""
         chosen = {self.latent_index(int(i)) for i in indices.flatten()}
         video = self.decode_prefix(latents, max(chosen) + 1, None if self.context_gradient else chosen)
         b, s = indices.shape

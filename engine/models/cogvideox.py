@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from engine.errors import UserError
-from engine.models.causal import CausalVideoDiffusion
+from engine.models.causal import CausalVideoDiffusion, checkpoint_tensors
 
 
 class CogVideoXVideo(CausalVideoDiffusion):
@@ -46,12 +48,24 @@ class CogVideoXVideo(CausalVideoDiffusion):
     def layers_recomputed(self, layers):
         """Each residual block and upsampler of the decoder's up-blocks recomputed in backward on its own (a block
         takes the causal cache it reads and returns the one it leaves; an upsampler has none: no state between
-        them)."""
+        them), and within a block each of its norms and convolutions recomputed in the block's backward on its
+        own: at full resolution a block's saved activations are GBs (a dozen tensors of 128 channels x 8 frames x
+        480x720), its parts' inputs a third of that."""
         recomputed = [layer for block in self.vae.decoder.up_blocks for layer in [*block.resnets, *(block.upsamplers or [])]]
 
         def wrap(layer):
             forward = layer.forward
-            return lambda *args, **kwargs: layers.checkpointed(forward, *args, **kwargs)
+            parts = [getattr(layer, name) for name in ("norm1", "conv1", "norm2", "conv2") if hasattr(layer, name)]
+
+            def run(*args, **kwargs):  # also when backward recomputes the layer, after the chunk's decode
+                with layers.replacing(parts, lambda part: functools.partial(checkpoint_tensors, part.forward)):
+                    return forward(*args, **kwargs)
+
+            def recomputed(*args, **kwargs):
+                out = layers.checkpointed(run, *args, **kwargs)
+                return (out[0], layers.left(out[1])) if isinstance(out, tuple) else out  # a block: (frames, cache)
+
+            return recomputed
 
         return layers.replacing(recomputed, wrap)
 

@@ -101,7 +101,7 @@ class WanVideo(CausalVideoDiffusion):
                     return forward(x)
                 start = feat_idx[0]
                 out, entries = layers.checkpointed(layer, x, tuple(feat_cache[start:start + count]), start)
-                feat_cache[start:start + count] = entries
+                feat_cache[start:start + count] = layers.left(entries)
                 feat_idx[0] = start + count
                 return out
 
