@@ -110,13 +110,17 @@ class ChunkRun:
 
 
 class _Tensors:
-    """A structure's tensors apart from the rest of it (``tensors``), and the structure rebuilt around others."""
+    """A structure with its tensors taken out (``split``), rebuilt around tensors put in their places."""
 
-    def __init__(self, tree):
-        leaves, self.spec = tree_flatten(tree)
-        self.slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-        self.others = [None if isinstance(t, torch.Tensor) else t for t in leaves]
-        self.tensors = [leaves[i] for i in self.slots]
+    def __init__(self, spec, slots: list[int], others: list):
+        self.spec, self.slots, self.others = spec, slots, others
+
+    @classmethod
+    def split(cls, tree) -> tuple["_Tensors", list[torch.Tensor]]:
+        leaves, spec = tree_flatten(tree)
+        slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        others = [None if isinstance(t, torch.Tensor) else t for t in leaves]
+        return cls(spec, slots, others), [leaves[i] for i in slots]
 
     def rebuilt(self, tensors):
         filled = list(self.others)
@@ -129,8 +133,7 @@ def checkpoint_tensors(function, *args, **kwargs):
     """``function(*args, **kwargs)`` under a checkpoint that takes every tensor among its arguments, however nested,
     as an input of its own (saved through the hooks in force), so that the checkpoint holds none of them by
     reference (a causal cache comes in a dict)."""
-    arguments = _Tensors((args, kwargs))
-    tensors, arguments.tensors = arguments.tensors, None
+    arguments, tensors = _Tensors.split((args, kwargs))
 
     def call(*tensors):
         args, kwargs = arguments.rebuilt(tensors)
@@ -304,8 +307,7 @@ class CausalVideoDiffusion(VideoDiffusion):
         context, held, layers = x[:, :, :chunk.start].detach(), [cache], ChunkRun()
         # a kept cache is saved as its tensors, through the saved-tensor hooks around (ChainMemory.region may spill
         # them to the host); a nested structure would be held as is
-        structure = _Tensors(cache)
-        tensors, structure.tensors = structure.tensors, None
+        structure, tensors = _Tensors.split(cache)
         graded = kept and any(t.requires_grad for t in tensors)
         if kept and not graded:
             layers.store(tensors)
