@@ -35,14 +35,14 @@ PLOTS = Path(__file__).parent / "world"
 METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3),
            "shape_acc": ("shape right", 3), "motion": ("speed (px/frame)", 2), "jitter": ("jitter (px)", 2),
            "direction_acc": ("direction right", 3)}
-STEPS: list[str] = []  # --steps N for every fine-tune, when given
+RECIPE: list[str] = []  # --steps N / --grad-steps K for every fine-tune, when given
 
 
 def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
     """The default job with ``options``; returns its LoRA folder (a run already finished there is reused)."""
     if not (folder / "lora" / "adapter_config.json").is_file():
         train.main(["--model", "world", "--seed", str(seed), "--output", str(folder), "--overwrite",
-                    "--no-tensorboard", *STEPS, *options])
+                    "--no-tensorboard", *RECIPE, *options])
     return folder / "lora"
 
 
@@ -105,9 +105,10 @@ def table1(seeds: int, samples: int, work: Path, scale: float = 1.0, suffix: str
     (PLOTS / f"table1{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     from engine.config import resolve_config
 
-    recipe = resolve_config(["--model", "world", *STEPS])
+    recipe = resolve_config(["--model", "world", *RECIPE])
     strength = "" if scale == 1.0 else f", the LoRA applied at strength {scale:g} (`--lora-scale`)"
-    return (f"{seeds} fine-tuning seeds (the default job: tau {recipe.tau}, {recipe.steps} steps{strength}; `--seed "
+    job = f"the default job with `{' '.join(RECIPE)}`" if RECIPE else "the default job"
+    return (f"{seeds} fine-tuning seeds ({job}: tau {recipe.tau}, K {recipe.grad_steps}, {recipe.steps} steps{strength}; `--seed "
             f"0..{seeds - 1}`), each scored on the same initial "
             "noise as the base model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the "
             "hierarchical bootstrap (seeds, then clips within a seed).\n\n" + "\n\n".join(sections))
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per model")
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
+    parser.add_argument("--grad-steps", help="Table 1: the fine-tunes' --grad-steps (default: the default job's)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="Table 1: score the fine-tunes with their LoRA "
                         "at this strength (as `engine.sample --lora-scale`)")
     parser.add_argument("--work", help="keep the fine-tunes here and reuse the finished ones (default: a temporary folder)")
@@ -161,17 +163,20 @@ def main(argv: list[str] | None = None) -> None:
                              "python -m bench.world_study --report and commit the result")
         print("study report " + ("matches its records" if args.check else f"written: {', '.join(changed)}"))
         return
-    STEPS[:] = ["--steps", str(args.steps)] if args.steps else []
+    RECIPE[:] = ["--steps", str(args.steps)] * bool(args.steps) + ["--grad-steps", args.grad_steps] * bool(args.grad_steps)
     torch.set_num_threads(torch.get_num_threads())
     command = (f"python -m bench.world_study --part {{}} --seeds {args.seeds} --samples-per-prompt "
                f"{args.samples_per_prompt}" + (f" --steps {args.steps}" if args.steps else "")
+               + (f" --grad-steps {args.grad_steps}" if args.grad_steps else "")
                + (f" --lora-scale {args.lora_scale:g}" if args.lora_scale != 1.0 else ""))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         if args.part in ("all", "table1"):
             # a recipe other than the default job's gets a section and figures of its own, beside Table 1
-            changed = [f"{args.steps} steps"] * bool(args.steps) + [f"LoRA strength {args.lora_scale:g}"] * (args.lora_scale != 1.0)
-            suffix = f"_steps{args.steps}" * bool(args.steps) + f"_scale{args.lora_scale:g}" * (args.lora_scale != 1.0)
+            changed = ([f"K {args.grad_steps}"] * bool(args.grad_steps) + [f"{args.steps} steps"] * bool(args.steps)
+                       + [f"LoRA strength {args.lora_scale:g}"] * (args.lora_scale != 1.0))
+            suffix = (f"_K{args.grad_steps}" * bool(args.grad_steps) + f"_steps{args.steps}" * bool(args.steps)
+                      + f"_scale{args.lora_scale:g}" * (args.lora_scale != 1.0))
             body = table1(args.seeds, args.samples_per_prompt, work, args.lora_scale, suffix)
             update_section(RESULTS, "world: Table 1" + (f" ({', '.join(changed)})" if changed else ""),
                            f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
