@@ -135,15 +135,13 @@ def test_decoder_recompute_gives_the_same_frames_and_gradients_and_saves_less(mo
         assert plain[1].abs().sum() > 0 and recomputed[2] < plain[2] / 4
 
 
-def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convolutions_gradients(model, monkeypatch):
-    """--decode-context grad: a causal cache's gradient is a slice of its convolution's input gradient; left a view,
-    it would keep that whole gradient alive until the chunk before runs its backward. Copied out (``_OwnGradient``), backward through
-    the recomputed decode peaks lower, with the same gradient."""
-    import engine.models.causal as causal
+def _recomputed_decode_backward(model, context_gradient: bool):
+    """A function that decodes SegVR frames of fixed latents with the decoder recomputed in backward and returns
+    (the peak bytes its backward holds, the latents' gradient)."""
     from engine.counting import LiveBytes
 
     latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8)
-    model.decode_recompute, model.context_gradient = True, True  # the caches carry gradient with the context's
+    model.decode_recompute, model.context_gradient = True, context_gradient
 
     def backward():
         z = latents.clone().requires_grad_(True)
@@ -152,6 +150,16 @@ def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convo
             frames.sum().backward()
         return live.peak, z.grad
 
+    return backward
+
+
+def test_decoder_recompute_copies_the_causal_caches_gradients_out_of_their_convolutions_gradients(model, monkeypatch):
+    """--decode-context grad: a causal cache's gradient is a slice of its convolution's input gradient; left a view,
+    it would keep that whole gradient alive until the chunk before runs its backward. Copied out (``_OwnGradient``), backward through
+    the recomputed decode peaks lower, with the same gradient."""
+    import engine.models.causal as causal
+
+    backward = _recomputed_decode_backward(model, context_gradient=True)  # the caches carry the context's gradient
     copied = backward()
     monkeypatch.setattr(causal, "_own_gradients", lambda cache: cache)
     views = backward()
@@ -202,18 +210,8 @@ def test_cogvideox_decoder_recompute_recomputes_each_norm_and_convolution_of_a_b
     if saved[0] != "cogvideox":
         pytest.skip("CogVideoX's decoder blocks")
     import engine.models.cogvideox as cogvideox
-    from engine.counting import LiveBytes
 
-    latents = torch.randn(1, model.latent_shape(**SIZE)[0], 5, 8, 8)
-    model.decode_recompute, model.context_gradient = True, False
-
-    def backward():
-        z = latents.clone().requires_grad_(True)
-        frames = model.decode_frames(z, torch.tensor([[3, 9, 16]]))
-        with LiveBytes("cpu") as live:
-            frames.sum().backward()
-        return live.peak, z.grad
-
+    backward = _recomputed_decode_backward(model, context_gradient=False)
     by_parts = backward()
     monkeypatch.setattr(cogvideox, "checkpoint_tensors", lambda function, *args, **kwargs: function(*args, **kwargs))
     whole = backward()
