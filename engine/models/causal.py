@@ -49,6 +49,7 @@ class ChunkRun:
         """One run of the chunk: the first fills new boxes, the recomputation the same ones in the same order."""
         self.passes, self.cursor = self.passes + 1, 0
         yield
+        self.index_of = {}  # the boxes have taken what they take: the ids may be reused from here on
 
     def store(self, tensors: list[torch.Tensor]) -> None:
         """Save ``tensors`` (a cache without gradient) through the saved-tensor hooks in force (none, or ones that
@@ -329,7 +330,6 @@ class CausalVideoDiffusion(VideoDiffusion):
 
         out = checkpoint(again, part, *(tensors if graded else []), use_reentrant=False)
         held[0] = tensors = None  # backward reads the saved cache or replays the context
-        layers.index_of = {}
         return out
 
     def layers_recomputed(self, layers: "ChunkRun"):
