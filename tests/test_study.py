@@ -352,11 +352,11 @@ def test_workers_share_a_list_through_claims(tmp_path, capsys):
 
 
 def test_the_default_job_is_the_recipe_the_study_chose():
-    """The study chose tau 1.0 at its base recipe's compute (29 steps): ``python -m engine.train`` with no options
-    trains exactly that variant, and no other one."""
+    """The study chose tau 1.0 with K 1 at its base recipe's compute (37 steps): ``python -m engine.train`` with no
+    options trains exactly that variant, and no other one."""
     from bench.study_report import default_job_runs
 
-    steps = {"tau-1.0": {"steps": 29}, "default": {"steps": 40}, "K-1": {"steps": 56}}
-    assert default_job_runs("tau-1.0", steps)
-    assert not default_job_runs("tau-1.0", {"tau-1.0": {"steps": 40}})
-    assert not default_job_runs("default", steps) and not default_job_runs("K-1", steps)
+    steps = {"tau-1.0-K-1": {"steps": 37}, "tau-1.0": {"steps": 29}, "default": {"steps": 40}, "K-1": {"steps": 56}}
+    assert default_job_runs("tau-1.0-K-1", steps)
+    assert not default_job_runs("tau-1.0-K-1", {"tau-1.0-K-1": {"steps": 29}})
+    assert not any(default_job_runs(name, steps) for name in ("tau-1.0", "default", "K-1"))

@@ -13,10 +13,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+from engine.memory.tree import TensorSlots
 from engine.memory.units import UnitCost, _storage, denoiser_blocks
 
 
@@ -123,12 +123,8 @@ class _Recompute:
     """
 
     def __init__(self, memory, fn, args, kwargs, offload_inputs: bool, record: UnitCost | None):
-        flat, self.spec = tree_flatten((args, kwargs))
-        held_idx = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and not memory._is_weight(v)]
-        held = [flat[i] for i in held_idx]
-        skip = set(held_idx)
-        self.flat = [None if i in skip else v for i, v in enumerate(flat)]  # no references to activations
-        self.held_idx = held_idx
+        # no references to activations: the weights stay in place, the rest is held by _HeldInputs
+        self.arguments, held = TensorSlots.split((args, kwargs), lambda t: not memory._is_weight(t))
         self.requires_grad = [t.requires_grad for t in held]
         with memory._spill_hooks(memory._new_group()) if offload_inputs else nullcontext():
             self.holder = _HeldInputs.apply(_ANCHOR, *held)
@@ -172,10 +168,8 @@ class _Recompute:
 
     def recompute(self) -> None:
         held = self.holder.grad_fn.saved_tensors
-        flat = list(self.flat)
-        for i, t, requires_grad in zip(self.held_idx, held, self.requires_grad):
-            flat[i] = t.detach().requires_grad_(requires_grad)
-        args, kwargs = tree_unflatten(flat, self.spec)
+        args, kwargs = self.arguments.rebuilt(
+            [t.detach().requires_grad_(requires_grad) for t, requires_grad in zip(held, self.requires_grad)])
         produced = 0
         bytes_now = {}
 

@@ -6,10 +6,11 @@ import functools
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import checkpoint
 
 from engine.errors import UserError
+from engine.memory.tree import TensorSlots
 from engine.models.base import VideoDiffusion
 
 
@@ -110,31 +111,11 @@ class ChunkRun:
                 del module.forward
 
 
-class _Tensors:
-    """A structure with its tensors taken out (``split``), rebuilt around tensors put in their places."""
-
-    def __init__(self, spec, slots: list[int], others: list):
-        self.spec, self.slots, self.others = spec, slots, others
-
-    @classmethod
-    def split(cls, tree) -> tuple["_Tensors", list[torch.Tensor]]:
-        leaves, spec = tree_flatten(tree)
-        slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-        others = [None if isinstance(t, torch.Tensor) else t for t in leaves]
-        return cls(spec, slots, others), [leaves[i] for i in slots]
-
-    def rebuilt(self, tensors):
-        filled = list(self.others)
-        for i, t in zip(self.slots, tensors):
-            filled[i] = t
-        return tree_unflatten(filled, self.spec)
-
-
 def checkpoint_tensors(function, *args, **kwargs):
     """``function(*args, **kwargs)`` under a checkpoint that takes every tensor among its arguments, however nested,
     as an input of its own (saved through the hooks in force), so that the checkpoint holds none of them by
     reference (a causal cache comes in a dict)."""
-    arguments, tensors = _Tensors.split((args, kwargs))
+    arguments, tensors = TensorSlots.split((args, kwargs))
 
     def call(*tensors):
         args, kwargs = arguments.rebuilt(tensors)
@@ -308,7 +289,7 @@ class CausalVideoDiffusion(VideoDiffusion):
         context, held, layers = x[:, :, :chunk.start].detach(), [cache], ChunkRun()
         # a kept cache is saved as its tensors, through the saved-tensor hooks around (ChainMemory.region may spill
         # them to the host); a nested structure would be held as is
-        structure, tensors = _Tensors.split(cache)
+        structure, tensors = TensorSlots.split(cache)
         graded = kept and any(t.requires_grad for t in tensors)
         if kept and not graded:
             layers.store(tensors)
