@@ -3,8 +3,8 @@
 # torch 2.11, Triton 3.6, peft, transformers, timm; no diffusers or open_clip, so they travel as wheels in .whl/).
 # Prepare the wheels once on the development machine (see bench/RESULTS.md, "How the GPU figures are made"), then:
 #     run(command="bash bench/gpu.sh", carry=[".whl"])            # every part: about 11 minutes, too long for one call
-#     run(command="bash bench/gpu.sh kernels costs", carry=[".whl"]), then the same with "phases"
-PARTS=${*:-kernels costs phases}
+#     run(command="bash bench/gpu.sh kernels costs", carry=[".whl"]), then the same with "phases fit"
+PARTS=${*:-kernels costs phases fit}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -30,5 +30,10 @@ if want phases; then
   # 4. time per phase at mid size, the plain diffusers + peft loop beside the engine, the no-grad paths compared
   #    (FLOP shares are counted on the meta device by the CPU run: minutes of Python, not GPU work)
   timeout 300 python3 -m pytest -q -s bench/test_phases.py -k time 2>&1 | tee "$OUT/phases.log" | tail -30
+fi
+if want fit; then
+  # 5. --dry-run's device peak beside torch.cuda.max_memory_allocated of the same step run for real (tiny models of
+  #    each family at 33x128x128; about a minute)
+  timeout 150 python3 -m bench.fit_cuda --out "$OUT/fit_cuda.json" 2>&1 | tee "$OUT/fit_cuda.log" | tail -8
 fi
 cp bench/RESULTS.md bench/results_costs.json bench/results_phases_cuda.json "$OUT"/ 2>/dev/null || true

@@ -120,3 +120,13 @@ def test_fit_forecast(row, setting, folders, report):
         "host_budget_gb": host_goal, "flops_goal": flops_goal, "weights_gb": f["weights_gb"],
         "step_peak_gb": f["step_peak_gb"], "peak_at": f["peak_at"], "saved_gb": f["saved_gb"]}
     assert f["tflops"] >= f["tflops_without_recompute"] > 0
+
+
+def test_fit_cuda_runs_on_the_cpu():
+    """``bench.fit_cuda`` (``bench/gpu.sh fit``: the forecast beside a real CUDA step's peak) runs its code on the
+    CPU with ``--smoke``, so that it works the day a GPU is lent; every row has a forecast, none a measurement."""
+    from bench.fit_cuda import CASES, main
+
+    rows = main(["--smoke"])
+    assert [r["case"] for r in rows] == list(CASES)
+    assert all(r["forecast_gb"] > 0 and r["measured_gb"] is None for r in rows)
