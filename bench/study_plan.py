@@ -48,11 +48,14 @@ VARIANTS = (
             scales=(0.25, 0.5, 0.75)),
     # the study's recipe (the default job) trained longer and dialled down at inference: is the gain the long base
     # recipe keeps at strength 0.25 there for the better recipe too, and above what one budget gives?
-    Variant("tau-1.0-long", "over-optimisation", "tau 1.0 (the default job), 4x longer", ("--tau", "1.0"), budget=4.0,
-            evaluations=4, scales=(0.25, 0.5, 0.75)),
+    Variant("tau-1.0-long", "over-optimisation", "tau 1.0 (K 6: the default job then), 4x longer", ("--tau", "1.0"),
+            budget=4.0, evaluations=4, scales=(0.25, 0.5, 0.75)),
     # the two single changes that gained most at the base recipe's compute, together: do their gains add up?
     Variant("tau-1.0-K-1", "combined", "tau 1.0 and K 1 (the two best single changes together)",
             ("--tau", "1.0", "--grad-steps", "1")),
+    # that recipe (the default job since) trained longer and dialled down: does it keep more than its one budget?
+    Variant("tau-1.0-K-1-long", "over-optimisation", "tau 1.0 and K 1 (the default job), 4x longer",
+            ("--tau", "1.0", "--grad-steps", "1"), budget=4.0, evaluations=4, scales=(0.25, 0.5, 0.75)),
     # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them)
     Variant("reward-motion", "reward", "the world motion reward alone", ("--reward", "motion:world")),
     Variant("reward-mixed", "reward", "image reward + motion reward at 0.5", ("--reward", "hpsv2:world,motion:world@0.5")),
