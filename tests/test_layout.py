@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("kernels",),
     ("engine.errors", "engine.assets", "engine.runtime", "engine.distributed", "engine.context_parallel", "engine.media",
-     "engine.tracking", "engine.stats"),
+     "engine.tracking", "engine.stats",
+     "engine.memory.tree"),  # a torch-only helper in the memory package, shared with the causal decode (models)
     ("engine.schedule",),
     ("engine.models",),
     ("engine.lora", "engine.acceleration"),
