@@ -13,7 +13,8 @@ from engine import world
 from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_ARCH, REWARD_FILE
 from engine.world.build import world_words
 from engine.rewards.motion import MotionReward
-from engine.world.motion_reward import MOTION_FAULTS, motion_pairs, pair_accuracy
+from engine.world.motion_reward import (MOTION_FAULTS, ShakenClip, motion_pairs, pair_accuracy, shake_accuracy,
+                                        shake_pairs)
 from engine.world.training import BACKGROUND_FAULTS, background_fault
 
 
@@ -140,17 +141,42 @@ def test_built_in_reward_loads_through_hpsv2_and_prefers_clean_faithful_frames()
     assert wins / total > 0.85, (wins, total)
 
 
+def test_a_motion_reward_saves_its_scale_and_one_without_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from engine.errors import UserError
+
+    reward = MotionReward(["red", "left"], width=8, scale=2.5)
+    reward.save(tmp_path / "m.safetensors")
+    assert MotionReward.from_file(tmp_path / "m.safetensors").scale == 2.5
+    save_file(reward.state_dict(), str(tmp_path / "old.safetensors"), metadata={"vocabulary": '["red", "left"]', "width": "8"})
+    with pytest.raises(UserError, match="no scale"):
+        MotionReward.from_file(tmp_path / "old.safetensors")
+
+
 def test_built_in_motion_reward_loads_and_prefers_clips_that_move_as_captioned():
     """The shipped video reward on fresh render pairs (clips of another seed than its training and validation):
-    the clip moving as captioned above the same clip jittered, frozen, reversed or moved sideways; gradients
+    the clip moving as captioned above the same clip jittered, frozen, reversed or moved sideways, and a clip
+    shaking by 0.1 px or more below itself steadier (the base model's generations shake about that much); gradients
     reach every frame."""
     reward = MotionReward.from_file(MOTION_REWARD_FILE)
     assert reward.frame_indices(world.FRAMES, fps=8.0).tolist() == list(range(world.FRAMES))
     accuracy = pair_accuracy(reward, motion_pairs(random.Random(12345), 8 * len(MOTION_FAULTS)))
     assert accuracy["all"] >= 0.9 and min(accuracy[f] for f in MOTION_FAULTS) >= 0.75, accuracy
+    shaken = [pair for pair in shake_pairs(random.Random(12346), 96) if pair[3] >= 0.1]  # gold jitter 0.3 px and up
+    assert shake_accuracy(reward, shaken)["all"] >= 0.85, shake_accuracy(reward, shaken)
     frames = world.render(clips(1, seed=3)[0])[None].requires_grad_()
     reward(frames, ["a red circle moving left on a black background"]).sum().backward()
     assert (frames.grad.abs().sum(dim=(2, 3, 4)) > 0).all()
+
+
+def test_a_shaken_clip_keeps_its_appearance_and_its_gold_jitter_grows_with_the_shake():
+    """The motion reward's shake pairs: shake 0 is the clip itself; one clip at growing shakes, appearance and
+    pattern kept, reads as growing gold jitter (about 3x the shake), from sub-pixel up."""
+    for clip in clips(4, seed=5, degradation="noise"):
+        assert torch.equal(world.render(ShakenClip.of(clip, 0.0)), world.render(clip))
+        jitter = [gold(clip.clean(), world.render(ShakenClip.of(clip.clean(), s)))["jitter"] for s in (0.0, 0.1, 0.3, 1.0)]
+        assert jitter[0] < 0.05 and jitter == sorted(jitter) and 0.1 < jitter[1] < 0.6 < jitter[2] < 1.5, jitter
 
 
 def test_background_faults_change_the_background_only():

@@ -1,8 +1,10 @@
-"""A small text-conditioned motion reward for whole clips (a ``ClipReward``): the probability that a clip moves
-its object the way the caption says, smoothly. A 3D convolution reads the clip, a bag of caption words (the
-vocabulary saved with the weights) reads the caption; score = sigmoid(v . (T t) + u . v + b). The built-in one is
-trained on the world's renders (engine.world.motion_reward, ``python -m engine.world.build motion-reward``) and
-ships as ``engine/assets/world-motion.safetensors``."""
+"""A small text-conditioned motion reward for whole clips (a ``ClipReward``): how surely a clip moves its object
+the way the caption says, smoothly. A 3D convolution reads the clip, a bag of caption words (the vocabulary saved
+with the weights) reads the caption; score = (v . (T t) + u . v + b) / scale, the logit of that classification.
+Not its probability: trained clips are told apart by logits of 20 and more, where a sigmoid is 1 to float
+precision and passes no gradient. ``scale`` (saved with the weights) puts the score in the units of an image
+reward it is mixed with. The built-in one is trained on the world's renders (engine.world.motion_reward,
+``python -m engine.world.build motion-reward``) and ships as ``engine/assets/world-motion.safetensors``."""
 
 from __future__ import annotations
 
@@ -25,14 +27,15 @@ def caption_words(caption: str) -> list[str]:
 
 
 class MotionReward(ClipReward):
-    """score(clip, caption) = sigmoid(v . (T t) + u . v + b): v the clip's pooled 3D-convolution features, t the
+    """score(clip, caption) = (v . (T t) + u . v + b) / scale: v the clip's pooled 3D-convolution features, t the
     mean embedding of the caption's known words."""
 
     name = "motion"
 
-    def __init__(self, vocabulary: list[str], width: int = WIDTH):
+    def __init__(self, vocabulary: list[str], width: int = WIDTH, scale: float = 1.0):
         super().__init__()
         self.vocabulary, self.index = list(vocabulary), {w: i for i, w in enumerate(vocabulary)}
+        self.scale = scale
         self.video = nn.Sequential(
             nn.Conv3d(3, width // 2, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2)), nn.GELU(),
             nn.Conv3d(width // 2, width, 3, stride=(1, 2, 2), padding=1), nn.GELU(),
@@ -54,13 +57,14 @@ class MotionReward(ClipReward):
         return (features * self.encode_text(prompts)).sum(1) + self.smooth(features)[:, 0]
 
     def forward(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return torch.sigmoid(self.logits(clips, prompts)).float()
+        return self.logits(clips, prompts).float() / self.scale
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"vocabulary": json.dumps(self.vocabulary), "width": str(self.words.embedding_dim)})
+                  metadata={"vocabulary": json.dumps(self.vocabulary), "width": str(self.words.embedding_dim),
+                            "scale": repr(self.scale)})
 
     @classmethod
     def from_file(cls, path: str | Path) -> MotionReward:
@@ -74,7 +78,10 @@ class MotionReward(ClipReward):
             metadata = f.metadata() or {}
         if "vocabulary" not in metadata:
             raise UserError(f"{path} is not a world motion reward (no vocabulary in its metadata)")
-        reward = cls(json.loads(metadata["vocabulary"]), int(metadata.get("width", WIDTH)))
+        if "scale" not in metadata:
+            raise UserError(f"{path} is a motion reward from before its scores were calibrated (no scale in its "
+                            "metadata); python -m engine.world.build motion-reward makes a current one")
+        reward = cls(json.loads(metadata["vocabulary"]), int(metadata.get("width", WIDTH)), float(metadata["scale"]))
         reward.load_state_dict(load_file(str(path)))
         return reward.requires_grad_(False).eval()
 

@@ -148,24 +148,39 @@ def new_scheduler():
 # ---------------------------------------------------------------------------------- the stages
 def stage_motion_reward(build: Build, steps: int, restart: bool) -> dict:
     """The built-in video reward (engine.world.motion_reward) trained on renders, and how it ranks held-out
-    render pairs and the base model's generations against the gold direction and jitter."""
+    render pairs (motion broken, and shaken less against more) and the base model's generations against the gold
+    direction and jitter. Its scale: its scores spread over the base model's generations as much as the built-in
+    image reward's (SegVR's evaluation frames), so that a mix's weight says how much of each; the interquartile
+    range, as a few broken generations score far below the rest."""
     from engine.models import load_model
+    from engine.rewards import build_reward
     from engine.rewards.motion import MotionReward
-    from engine.world.motion_reward import generation_agreement, motion_pairs, pair_accuracy, train_motion_reward
+    from engine.video_reward import SegmentalReward
+    from engine.world.motion_reward import (generation_agreement, motion_pairs, pair_accuracy, shake_accuracy,
+                                            shake_pairs, train_motion_reward)
 
     torch.manual_seed(build.seed + 5)
     reward = MotionReward(world_words())
     train_motion_reward(reward, steps, build.seed + 5, build.stage_work("motion-reward", restart),
                         {"seed": build.seed, "steps": steps})
+    validation = [clip for clip, _ in evaluation_set("reward_validation", 2)][:build.count(256)]
+    pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
+    rows, videos = from_noise(load_model(build.model_dir), pairs, scorer=SegmentalReward(build_reward("hpsv2:world")))
+    with torch.no_grad():
+        logits = torch.cat([reward(torch.stack(videos[i:i + 64]), [c.caption for c, _ in pairs[i:i + 64]])
+                            for i in range(0, len(videos), 64)])
+    reward.scale = (interquartile_range(logits) / interquartile_range(torch.tensor([row["reward"] for row in rows]))).item()
     path = build.output / MOTION_REWARD_FILE.name
     reward.save(path)
     reward = MotionReward.from_file(path)
-    validation = [clip for clip, _ in evaluation_set("reward_validation", 2)][:build.count(256)]
-    pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
-    rows, videos = from_noise(load_model(build.model_dir), pairs)
     held_out = motion_pairs(random.Random(build.seed + 50), len(validation), validation)
-    return {"render_pairs": pair_accuracy(reward, held_out),
+    shaken = shake_pairs(random.Random(build.seed + 51), len(validation), validation)
+    return {"scale": reward.scale, "render_pairs": pair_accuracy(reward, held_out), "shake_pairs": shake_accuracy(reward, shaken),
             "base_model_generations": generation_agreement(reward, rows, videos, [c.caption for c, _ in pairs])}
+
+
+def interquartile_range(values: torch.Tensor) -> torch.Tensor:
+    return values.float().quantile(0.75) - values.float().quantile(0.25)
 
 
 STAGES = ("vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward")

@@ -1,13 +1,16 @@
 """The world's built-in video reward (engine.rewards.motion.MotionReward), its training data and its
 measurements: a clip moving as captioned, clean or appearance-degraded, against the same clip with its motion
-broken (``MOTION_FAULTS``): jittered along its path, frozen in one place, moving the opposite way, or sideways.
-The caption stays the clip's own, so only motion separates the two; the image reward, which sees one frame at a
-time, cannot tell them apart."""
+broken (``MOTION_FAULTS``): jittered along its path, frozen in one place, moving the opposite way, or sideways;
+and, so that the reward grades the sub-pixel shake the base model's generations have (gold jitter 0.1 - 0.8 px,
+where the world's jitter degradation is about 6 px), the same clip shaking less against shaking more
+(``ShakenClip``). The caption stays the clip's own, so only motion separates the two; the image reward, which sees
+one frame at a time, cannot tell them apart."""
 
 from __future__ import annotations
 
+import math
 import random
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +23,26 @@ from engine.world.scene import (FRAMES, Clip, opposite_motion, perpendicular_mot
 
 MOTION_FAULTS = ("jitter", "frozen", "reversed", "sideways")
 APPEARANCES = (None, "blur", "noise", "washed", "wrong_colour")  # kept by both clips of a pair
+SHAKE_RANGE = (0.03, 1.0)  # the shakier clip's shake, pixels (log-uniform); gold jitter is about 3x the shake
+SHAKE_BANDS = (0.1, 0.3)   # held-out shake pairs are reported by the shakier clip's shake: below, between, above
+
+
+@dataclass(frozen=True)
+class ShakenClip(Clip):
+    """A clip whose object shakes about its path by ``shake`` pixels (standard deviation per axis and frame), its
+    appearance kept: ``render`` reads the path from ``trajectory``. One clip at two shakes moves by the same
+    pattern, scaled."""
+
+    shake: float = 0.0
+
+    @classmethod
+    def of(cls, clip: Clip, shake: float) -> ShakenClip:
+        return cls(**{f.name: getattr(clip, f.name) for f in fields(Clip)}, shake=shake)
+
+    def trajectory(self) -> torch.Tensor:
+        path = super().trajectory()
+        g = torch.Generator().manual_seed(self.seed + 1)  # apart from the appearance's draws, seeded by ``seed``
+        return path + self.shake * torch.randn(path.shape, generator=g)
 
 
 def broken_motion(clip: Clip, fault: str, rng: random.Random) -> torch.Tensor:
@@ -38,17 +61,37 @@ def motion_pairs(rng: random.Random, count: int, clips: list[Clip] | None = None
     category and both templates, appearances mixed as in the base model's training data."""
     pairs = []
     for i in range(count):
-        clip = clips[i % len(clips)] if clips else random_clip(rng, template=rng.choice("AB"))
-        clip = replace(clip, degradation=rng.choice(APPEARANCES), seed=rng.randrange(2 ** 31))
+        clip = appearance_clip(rng, i, clips)
         fault = MOTION_FAULTS[i % len(MOTION_FAULTS)]
         pairs.append((clip.caption, render(clip), broken_motion(clip, fault, rng), fault))
     return pairs
 
 
+def shake_pairs(rng: random.Random, count: int, clips: list[Clip] | None = None):
+    """``count`` (caption, steadier frames, shakier frames, the shakier one's shake): one clip at two shakes, the
+    shakier drawn from ``SHAKE_RANGE``, the steadier still (half the pairs) or 2 - 4x steadier."""
+    low, high = (math.log(s) for s in SHAKE_RANGE)
+    pairs = []
+    for i in range(count):
+        clip = appearance_clip(rng, i, clips)
+        shakier = math.exp(rng.uniform(low, high))
+        steadier = 0.0 if rng.random() < 0.5 else shakier / rng.uniform(2, 4)
+        pairs.append((clip.caption, render(ShakenClip.of(clip, steadier)), render(ShakenClip.of(clip, shakier)), shakier))
+    return pairs
+
+
+def appearance_clip(rng: random.Random, i: int, clips: list[Clip] | None) -> Clip:
+    """The ``i``-th clip of a pair set: a random one (or ``clips``'), appearances mixed as in the base model's
+    training data."""
+    clip = clips[i % len(clips)] if clips else random_clip(rng, template=rng.choice("AB"))
+    return replace(clip, degradation=rng.choice(APPEARANCES), seed=rng.randrange(2 ** 31))
+
+
 def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path, config: dict,
                         batch: int = 32, lr: float = 2e-3) -> None:
-    """Each step: ``batch`` fresh pairs; the loss asks the good clip for 1, the broken one for 0, and the good one
-    above the broken one (logistic, on the logits)."""
+    """Each step: ``batch`` fresh fault pairs, the good clip asked for 1, the broken one for 0 and the good one
+    above the broken one; and ``batch`` fresh shake pairs, the steadier asked only to score above the shakier
+    (logistic, on the logits): no shake is called broken, the reward grades it."""
     from engine.world.stages import StageRun
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -60,10 +103,11 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
     reward.train()
     for _ in run:
         captions, good, bad, _ = zip(*motion_pairs(rng, batch))
-        logits = reward.logits(torch.stack(good + bad), list(captions) * 2)
-        positive, negative = logits[:batch], logits[batch:]
+        shake_captions, steadier, shakier, _ = zip(*shake_pairs(rng, batch))
+        logits = reward.logits(torch.stack(good + bad + steadier + shakier), list(captions) * 2 + list(shake_captions) * 2)
+        positive, negative, steady, shaky = logits.split(batch)
         loss = (F.softplus(-positive).mean() + F.softplus(negative).mean()
-                + F.softplus(negative - positive).mean())
+                + F.softplus(negative - positive).mean() + F.softplus(shaky - steady).mean())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,25 +126,44 @@ def pair_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
 
 
 @torch.no_grad()
+def shake_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
+    """Share of shake pairs in which the steadier clip scores above the shakier, by the shakier one's shake
+    (``SHAKE_BANDS``)."""
+    captions, steadier, shakier, shakes = zip(*pairs)
+    right = (reward(torch.stack(steadier), list(captions)) > reward(torch.stack(shakier), list(captions))).tolist()
+    edges = (0.0, *SHAKE_BANDS, math.inf)
+    shares = {}
+    for low, high in zip(edges, edges[1:]):
+        band = [r for r, s in zip(right, shakes) if low <= s < high]
+        shares[f"shake {low:g}-{high:g} px"] = sum(band) / max(1, len(band))
+    return {"all": sum(right) / len(right), **shares, "pairs": len(right)}
+
+
+@torch.no_grad()
 def generation_agreement(reward: MotionReward, rows: list[dict], videos: list[torch.Tensor],
-                         captions: list[str], jitter_gap: float = 0.5) -> dict[str, float]:
+                         captions: list[str], jitter_gaps: tuple[float, ...] = (0.2, 0.5)) -> dict[str, float]:
     """On generations of the same caption: how often the reward ranks the one moving in the caption's direction
-    (gold ``direction_acc``) above one that does not, and the smoother (gold ``jitter`` lower by ``jitter_gap``
-    pixels or more, both in the right direction) above the other; and the rank correlation with the gold
-    direction over all generations."""
+    (gold ``direction_acc``) above one that does not, and the smoother (gold ``jitter`` lower by each of
+    ``jitter_gaps`` pixels or more, both in the right direction) above the other; and its mean score on the
+    generations moving the caption's way and on the others."""
     scores = torch.cat([reward(torch.stack(videos[i:i + 64]), captions[i:i + 64]) for i in range(0, len(videos), 64)])
-    direction, smooth = [], []
+    direction, smooth = [], {gap: [] for gap in jitter_gaps}
     for i in range(len(rows)):
         for j in range(len(rows)):
             if captions[i] != captions[j]:
                 continue
             if rows[i]["direction_acc"] > 0.5 >= rows[j]["direction_acc"]:
                 direction.append(bool(scores[i] > scores[j]))
-            elif (min(rows[i]["direction_acc"], rows[j]["direction_acc"]) > 0.5
-                  and rows[j]["jitter"] - rows[i]["jitter"] >= jitter_gap):
-                smooth.append(bool(scores[i] > scores[j]))
+            elif min(rows[i]["direction_acc"], rows[j]["direction_acc"]) > 0.5:
+                for gap in jitter_gaps:
+                    if rows[j]["jitter"] - rows[i]["jitter"] >= gap:
+                        smooth[gap].append(bool(scores[i] > scores[j]))
     right = torch.tensor([r["direction_acc"] > 0.5 for r in rows], dtype=torch.float32)
+    smoothness = {}
+    for gap, agreed in smooth.items():
+        smoothness |= {f"smoothness_pairs_gap_{gap:g}px": len(agreed),
+                       f"smoothness_agreement_gap_{gap:g}px": sum(agreed) / max(1, len(agreed))}
     return {"direction_pairs": len(direction), "direction_agreement": sum(direction) / max(1, len(direction)),
-            "smoothness_pairs": len(smooth), "smoothness_agreement": sum(smooth) / max(1, len(smooth)),
+            **smoothness,
             "mean_score_direction_right": scores[right > 0].mean().item() if right.any() else None,
             "mean_score_direction_wrong": scores[right == 0].mean().item() if (right == 0).any() else None}
