@@ -116,26 +116,29 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
     reward.requires_grad_(False).eval()
 
 
-@torch.no_grad()
 def pair_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
     """Share of pairs in which the good clip scores above the broken one, per fault and overall."""
-    captions, good, bad, faults = zip(*pairs)
-    right = (reward(torch.stack(good), list(captions)) > reward(torch.stack(bad), list(captions))).tolist()
-    shares = {f: sum(r for r, g in zip(right, faults) if g == f) / max(1, faults.count(f)) for f in MOTION_FAULTS}
-    return {"all": sum(right) / len(right), **shares, "pairs": len(right)}
+    return ranking_accuracy(reward, pairs, {f: (lambda fault, f=f: fault == f) for f in MOTION_FAULTS})
+
+
+def shake_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
+    """Share of shake pairs in which the steadier clip scores above the shakier, overall and by the shakier one's
+    shake (``SHAKE_BANDS``)."""
+    edges = (0.0, *SHAKE_BANDS, math.inf)
+    return ranking_accuracy(reward, pairs, {f"shake {low:g}-{high:g} px": (lambda s, low=low, high=high: low <= s < high)
+                                            for low, high in zip(edges, edges[1:])})
 
 
 @torch.no_grad()
-def shake_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
-    """Share of shake pairs in which the steadier clip scores above the shakier, by the shakier one's shake
-    (``SHAKE_BANDS``)."""
-    captions, steadier, shakier, shakes = zip(*pairs)
-    right = (reward(torch.stack(steadier), list(captions)) > reward(torch.stack(shakier), list(captions))).tolist()
-    edges = (0.0, *SHAKE_BANDS, math.inf)
+def ranking_accuracy(reward: MotionReward, pairs, groups: dict) -> dict[str, float]:
+    """Share of (caption, better, worse, what) pairs that ``reward`` orders right: overall, and in each group
+    (name: which ``what`` belong to it)."""
+    captions, better, worse, what = zip(*pairs)
+    right = (reward(torch.stack(better), list(captions)) > reward(torch.stack(worse), list(captions))).tolist()
     shares = {}
-    for low, high in zip(edges, edges[1:]):
-        band = [r for r, s in zip(right, shakes) if low <= s < high]
-        shares[f"shake {low:g}-{high:g} px"] = sum(band) / max(1, len(band))
+    for name, belongs in groups.items():
+        chosen = [r for r, w in zip(right, what) if belongs(w)]
+        shares[name] = sum(chosen) / max(1, len(chosen))
     return {"all": sum(right) / len(right), **shares, "pairs": len(right)}
 
 
