@@ -75,9 +75,9 @@ def budget_point(record: dict, variant) -> int:
     return min(range(1, len(record["evals"])), key=lambda k: abs(record["evals"][k]["tflop"] - one_budget))
 
 
-def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str):
-    """(seeds, interval) of ``better`` minus ``worse`` in gold quality from noise at one base recipe's compute,
-    clip by clip on the seeds both have; None when they share none."""
+def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str, metric: str = "quality"):
+    """(seeds, interval) of ``better`` minus ``worse`` in a gold ``metric`` from noise at one base recipe's
+    compute, clip by clip on the seeds both have; None when they share none."""
     seeds = sorted(set(runs[better]) & set(runs[worse]))
     if not seeds:
         return None
@@ -88,7 +88,7 @@ def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str)
         return record["evals"][budget_point(record, variants[name])]["noise"]
 
     return seeds, hierarchical_bootstrap(_differences([at_budget(worse, s) for s in seeds],
-                                                      [at_budget(better, s) for s in seeds], "quality"))
+                                                      [at_budget(better, s) for s in seeds], metric))
 
 
 def claim_effect(claim, runs: dict[str, dict[int, dict]]) -> dict | None:
@@ -113,6 +113,23 @@ def recommendation(summary: dict, runs: dict[str, dict[int, dict]], plan: Plan) 
         return {"recipe": best, "candidates": len(complete), "versus_default": None, "adopt": False}
     interval = paired_difference(runs, best, DEFAULT.name)[1]
     return {"recipe": best, "candidates": len(complete), "versus_default": interval.as_dict(), "adopt": interval.low > 0}
+
+
+MOTION_METRICS = ("jitter", "direction_acc", "quality")  # what a motion reward should bring beyond the image reward
+
+
+def motion_gains(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
+    """Each variant fine-tuned with the motion reward minus the base recipe (the image reward alone), paired on
+    the seeds both have, at one base recipe's compute: does the motion reward bring what the image reward does not?"""
+    gains = {}
+    for variant in VARIANTS:
+        if not any("motion:" in o for o in variant.options) or not runs[variant.name]:
+            continue
+        compared = {m: paired_difference(runs, variant.name, DEFAULT.name, m) for m in MOTION_METRICS}
+        if all(c is not None for c in compared.values()):
+            gains[variant.name] = {"seeds": len(compared["jitter"][0]),
+                                   **{m: c[1].as_dict() for m, c in compared.items()}}
+    return gains
 
 
 OVERSEEN = ("quality", "reward", "direction_acc")  # the metrics the over-optimisation table shows
@@ -188,6 +205,7 @@ def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -
                                 for m in ("reward", "quality")}}
     summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, runs)) is not None]
     summary["recommendation"] = recommendation(summary, runs, plan)
+    summary["motion_reward"] = motion_gains(runs)
     summary["overoptimisation"] = {
         v.name: overoptimisation(base, runs[v.name], budget_point(next(iter(runs[v.name].values())), v))
         for v in VARIANTS if v.budget > 1 and runs[v.name]}
@@ -232,6 +250,13 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
             ["variant", "GFLOP / step", "steps", "seeds", *[f"Δ {label}" for label, _ in METRICS.values()],
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
+    if summary.get("motion_reward"):
+        rows = [[variants[name]["label"], str(g["seeds"]), *[_format(g[m], METRICS[m][1]) for m in MOTION_METRICS]]
+                for name, g in summary["motion_reward"].items()]
+        lines.append("**What the motion reward adds to the image reward** (from noise, at the base recipe's compute, "
+                     "each variant minus the base recipe, which fine-tunes with the image reward alone; paired on the "
+                     "same seeds and clips; jitter lower is better)\n\n" + markdown_table(
+                         ["variant", "seeds", *[f"Δ {METRICS[m][0]}" for m in MOTION_METRICS]], rows))
     if summary.get("recommendation"):
         lines.append(_render_recommendation(summary["recommendation"], variants))
     for name, over in summary.get("overoptimisation", {}).items():
