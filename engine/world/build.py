@@ -156,8 +156,8 @@ def stage_motion_reward(build: Build, steps: int, restart: bool) -> dict:
     from engine.rewards import build_reward
     from engine.rewards.motion import MotionReward
     from engine.video_reward import SegmentalReward
-    from engine.world.motion_reward import (generation_agreement, motion_pairs, pair_accuracy, shake_accuracy,
-                                            shake_pairs, train_motion_reward)
+    from engine.world.motion_reward import (clip_scores, generation_agreement, motion_pairs, pair_accuracy,
+                                            shake_accuracy, shake_pairs, train_motion_reward)
 
     torch.manual_seed(build.seed + 5)
     reward = MotionReward(world_words())
@@ -166,9 +166,7 @@ def stage_motion_reward(build: Build, steps: int, restart: bool) -> dict:
     validation = [clip for clip, _ in evaluation_set("reward_validation", 2)][:build.count(256)]
     pairs = evaluation_set("reward_validation", 8)[:build.count(288)]
     rows, videos = from_noise(load_model(build.model_dir), pairs, scorer=SegmentalReward(build_reward("hpsv2:world")))
-    with torch.no_grad():
-        logits = torch.cat([reward(torch.stack(videos[i:i + 64]), [c.caption for c, _ in pairs[i:i + 64]])
-                            for i in range(0, len(videos), 64)])
+    logits = clip_scores(reward, videos, [c.caption for c, _ in pairs])  # scale 1 yet: the logits
     reward.scale = (interquartile_range(logits) / interquartile_range(torch.tensor([row["reward"] for row in rows]))).item()
     path = build.output / MOTION_REWARD_FILE.name
     reward.save(path)

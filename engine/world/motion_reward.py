@@ -143,13 +143,19 @@ def ranking_accuracy(reward: MotionReward, pairs, groups: dict) -> dict[str, flo
 
 
 @torch.no_grad()
+def clip_scores(reward: MotionReward, videos: list[torch.Tensor], captions: list[str], batch: int = 64) -> torch.Tensor:
+    """``reward`` of each video [F, 3, H, W] for its caption, ``batch`` at a time."""
+    return torch.cat([reward(torch.stack(videos[i:i + batch]), captions[i:i + batch]) for i in range(0, len(videos), batch)])
+
+
+@torch.no_grad()
 def generation_agreement(reward: MotionReward, rows: list[dict], videos: list[torch.Tensor],
                          captions: list[str], jitter_gaps: tuple[float, ...] = (0.2, 0.5)) -> dict[str, float]:
     """On generations of the same caption: how often the reward ranks the one moving in the caption's direction
     (gold ``direction_acc``) above one that does not, and the smoother (gold ``jitter`` lower by each of
     ``jitter_gaps`` pixels or more, both in the right direction) above the other; and its mean score on the
     generations moving the caption's way and on the others."""
-    scores = torch.cat([reward(torch.stack(videos[i:i + 64]), captions[i:i + 64]) for i in range(0, len(videos), 64)])
+    scores = clip_scores(reward, videos, captions)
     direction, smooth = [], {gap: [] for gap in jitter_gaps}
     for i in range(len(rows)):
         for j in range(len(rows)):
