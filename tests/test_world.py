@@ -13,8 +13,9 @@ from engine import world
 from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_ARCH, REWARD_FILE
 from engine.world.build import world_words
 from engine.rewards.motion import MotionReward
-from engine.world.motion_reward import (MOTION_FAULTS, ShakenClip, motion_pairs, pair_accuracy, shake_accuracy,
-                                        shake_pairs)
+from engine.world.figures import QUALITY_GAP
+from engine.world.motion_reward import (JITTER_GAP, MOTION_FAULTS, ShakenClip, generation_pairs, motion_pairs,
+                                        pair_accuracy, shake_accuracy, shake_pairs)
 from engine.world.training import BACKGROUND_FAULTS, background_fault
 
 
@@ -179,6 +180,23 @@ def test_a_shaken_clip_keeps_its_appearance_and_its_gold_jitter_grows_with_the_s
         assert jitter[0] < 0.05 and jitter == sorted(jitter) and 0.1 < jitter[1] < 0.6 < jitter[2] < 1.5, jitter
 
 
+def test_generation_pairs_order_a_fine_tuned_and_a_base_generation_by_gold_direction_quality_then_jitter():
+    """The motion reward's on-policy pairs: per noise, the generation moving the caption's way first; where both
+    do, the one QUALITY_GAP better first (a smeared object steadies its path); then the smoother by JITTER_GAP
+    first; otherwise no pair, whichever model made which."""
+    def row(direction: float, jitter: float, quality: float = 30.0) -> dict:
+        return {"direction_acc": direction, "jitter": jitter, "quality": quality}
+
+    base = [row(1, 0.3), row(0, 0.2), row(1, 0.2), row(1, 0.6), row(0, 0.1), row(1, 0.3), row(1, 0.5)]
+    tuned = [row(0, 0.1), row(1, 0.9), row(1, 0.2 + JITTER_GAP + 0.05), row(1, 0.2), row(0, 0.9), row(1, 0.3 + JITTER_GAP / 2),
+             row(1, 0.1, 30.0 - QUALITY_GAP - 0.5)]
+    base_videos, tuned_videos = [torch.full((1,), float(i)) for i in range(7)], [torch.full((1,), 10.0 + i) for i in range(7)]
+    pairs = generation_pairs(base, base_videos, tuned, tuned_videos, [f"c{i}" for i in range(7)])
+    assert [(caption, better.item(), worse.item(), why) for caption, better, worse, why in pairs] == [
+        ("c0", 0.0, 10.0, "direction"), ("c1", 11.0, 1.0, "direction"), ("c2", 2.0, 12.0, "jitter"),
+        ("c3", 13.0, 3.0, "jitter"), ("c6", 6.0, 16.0, "quality")]
+
+
 def test_background_faults_change_the_background_only():
     clip = world.Clip("square", "green", "right", "white", (9.0, 16.0))
     frame = world.render(clip)[0]
@@ -206,7 +224,7 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     reward = HPSv2Reward(tmp_path / REWARD_FILE.name)
     assert reward(torch.rand(2, 3, 32, 32), ["a", "b"]).shape == (2,)
     reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
-    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward"}
+    assert set(reports) == {"vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward", "motion-onpolicy"}
     assert set(reports["motion-reward"]["render_pairs"]) >= {"jitter", "frozen", "reversed", "sideways"}
     assert MotionReward.from_file(tmp_path / MOTION_REWARD_FILE.name)(
         torch.rand(2, world.FRAMES, 3, 32, 32), ["a", "b"]).shape == (2,)
@@ -221,6 +239,13 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
         assert set(reports[stage]["direction_probe"]["t650"]) >= {"opposite_direction_gap", "perpendicular_direction_gap"}
     for stage in ("vae", "text-encoder", "unet", "motion", "reward", "motion-reward"):
         assert (tmp_path / "work" / stage / "checkpoint.pt").is_file() and (tmp_path / "work" / stage / "log.txt").is_file()
+    # the motion reward's on-policy round: a LoRA fine-tuned against it alone, a fresh reward trained, and the
+    # fine-tuned generations of held-out captions ordered by the reward before and after
+    motion_round = reports["motion-onpolicy"]
+    assert motion_round["round"] == 1 and len(motion_round["loras"]) == 1 and motion_round["earlier_rounds"] == []
+    assert set(motion_round["held_out_fine_tuned_generations"]) == {"before", "after"}
+    assert motion_round["onpolicy_pairs"] == motion_round["new_pairs"] and motion_round["scale"] > 0
+    assert (tmp_path / "work" / "motion-onpolicy" / "round-1" / "reward" / "checkpoint.pt").is_file()
     # on-policy rounds: the first fine-tuned a LoRA against the reward with the engine's trainer on the model built
     # here; a second run is the second round, retrained on the first one's pairs as well
     first = reports["onpolicy"]

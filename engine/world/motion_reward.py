@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.rewards.motion import MotionReward
+from engine.world.figures import QUALITY_GAP
 from engine.world.rendering import render
 from engine.world.scene import (FRAMES, Clip, opposite_motion, perpendicular_motion, random_clip,
                                 start_position)
@@ -88,10 +89,11 @@ def appearance_clip(rng: random.Random, i: int, clips: list[Clip] | None) -> Cli
 
 
 def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path, config: dict,
-                        batch: int = 32, lr: float = 2e-3) -> None:
+                        batch: int = 32, lr: float = 2e-3, generations: list | None = None) -> None:
     """Each step: ``batch`` fresh fault pairs, the good clip asked for 1, the broken one for 0 and the good one
     above the broken one; and ``batch`` fresh shake pairs, the steadier asked only to score above the shakier
-    (logistic, on the logits): no shake is called broken, the reward grades it."""
+    (logistic, on the logits): no shake is called broken, the reward grades it. With ``generations`` (caption,
+    better video, worse video, why: ``generation_pairs``), also ``batch`` of those, ranked the same way."""
     from engine.world.stages import StageRun
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -104,10 +106,15 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
     for _ in run:
         captions, good, bad, _ = zip(*motion_pairs(rng, batch))
         shake_captions, steadier, shakier, _ = zip(*shake_pairs(rng, batch))
-        logits = reward.logits(torch.stack(good + bad + steadier + shakier), list(captions) * 2 + list(shake_captions) * 2)
-        positive, negative, steady, shaky = logits.split(batch)
+        clips, prompts = good + bad + steadier + shakier, list(captions) * 2 + list(shake_captions) * 2
+        if generations:
+            generation_captions, better, worse, _ = zip(*rng.choices(generations, k=batch))
+            clips, prompts = clips + better + worse, prompts + list(generation_captions) * 2
+        positive, negative, steady, shaky, *ranked = reward.logits(torch.stack(clips), prompts).split(batch)
         loss = (F.softplus(-positive).mean() + F.softplus(negative).mean()
                 + F.softplus(negative - positive).mean() + F.softplus(shaky - steady).mean())
+        if generations:
+            loss = loss + F.softplus(ranked[1] - ranked[0]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -140,6 +147,40 @@ def ranking_accuracy(reward: MotionReward, pairs, groups: dict) -> dict[str, flo
         chosen = [r for r, w in zip(right, what) if belongs(w)]
         shares[name] = sum(chosen) / max(1, len(chosen))
     return {"all": sum(right) / len(right), **shares, "pairs": len(right)}
+
+
+JITTER_GAP = 0.2  # pixels of gold jitter between two generations of one noise to make a pair
+# What orders a fine-tuned generation and the base model's of the same noise, first that applies (higher first):
+# moving the caption's way; then, both doing so, the object drawn whole (gold quality 2 dB apart: fine-tuning
+# against the reward alone learned to smear the object, which steadies its measured path); then the steadier path.
+GENERATION_ORDER = (("direction", lambda row: row["direction_acc"], 1.0), ("quality", lambda row: row["quality"], QUALITY_GAP),
+                    ("jitter", lambda row: -row["jitter"], JITTER_GAP))
+
+
+def generation_pairs(base_rows: list[dict], base_videos: list[torch.Tensor], rows: list[dict],
+                     videos: list[torch.Tensor], captions: list[str]) -> list[tuple]:
+    """(caption, better video, worse video, why) from a fine-tuned model's generations and the base model's of
+    the same noise, ordered by the gold metrics alone (``GENERATION_ORDER``); none where neither moves the
+    caption's way or no criterion separates them. What fine-tuning against the reward gets wrong, the reward then
+    learns to score down."""
+    pairs = []
+    for caption, first, second in zip(captions, zip(base_rows, base_videos), zip(rows, videos)):
+        if max(first[0]["direction_acc"], second[0]["direction_acc"]) <= 0.5:
+            continue
+        for why, value, gap in GENERATION_ORDER:
+            difference = value(first[0]) - value(second[0])
+            if abs(difference) >= gap:
+                better, worse = (first, second) if difference > 0 else (second, first)
+                pairs.append((caption, better[1], worse[1], why))
+                break
+    return pairs
+
+
+def generation_accuracy(reward: MotionReward, pairs) -> dict[str, float]:
+    """Share of ``generation_pairs`` that ``reward`` orders as the gold metrics do, overall and by why."""
+    if not pairs:
+        return {"all": None, "pairs": 0}
+    return ranking_accuracy(reward, pairs, {why: (lambda w, why=why: w == why) for why, _, _ in GENERATION_ORDER})
 
 
 @torch.no_grad()

@@ -128,11 +128,11 @@ def stage_onpolicy(build, steps: int, restart: bool, slope_weight: float = SLOPE
     if not reward_file.exists():
         raise UserError(f"{reward_file} is missing; run the reward stage first (same --output)")
     base_model = load_model(build.model_dir)
-    base_data = _cached(root / "base.pt", lambda: ranked_generations(
+    base_data = cached(root / "base.pt", lambda: ranked_generations(
         base_model, evaluation_set("reward_train", 8)[:build.count(288)]))
     pairs = evaluation_set("reward_train", 8)[:build.count(288)][::2]
-    base_rows, base_videos = _cached(root / "base_generations.pt", lambda: from_noise(base_model, pairs))
-    round_pairs, loras = _cached(work / "pairs.pt", lambda: _onpolicy_pairs(
+    base_rows, base_videos = cached(root / "base_generations.pt", lambda: from_noise(base_model, pairs))
+    round_pairs, loras = cached(work / "pairs.pt", lambda: _onpolicy_pairs(
         build, work, reward_file, len(done) + 1, pairs, base_rows, base_videos))
     earlier = [p for f in done for p in torch.load(f.parent / "pairs.pt", weights_only=False)[0]]
     ranked, references = base_data
@@ -146,7 +146,7 @@ def stage_onpolicy(build, steps: int, restart: bool, slope_weight: float = SLOPE
     return figures
 
 
-def _cached(path: Path, compute):
+def cached(path: Path, compute):
     """``compute()``, kept in ``path`` so that a stopped stage does not redo it."""
     if path.exists():
         return torch.load(path, weights_only=False)
@@ -156,18 +156,17 @@ def _cached(path: Path, compute):
     return value
 
 
-def _onpolicy_pairs(build, work: Path, reward_file: Path, round_: int, pairs, base_rows, base_videos):
-    """Fine-tunes one LoRA per recipe against ``reward_file`` and turns its generations of ``pairs`` into
-    (better video, caption, worse video, caption) pairs; returns them and what each LoRA did to the gold quality."""
+def onpolicy_models(build, work: Path, reward: str, recipes, round_: int):
+    """Per recipe (world preset options), a LoRA fine-tuned against ``reward`` (an ``--reward`` value) from the
+    model being built, with the engine's own trainer, in ``work/lora-K`` (a finished one is reused); yields
+    (recipe, seed, the model with that LoRA loaded)."""
     from engine.builtin import build_model, world_model_at
     from engine.lora import load_lora
     from engine.train.command import main as train
 
-    clips = [c for c, _ in pairs]
-    found, loras = [], []
-    for k, recipe in enumerate(ONPOLICY_RECIPES[:1] if build.smoke else ONPOLICY_RECIPES):
+    for k, recipe in enumerate(recipes[:1] if build.smoke else recipes):
         run, seed = work / f"lora-{k}", build.seed + 100 * round_ + k
-        options = {"seed": seed, "reward": f"hpsv2:{reward_file}", **recipe}
+        options = {"seed": seed, "reward": reward, **recipe}
         if build.smoke:
             options.update(steps=2, num_held_out=1, sample_steps=2)
         with world_model_at(build.model_dir):
@@ -176,6 +175,15 @@ def _onpolicy_pairs(build, work: Path, reward_file: Path, round_: int, pairs, ba
                        *[a for key, value in options.items() for a in (f"--{key.replace('_', '-')}", str(value))]])
             model = build_model("world")
         load_lora(model.denoiser, run / "lora")
+        yield recipe, seed, model
+
+
+def _onpolicy_pairs(build, work: Path, reward_file: Path, round_: int, pairs, base_rows, base_videos):
+    """Fine-tunes one LoRA per recipe against ``reward_file`` and turns its generations of ``pairs`` into
+    (better video, caption, worse video, caption) pairs; returns them and what each LoRA did to the gold quality."""
+    clips = [c for c, _ in pairs]
+    found, loras = [], []
+    for k, (recipe, seed, model) in enumerate(onpolicy_models(build, work, f"hpsv2:{reward_file}", ONPOLICY_RECIPES, round_)):
         rows, videos = from_noise(model, pairs)
         references, reference_quality = clean_references(model, videos, clips)
         counts = {"worse_than_base": 0, "better_than_base": 0, "below_reference": 0}
