@@ -383,7 +383,8 @@ class Trainer:
                 edits = [(self.latents.get(self.eval_sources, i), before, after)
                          for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
                 write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],
-                              self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps)
+                              self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps,
+                              [s.clip for s in self.eval_sources])
                 self.tracker.reward_curve(self.records, self.step)
                 self.tracker.close()
             evals = [r for r in self.records if r["kind"] == "eval"]

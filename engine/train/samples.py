@@ -11,15 +11,18 @@ import torch
 from engine import media
 from engine.models import VideoDiffusion
 from engine.tracking import Tracker
+from engine.world import clean_reference, gold_metrics
 
 
 def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], before: list[torch.Tensor],
                   after: list[torch.Tensor], edits: list[list[torch.Tensor]], tracker: Tracker, step: int,
-                  fps: float) -> list[Path]:
-    """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts (with their
-    amplified difference in ``before_after.png``), and the held-out edits: per prompt the (source, base edit,
-    fine-tuned edit) latents in ``edits`` (none for a resumed run, whose base-model edits were made by the run it
-    resumes)."""
+                  fps: float, clips: list | None = None) -> list[Path]:
+    """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts, and the
+    held-out edits: per prompt the (source, base edit, fine-tuned edit) latents in ``edits`` (none for a resumed
+    run, whose base-model edits were made by the run it resumes). ``before_after.png`` shows, under each before /
+    after pair, where they differ; or, for the world model's clips (``clips``), each one's error against the clean
+    render its gold quality is measured against, labelled with that quality: the changes are too fine to see side
+    by side, their effect on the error is not."""
     folder.mkdir(exist_ok=True)
     written, rows, labels = [], [], []
     for i, pair in enumerate(zip(before, after)):
@@ -30,9 +33,17 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
             written.append(media.write_gif(videos[label], folder / f"{i:02d}_{label}.gif", fps))
             tracker.video(f"samples/{i:02d}_{label}", videos[label], step, fps)
         written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
-        rows += [videos["before"], videos["after"], difference(videos["before"], videos["after"])]
-        labels += [f"{i:02d} before", "after", f"|diff| x{DIFFERENCE_GAIN}"]
-    written.append(media.write_grid(rows, folder / "before_after.png", labels))  # every prompt: before, after, diff
+        clip = clips[i] if clips else None
+        if clip is None:
+            rows += [videos["before"], videos["after"], difference(videos["before"], videos["after"])]
+            labels += [f"{i:02d} before", "after", f"|diff| x{DIFFERENCE_GAIN}"]
+            continue
+        quality = {label: gold_metrics(video, clip)["quality"] for label, video in videos.items()}
+        rows += [videos["before"], videos["after"], *(difference(clean_reference(v.float().cpu().clamp(0, 1), clip), v)
+                                                      for v in videos.values())]
+        labels += [f"{i:02d} before {quality['before']:.1f} dB", f"after {quality['after']:.1f} dB",
+                   f"|before - clean| x{DIFFERENCE_GAIN}", f"|after - clean| x{DIFFERENCE_GAIN}"]
+    written.append(media.write_grid(rows, folder / "before_after.png", labels))
     if edits:
         rows = [model.decode_video(latent.to(model.device)) for triple in edits for latent in triple]
         written.append(media.write_grid(rows, folder / "edits.png"))  # every prompt: source, before, after, ...
@@ -44,9 +55,10 @@ DIFFERENCE_GAIN = 4  # a change of 1/4 of the range shows at full brightness
 
 
 def difference(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Where fine-tuning changed a video from the same noise, and how much: |after - before| per pixel and channel,
-    amplified, so that a change too small to see side by side shows."""
-    return ((after - before).abs() * DIFFERENCE_GAIN).clamp(0, 1)
+    """Where two videos differ (fine-tuning's change from the same noise, or a video's error against its clean
+    render), and how much: |after - before| per pixel and channel, amplified, so that a difference too small to
+    see side by side shows."""
+    return ((after.float().cpu() - before.float().cpu()).abs() * DIFFERENCE_GAIN).clamp(0, 1)
 
 
 def print_summary(first: dict, last: dict, output: Path, file=sys.stdout) -> None:
