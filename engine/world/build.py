@@ -213,7 +213,8 @@ MOTION_ONPOLICY_RECIPES = ({"tau": 0.6, "steps": 40, "grad_steps": 6}, {"tau": 1
 def stage_motion_onpolicy(build: Build, steps: int, restart: bool) -> dict:
     """One round of the motion reward's on-policy refinement. LoRAs fine-tuned against the current motion reward
     alone (``MOTION_ONPOLICY_RECIPES``) generate from noise; each generation and the base model's of the same noise
-    are ordered by the gold direction and jitter alone (``generation_pairs``); a fresh motion reward is trained on
+    are ordered by the gold metrics alone (``generation_pairs``: direction, then quality, then jitter); a fresh
+    motion reward is trained on
     the renders plus every round's pairs from ``reward_train`` captions and seeds. The pairs from
     ``reward_validation`` captions and seeds, which it never trains on, measure how the reward before and after
     the round orders what fine-tuning against the first produced. Each run is one more round

@@ -4,7 +4,9 @@ broken (``MOTION_FAULTS``): jittered along its path, frozen in one place, moving
 and, so that the reward grades the sub-pixel shake the base model's generations have (gold jitter 0.1 - 0.8 px,
 where the world's jitter degradation is about 6 px), the same clip shaking less against shaking more
 (``ShakenClip``). The caption stays the clip's own, so only motion separates the two; the image reward, which sees
-one frame at a time, cannot tell them apart."""
+one frame at a time, cannot tell them apart. Its on-policy rounds (``engine.world.build motion-onpolicy``) add what
+fine-tuning against it produced, ordered against the base model's generations by the gold metrics
+(``generation_pairs``)."""
 
 from __future__ import annotations
 
