@@ -25,7 +25,7 @@ LAYERS = [
     ("engine.builtin",),
     ("engine.config", "engine.cli"),
     ("engine.train", "engine.sample", "engine.evaluate", "engine.export", "engine.world.build", "engine.world.reward_stages",
-     "engine.world.training", "engine.world.motion_reward"),
+     "engine.world.training", "engine.world.motion_reward", "engine.world.motion_stages"),
     ("engine",),  # engine/__init__.py: the public names, imported lazily by name
 ]
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80

@@ -11,7 +11,7 @@ import torch
 
 from engine import world
 from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_ARCH, REWARD_FILE
-from engine.world.build import world_words
+from engine.world.scene import world_words
 from engine.rewards.motion import MotionReward
 from engine.world.figures import QUALITY_GAP
 from engine.world.motion_reward import (JITTER_GAP, MOTION_FAULTS, ShakenClip, generation_pairs, motion_pairs,

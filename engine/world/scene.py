@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -220,3 +221,13 @@ def finetune_split(train_count: int, held_out_count: int, seed: int) -> tuple[li
     held_out = [mixed_quality(rng, effect[i % len(effect)]) for i in range(held_out_count)]
     train = [mixed_quality(rng, rng.choice(train_captions)) for _ in range(train_count)]
     return train, held_out
+
+
+def world_words() -> list[str]:
+    """Every word and punctuation mark the world's captions use (both templates)."""
+    rng = random.Random(0)
+    words: set[str] = set()
+    for _ in range(3000):
+        clip = random_clip(rng, template=rng.choice("AB"))
+        words.update(re.findall(r"[a-z]+|[^\sa-z]", clip.caption))
+    return sorted(words)
