@@ -16,7 +16,7 @@ from engine.assets import MOTION_REWARD_FILE
 from engine.errors import UserError
 from engine.world.figures import from_noise
 from engine.world.gold import mean_metrics
-from engine.world.reward_stages import cached, onpolicy_models
+from engine.world.reward_stages import cached, next_round, onpolicy_models
 from engine.world.scene import evaluation_set, world_words
 
 
@@ -102,12 +102,8 @@ def stage_motion_onpolicy(build, steps: int, restart: bool) -> dict:
     from engine.world.motion_reward import generation_accuracy, train_motion_reward
 
     root = build.work / "motion-onpolicy"
-    done = sorted(root.glob("round-*/figures.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    done, work = next_round(root, restart)
     round_ = len(done) + 1
-    work = root / f"round-{round_}"
-    if restart and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
     reward_file = build.output / MOTION_REWARD_FILE.name
     if not reward_file.exists():
         raise UserError(f"{reward_file} is missing; run the motion-reward stage first (same --output)")

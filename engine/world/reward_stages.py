@@ -119,11 +119,7 @@ def stage_onpolicy(build, steps: int, restart: bool, slope_weight: float = SLOPE
     from engine.models import load_model
 
     root = build.work / "onpolicy"
-    done = sorted(root.glob("round-*/figures.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    work = root / f"round-{len(done) + 1}"
-    if restart and work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    done, work = next_round(root, restart)
     reward_file = build.output / REWARD_FILE.name
     if not reward_file.exists():
         raise UserError(f"{reward_file} is missing; run the reward stage first (same --output)")
@@ -144,6 +140,17 @@ def stage_onpolicy(build, steps: int, restart: bool, slope_weight: float = SLOPE
                "earlier_rounds": [json.loads(f.read_text()) for f in done]}
     (work / "figures.json").write_text(json.dumps({k: v for k, v in figures.items() if k != "earlier_rounds"}))
     return figures
+
+
+def next_round(root: Path, restart: bool) -> tuple[list[Path], Path]:
+    """The rounds finished under ``root`` (their ``figures.json``, in order) and the folder of the next one
+    (``round-N``, emptied first with ``restart``; a stopped round continues there)."""
+    done = sorted(root.glob("round-*/figures.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    work = root / f"round-{len(done) + 1}"
+    if restart and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return done, work
 
 
 def cached(path: Path, compute):
