@@ -14,8 +14,8 @@ from engine.assets import ASSETS, MODEL_DIR, MOTION_REWARD_FILE, REWARD_ARCH, RE
 from engine.world.scene import world_words
 from engine.rewards.motion import MotionReward
 from engine.world.figures import QUALITY_GAP
-from engine.world.motion_reward import (JITTER_GAP, MOTION_FAULTS, ShakenClip, generation_pairs, located_clips,
-                                        motion_pairs, pair_accuracy, shake_accuracy, shake_pairs)
+from engine.world.motion_reward import (JITTER_GAP, MOTION_FAULTS, ShakenClip, generation_pairs, motion_pairs,
+                                        pair_accuracy, shake_accuracy, shake_pairs)
 from engine.world.training import BACKGROUND_FAULTS, background_fault
 
 
@@ -142,7 +142,7 @@ def test_built_in_reward_loads_through_hpsv2_and_prefers_clean_faithful_frames()
     assert wins / total > 0.85, (wins, total)
 
 
-def test_a_motion_reward_saves_its_scale_and_architecture_and_an_older_one_is_refused(tmp_path):
+def test_a_motion_reward_saves_its_scale_and_one_without_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     from engine.errors import UserError
@@ -150,31 +150,9 @@ def test_a_motion_reward_saves_its_scale_and_architecture_and_an_older_one_is_re
     reward = MotionReward(["red", "left"], width=8, scale=2.5)
     reward.save(tmp_path / "m.safetensors")
     assert MotionReward.from_file(tmp_path / "m.safetensors").scale == 2.5
-    save_file(reward.state_dict(), str(tmp_path / "old.safetensors"),
-              metadata={"vocabulary": '["red", "left"]', "width": "8", "scale": "2.5"})  # no architecture: a pooled one
-    with pytest.raises(UserError, match="before it read object paths"):
+    save_file(reward.state_dict(), str(tmp_path / "old.safetensors"), metadata={"vocabulary": '["red", "left"]', "width": "8"})
+    with pytest.raises(UserError, match="no scale"):
         MotionReward.from_file(tmp_path / "old.safetensors")
-
-
-def test_the_motion_reward_counts_shake_relative_to_the_path_s_own_speed(monkeypatch):
-    """A path shrunk towards a fixed point (what the background read as a little object does to a centre of mass)
-    shakes half as much in pixels; the reward's shake penalty, relative to the path's speed, stays (velocity term
-    off here)."""
-    reward = MotionReward(["left"], width=4)
-    with torch.no_grad():
-        reward.velocity.weight[:] = torch.tensor([[-2.0, 0.0]])
-        reward.costs[:] = torch.tensor([-30.0, 0.0])
-
-    def score(path):
-        monkeypatch.setattr(reward, "paths", lambda clips: path[None])
-        return reward.logits(torch.zeros(1, world.FRAMES, 3, 32, 32), ["left"]).item()
-
-    t = torch.arange(float(world.FRAMES))
-    steady = torch.stack([20 - 2 * t, torch.full_like(t, 16.0)], 1)
-    shaky = steady + torch.stack([torch.zeros_like(t), 0.3 * (-1) ** t], 1)
-    shrink = lambda path: 16 + 0.5 * (path - 16)  # noqa: E731
-    penalty, shrunk_penalty = score(steady) - score(shaky), score(shrink(steady)) - score(shrink(shaky))
-    assert penalty > 0 and shrunk_penalty > 0.75 * penalty, (penalty, shrunk_penalty)
 
 
 def test_built_in_motion_reward_loads_and_prefers_clips_that_move_as_captioned():
@@ -191,14 +169,6 @@ def test_built_in_motion_reward_loads_and_prefers_clips_that_move_as_captioned()
     frames = world.render(clips(1, seed=3)[0])[None].requires_grad_()
     reward(frames, ["a red circle moving left on a black background"]).sum().backward()
     assert (frames.grad.abs().sum(dim=(2, 3, 4)) > 0).all()
-    # what it reads: the object's path, each step to a fraction of a pixel (the base model's generations shake by
-    # 0.1-0.8 px of gold jitter), and the velocity each caption asks for (2 px a frame)
-    captions, located, centres, velocities = located_clips(random.Random(12347), 48)
-    with torch.no_grad():
-        paths = reward.paths(located)
-        assert (paths - centres).norm(dim=-1).mean() < 0.3
-        assert (paths.diff(dim=1) - centres.diff(dim=1)).norm(dim=-1).mean() < 0.25
-        assert (reward.caption_velocity(captions) - velocities).norm(dim=-1).max() < 0.1
 
 
 def test_a_shaken_clip_keeps_its_appearance_and_its_gold_jitter_grows_with_the_shake():

@@ -14,7 +14,7 @@ Where a reward needs two files, PATH is ``FIRST;SECOND`` (quote it in a shell) o
 | hpsv2        | HPS_v2_compressed.pt or HPS_v2.1_compressed.pt[;ARCH] (ARCH: open_clip name, default ViT-H-14 or the file's 'architecture'); `world`: the built-in reward | cosine(image, text), ~0.25-0.30 |
 | pickscore    | MODEL_DIR[;PROCESSOR_DIR]: transformers CLIPModel folder (PickScore_v1) and, when that folder has no tokenizer files, the processor folder (CLIP-ViT-H-14-laion2B-s32B-b79K) | logit_scale * cosine, ~18-23 |
 | aesthetic    | CLIP_FILE;HEAD_FILE or a folder with both: OpenAI CLIP ViT-L/14 (``ViT-L-14.pt`` from the ``clip`` package, a TorchScript archive, or an open_clip state dict such as ``open_clip_model.safetensors``) and the LAION head ``sac+logos+ava1-l14-linearMSE.pth`` | aesthetic rating, ~4-7 of 10 |
-| motion       | a motion reward's safetensors file; `world`: the built-in one (video-level: whole clips) | a bias less the object path's deviation from the caption's velocity and its shake, over the file's scale (the built-in's: the image reward's spread); ~-0.19 on the base model's generations |
+| motion       | a motion reward's safetensors file; `world`: the built-in one (video-level: whole clips) | logit that the clip moves as captioned, smoothly, over the file's scale (the built-in's: the image reward's spread); ~0.14 on the base model's generations |
 | videoalign   | VideoAlign's VideoReward folder[:vq|mq|ta|overall] (video-level: whole clips) | each score less the checkpoint's mean, over its deviation (VQ, MQ, TA); overall their sum |
 
 Scores on different scales can be combined with weights, e.g. ``hpsv2:A@1.0,pickscore:B@0.01``; the trainer's

@@ -142,7 +142,7 @@ def new_scheduler():
 # ---------------------------------------------------------------------------------- the stages
 STAGES = ("vae", "text-encoder", "unet", "motion", "reward", "onpolicy", "motion-reward", "motion-onpolicy")
 STEPS = {"vae": 5000, "text-encoder": 600, "unet": 7000, "motion": 1600, "reward": 1000, "onpolicy": 1000,
-         "motion-reward": 400, "motion-onpolicy": 400}
+         "motion-reward": 1500, "motion-onpolicy": 1500}
 
 
 @dataclass(frozen=True)

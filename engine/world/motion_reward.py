@@ -4,8 +4,7 @@ broken (``MOTION_FAULTS``): jittered along its path, frozen in one place, moving
 and, so that the reward grades the sub-pixel shake the base model's generations have (gold jitter 0.1 - 0.8 px,
 where the world's jitter degradation is about 6 px), the same clip shaking less against shaking more
 (``ShakenClip``). The caption stays the clip's own, so only motion separates the two; the image reward, which sees
-one frame at a time, cannot tell them apart. The reward's locator learns the object's centre in each frame of
-random renders, and its caption words the velocity each caption asks for (``located_clips``). Its on-policy rounds (``engine.world.build motion-onpolicy``) add what
+one frame at a time, cannot tell them apart. Its on-policy rounds (``engine.world.build motion-onpolicy``) add what
 fine-tuning against it produced, ordered against the base model's generations by the gold metrics
 (``generation_pairs``)."""
 
@@ -21,9 +20,8 @@ import torch.nn.functional as F
 
 from engine.rewards.motion import MotionReward
 from engine.world.figures import QUALITY_GAP
-from engine.world.gold import centre_of_mass_offset
 from engine.world.rendering import render
-from engine.world.scene import (FRAMES, MOTIONS, SPEED, Clip, opposite_motion, perpendicular_motion, random_clip,
+from engine.world.scene import (FRAMES, Clip, opposite_motion, perpendicular_motion, random_clip,
                                 start_position)
 
 MOTION_FAULTS = ("jitter", "frozen", "reversed", "sideways")
@@ -92,59 +90,38 @@ def appearance_clip(rng: random.Random, i: int, clips: list[Clip] | None) -> Cli
     return replace(clip, degradation=rng.choice(APPEARANCES), seed=rng.randrange(2 ** 31))
 
 
-def located_clips(rng: random.Random, count: int) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``count`` random clips, appearances mixed, half of them shaken by up to 1 px and a third with a background
-    off the caption's (``BACKGROUND_FAULTS``: what fine-tuning against the rewards turned backgrounds into): their
-    captions, frames [count, F, 3, H, W], object's centre of mass in each frame [count, F, 2] (what the reward's
-    locator learns to read) and the velocity their captions ask for [count, 2] (pixels per frame)."""
-    from engine.world.training import BACKGROUND_FAULTS, background_fault
-
-    clips = [ShakenClip.of(appearance_clip(rng, i, None), rng.uniform(*SHAKE_RANGE) * (i % 2)) for i in range(count)]
-    frames = [render(c) for c in clips]
-    for i in range(0, count, 3):
-        fault = rng.choice(BACKGROUND_FAULTS)
-        frames[i] = torch.stack([background_fault(frame, clips[i], fault, rng) for frame in frames[i]])
-    return ([c.caption for c in clips], torch.stack(frames),
-            torch.stack([c.trajectory() + centre_of_mass_offset(c.shape) for c in clips]),
-            SPEED * torch.tensor([MOTIONS[c.motion] for c in clips]))
-
-
 def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path, config: dict,
                         batch: int = 32, lr: float = 2e-3, generations: list | None = None) -> None:
-    """Each step: ``batch`` fresh located clips, the locator asked for their object's centres (pixels, Huber);
-    ``batch`` fresh fault pairs, the good clip asked to score above the broken one; and ``batch`` fresh shake
-    pairs, the steadier above the shakier (logistic, on the logits): no shake is called broken, the reward grades
-    it. With ``generations`` (caption, better video, worse video, why: ``generation_pairs``), also ``batch`` of
-    those, ranked the same way."""
+    """Each step: ``batch`` fresh fault pairs, the good clip asked for 1, the broken one for 0 and the good one
+    above the broken one; and ``batch`` fresh shake pairs, the steadier asked only to score above the shakier
+    (logistic, on the logits): no shake is called broken, the reward grades it. With ``generations`` (caption,
+    better video, worse video, why: ``generation_pairs``), also ``batch`` of those, ranked the same way."""
     from engine.world.stages import StageRun
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    # the words' velocities are pixels per frame (a motion word's is 2), 10x the size of the locator's weights
-    words = [reward.velocity.weight]
-    others = [p for p in reward.parameters() if p is not reward.velocity.weight]
-    optimizer = torch.optim.AdamW([{"params": others, "lr": lr}, {"params": words, "lr": 10 * lr}], weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [lr, 10 * lr], total_steps=max(steps, 1), pct_start=0.1)
+    optimizer = torch.optim.AdamW(reward.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
     run = StageRun("motion-reward", work, config, steps, {"reward": reward, "optimizer": optimizer,
                                                           "schedule": schedule, "rng": rng, "generator": generator})
     reward.train()
     for _ in run:
-        located_captions, located, centres, velocities = located_clips(rng, batch)
         captions, good, bad, _ = zip(*motion_pairs(rng, batch))
         shake_captions, steadier, shakier, _ = zip(*shake_pairs(rng, batch))
         clips, prompts = good + bad + steadier + shakier, list(captions) * 2 + list(shake_captions) * 2
         if generations:
             generation_captions, better, worse, _ = zip(*rng.choices(generations, k=batch))
             clips, prompts = clips + better + worse, prompts + list(generation_captions) * 2
-        ranked = reward.logits(torch.stack(clips), prompts).split(batch)
-        path_error = F.smooth_l1_loss(reward.paths(located), centres, beta=0.25)
-        velocity_error = F.smooth_l1_loss(reward.caption_velocity(list(located_captions)), velocities)
-        loss = path_error + velocity_error + sum(F.softplus(worse - better).mean() for better, worse in zip(ranked[::2], ranked[1::2]))
+        positive, negative, steady, shaky, *ranked = reward.logits(torch.stack(clips), prompts).split(batch)
+        loss = (F.softplus(-positive).mean() + F.softplus(negative).mean()
+                + F.softplus(negative - positive).mean() + F.softplus(shaky - steady).mean())
+        if generations:
+            loss = loss + F.softplus(ranked[1] - ranked[0]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        run.show(loss=loss.item(), path_error=path_error.item(), velocity_error=velocity_error.item(), accuracy=(ranked[0] > ranked[1]).float().mean().item())
+        run.show(loss=loss.item(), accuracy=(positive > negative).float().mean().item())
     reward.requires_grad_(False).eval()
 
 
