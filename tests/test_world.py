@@ -259,6 +259,15 @@ def test_every_build_stage_runs_at_smoke_size_and_writes_loadable_files_and_repo
     assert second["onpolicy_pairs"] == first["new_pairs"] + second["new_pairs"]
 
 
+def test_the_motion_reward_stage_refuses_an_output_without_the_base_model_before_it_trains(tmp_path):
+    """It scales the reward on the base model's generations: a folder without the model is refused in one line,
+    before minutes of training, and nothing is written."""
+    result = subprocess.run([sys.executable, "-m", "engine.world.build", "motion-reward", "--smoke", "--output",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "run the model's stages into the same --output first" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "work").exists()
+
+
 def test_the_world_preset_loads_the_folder_it_is_pointed_at_and_reverts(tmp_path):
     """The asset build fine-tunes the model it is building: ``world_model_at`` makes ``--model world`` load that
     folder meanwhile, and the shipped one after."""
