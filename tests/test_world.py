@@ -264,7 +264,8 @@ def test_the_motion_reward_stage_refuses_an_output_without_the_base_model_before
     before minutes of training, and nothing is written."""
     result = subprocess.run([sys.executable, "-m", "engine.world.build", "motion-reward", "--smoke", "--output",
                              str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "run the model's stages into the same --output first" in result.stderr, result.stderr
+    assert result.returncode == 2 and "lacks vae, text_encoder, tokenizer, unet; run the stages before this one first" \
+        in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "work").exists()
 
 

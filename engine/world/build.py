@@ -168,16 +168,20 @@ class Build:
             shutil.rmtree(folder)
         return folder
 
+    def require(self, *parts: str) -> None:
+        """Refuses, before any work, a ``--output`` whose model lacks ``parts`` that the stage reads."""
+        missing = [p for p in parts if not (self.model_dir / p).is_dir()]
+        if missing:
+            raise UserError(f"{self.model_dir} lacks {', '.join(missing)}; run the stages before this one first "
+                            f"(python -m engine.world.build {' / '.join(STAGES)}, same --output)")
+
     def load(self, *parts: str) -> dict:
         from diffusers import AutoencoderKL, UNet3DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         classes = {"vae": AutoencoderKL, "unet": UNet3DConditionModel, "text_encoder": CLIPTextModel,
                    "tokenizer": CLIPTokenizer}
-        missing = [p for p in parts if not (self.model_dir / p).is_dir()]
-        if missing:
-            raise UserError(f"{self.model_dir} lacks {', '.join(missing)}; run the stages before this one first "
-                            f"(python -m engine.world.build {' / '.join(STAGES)}, same --output)")
+        self.require(*parts)
         return {p: classes[p].from_pretrained(str(self.model_dir / p)) for p in parts}
 
 

@@ -33,9 +33,7 @@ def stage_motion_reward(build, steps: int, restart: bool) -> dict:
     direction and jitter."""
     from engine.world.motion_reward import train_motion_reward
 
-    if not build.model_dir.is_dir():  # before training: the reward is scaled on the base model's generations
-        raise UserError(f"{build.model_dir} does not exist; the motion reward is scaled on the base model's "
-                        "generations: run the model's stages into the same --output first")
+    build.require("vae", "text_encoder", "tokenizer", "unet")  # before training: it is scaled on their generations
     torch.manual_seed(build.seed + 5)
     reward = new_motion_reward()
     train_motion_reward(reward, steps, build.seed + 5, build.stage_work("motion-reward", restart),
