@@ -147,12 +147,35 @@ def test_a_motion_reward_saves_its_scale_and_one_without_is_refused(tmp_path):
 
     from engine.errors import UserError
 
-    reward = MotionReward(["red", "left"], width=8, scale=2.5)
+    reward = MotionReward(["red", "left"], scale=2.5)
     reward.save(tmp_path / "m.safetensors")
     assert MotionReward.from_file(tmp_path / "m.safetensors").scale == 2.5
-    save_file(reward.state_dict(), str(tmp_path / "old.safetensors"), metadata={"vocabulary": '["red", "left"]', "width": "8"})
-    with pytest.raises(UserError, match="no scale"):
+    save_file(reward.state_dict(), str(tmp_path / "old.safetensors"), metadata={"vocabulary": '["red", "left"]', "scale": "1.0"})
+    with pytest.raises(UserError, match="before it read translations"):
         MotionReward.from_file(tmp_path / "old.safetensors")
+
+
+def test_the_motion_rewards_displacement_error_is_the_shake_in_pixels_whatever_the_look():
+    """d_t measures how far each frame pair's translation misses the caption's velocity, in pixels: near 0 for the
+    clean motion, growing with the shake, about the same when the object is blurred or faded or the background's
+    shade moves (what fine-tuning changed to steady the object's measured centre against a path-reading reward),
+    and the full velocity, as if frozen, when nothing moves or nothing is visible."""
+    from engine.rewards.motion import displacement_errors
+    from engine.world.rendering import gaussian_blur
+
+    clips = [world.random_clip(random.Random(i), world.FINETUNE_SHAPES, world.FINETUNE_COLOURS) for i in range(16)]
+    velocity = torch.tensor([[world.SPEED * m for m in world.MOTIONS[c.motion]] for c in clips])
+
+    def error(frames):
+        return displacement_errors(frames, velocity).sqrt().mean().item()
+
+    clean = torch.stack([world.render(ShakenClip.of(c, 0.0)) for c in clips])
+    shaken = torch.stack([world.render(ShakenClip.of(c, 0.3)) for c in clips])
+    assert error(clean) < 0.2 < 0.4 < error(shaken) < 0.8  # shake 0.3 px a frame: pair steps 0.3 sqrt(2) per axis
+    assert error(torch.stack([world.render(ShakenClip.of(c, 1.0)) for c in clips])) > 2 * error(shaken)
+    for looks in (torch.stack([gaussian_blur(v, 1.3) for v in shaken]), 0.4 * shaken + 0.3, (shaken + 0.2).clamp(0, 1)):
+        assert abs(error(looks) - error(shaken)) < 0.2 * error(shaken)
+    assert error(clean[:, :1].expand_as(clean)) > 1.2 and error(torch.full_like(clean, 0.5)) == pytest.approx(world.SPEED)
 
 
 def test_built_in_motion_reward_loads_and_prefers_clips_that_move_as_captioned():

@@ -100,8 +100,10 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(reward.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=max(steps, 1), pct_start=0.1)
+    # the caption words' velocities (pixels per frame) grow from zero 10x faster than the calibration learns
+    words, others = [reward.velocity.weight], [p for p in reward.parameters() if p is not reward.velocity.weight]
+    optimizer = torch.optim.AdamW([{"params": others, "lr": lr}, {"params": words, "lr": 10 * lr}], weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [lr, 10 * lr], total_steps=max(steps, 1), pct_start=0.1)
     run = StageRun("motion-reward", work, config, steps, {"reward": reward, "optimizer": optimizer,
                                                           "schedule": schedule, "rng": rng, "generator": generator})
     reward.train()
