@@ -68,8 +68,8 @@ def save_motion_reward(build, reward, pairs: list, generations: tuple[list, list
     from engine.rewards import build_reward
     from engine.rewards.motion import MotionReward
     from engine.video_reward import SegmentalReward
-    from engine.world.motion_reward import (clip_scores, generation_agreement, motion_pairs, pair_accuracy,
-                                            shake_accuracy, shake_pairs)
+    from engine.world.motion_reward import (generation_agreement, motion_pairs, pair_accuracy, shake_accuracy,
+                                            shake_pairs)
 
     rows, videos = generations
     captions = [c.caption for c, _ in pairs]
