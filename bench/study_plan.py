@@ -56,10 +56,21 @@ VARIANTS = (
     # that recipe (the default job since) trained longer and dialled down: does it keep more than its one budget?
     Variant("tau-1.0-K-1-long", "over-optimisation", "tau 1.0 and K 1 (the default job), 4x longer",
             ("--tau", "1.0", "--grad-steps", "1"), budget=4.0, evaluations=4, scales=(0.25, 0.5, 0.75)),
-    # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them)
-    Variant("reward-motion", "reward", "the world motion reward alone", ("--reward", "motion:world")),
-    Variant("reward-mixed", "reward", "image reward + motion reward at 0.5", ("--reward", "hpsv2:world,motion:world@0.5")),
+    # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them), on the
+    # default job's recipe: each is judged against tau-1.0-K-1, the same recipe with the image reward alone
+    Variant("reward-motion", "reward", "the world motion reward alone (tau 1.0, K 1)",
+            ("--tau", "1.0", "--grad-steps", "1", "--reward", "motion:world")),
+    Variant("reward-mixed", "reward", "image reward + motion reward at 0.5 (tau 1.0, K 1)",
+            ("--tau", "1.0", "--grad-steps", "1", "--reward", "hpsv2:world,motion:world@0.5")),
 )
+
+
+def image_reward_alone(variant: Variant) -> Variant:
+    """The variant that differs from ``variant`` only in fine-tuning with the image reward alone (the default)."""
+    options = list(variant.options)
+    at = options.index("--reward")
+    del options[at:at + 2]
+    return next(v for v in VARIANTS if v.options == tuple(options))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.report import markdown_table
 from bench.study import (ROOT, RESULTS, assets_digest, evaluation_pairs, record_identity, record_path, run_config,
                          staleness)
-from bench.study_plan import CLAIMS, DEFAULT, STUDY_BASE, VARIANTS, Plan
+from bench.study_plan import CLAIMS, DEFAULT, STUDY_BASE, VARIANTS, Plan, image_reward_alone
 from engine.stats import hierarchical_bootstrap
 
 PLOTS = Path(__file__).parent / "world"
@@ -119,15 +119,16 @@ MOTION_METRICS = ("jitter", "direction_acc", "quality")  # what a motion reward 
 
 
 def motion_gains(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """Each variant fine-tuned with the motion reward minus the base recipe (the image reward alone), paired on
+    """Each variant fine-tuned with the motion reward minus the same recipe with the image reward alone, paired on
     the seeds both have, at one base recipe's compute: does the motion reward bring what the image reward does not?"""
     gains = {}
     for variant in VARIANTS:
         if not any("motion:" in o for o in variant.options) or not runs[variant.name]:
             continue
-        compared = {m: paired_difference(runs, variant.name, DEFAULT.name, m) for m in MOTION_METRICS}
+        against = image_reward_alone(variant).name
+        compared = {m: paired_difference(runs, variant.name, against, m) for m in MOTION_METRICS}
         if all(c is not None for c in compared.values()):
-            gains[variant.name] = {"seeds": len(compared["jitter"][0]),
+            gains[variant.name] = {"against": against, "seeds": len(compared["jitter"][0]),
                                    **{m: c[1].as_dict() for m, c in compared.items()}}
     return gains
 
@@ -251,12 +252,12 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
     if summary.get("motion_reward"):
-        rows = [[variants[name]["label"], str(g["seeds"]), *[_format(g[m], METRICS[m][1]) for m in MOTION_METRICS]]
-                for name, g in summary["motion_reward"].items()]
+        rows = [[variants[name]["label"], variants[g["against"]]["label"], str(g["seeds"]),
+                 *[_format(g[m], METRICS[m][1]) for m in MOTION_METRICS]] for name, g in summary["motion_reward"].items()]
         lines.append("**What the motion reward adds to the image reward** (from noise, at the base recipe's compute, "
-                     "each variant minus the base recipe, which fine-tunes with the image reward alone; paired on the "
-                     "same seeds and clips; jitter lower is better)\n\n" + markdown_table(
-                         ["variant", "seeds", *[f"Δ {METRICS[m][0]}" for m in MOTION_METRICS]], rows))
+                     "each variant minus the same recipe fine-tuned with the image reward alone; paired on the same "
+                     "seeds and clips; jitter lower is better)\n\n" + markdown_table(
+                         ["variant", "against", "seeds", *[f"Δ {METRICS[m][0]}" for m in MOTION_METRICS]], rows))
     if summary.get("recommendation"):
         lines.append(_render_recommendation(summary["recommendation"], variants))
     for name, over in summary.get("overoptimisation", {}).items():

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.rewards.motion import MotionReward
+from engine.rewards.motion import MotionReward, edge_energy
 from engine.world.figures import QUALITY_GAP
 from engine.world.rendering import render
-from engine.world.scene import (FRAMES, Clip, opposite_motion, perpendicular_motion, random_clip,
+from engine.world.scene import (FRAMES, Clip, caption_clips, opposite_motion, perpendicular_motion, random_clip,
                                 start_position)
 
 MOTION_FAULTS = ("jitter", "frozen", "reversed", "sideways")
@@ -100,8 +100,10 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
+    fit_reference_energy(reward, seed)
     # the caption words' velocities (pixels per frame) grow from zero 10x faster than the calibration learns
-    words, others = [reward.velocity.weight], [p for p in reward.parameters() if p is not reward.velocity.weight]
+    words = [reward.velocity.weight]
+    others = [p for p in reward.parameters() if p.requires_grad and p is not reward.velocity.weight]
     optimizer = torch.optim.AdamW([{"params": others, "lr": lr}, {"params": words, "lr": 10 * lr}], weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, [lr, 10 * lr], total_steps=max(steps, 1), pct_start=0.1)
     run = StageRun("motion-reward", work, config, steps, {"reward": reward, "optimizer": optimizer,
@@ -125,6 +127,36 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
         schedule.step()
         run.show(loss=loss.item(), accuracy=(positive > negative).float().mean().item())
     reward.requires_grad_(False).eval()
+
+
+SUBPIXEL = (0.0, 0.25, 0.5, 0.75)  # offsets of a clean render whose edge energies average to a caption's
+
+
+def caption_energy(clip: Clip) -> torch.Tensor:
+    """The edge energy of ``clip`` rendered clean, averaged over frames and sub-pixel positions (where the object's
+    edges fall between pixels changes it by up to half)."""
+    x, y = clip.start
+    frames = [render(replace(clip, degradation=None, start=(x + dx, y + dy))) for dx in SUBPIXEL for dy in SUBPIXEL]
+    return edge_energy(torch.stack(frames)).mean()
+
+
+def clean_energies() -> tuple[list[str], torch.Tensor]:
+    """Every caption the world writes and its clean edge energy (``caption_energy``): what the motion reward's cap on
+    edge energy predicts."""
+    captions = caption_clips()
+    return list(captions), torch.stack([caption_energy(clip) for clip in captions.values()])
+
+
+def fit_reference_energy(reward: MotionReward, seed: int) -> None:
+    """Fit the reward's cap on edge energy (``MotionReward.fit_reference``) to every caption's clean render."""
+    reward.fit_reference(*clean_energies(), seed=seed)
+
+
+def reference_error(reward: MotionReward) -> float:
+    """The largest relative error of the reward's predicted edge energy over every caption's clean render."""
+    captions, energy = clean_energies()
+    with torch.no_grad():
+        return (reward.predicted_energy(captions) / energy - 1).abs().max().item()
 
 
 def pair_accuracy(reward: MotionReward, pairs) -> dict[str, float]:

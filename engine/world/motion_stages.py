@@ -68,8 +68,8 @@ def save_motion_reward(build, reward, pairs: list, generations: tuple[list, list
     from engine.rewards import build_reward
     from engine.rewards.motion import MotionReward
     from engine.video_reward import SegmentalReward
-    from engine.world.motion_reward import (generation_agreement, motion_pairs, pair_accuracy, shake_accuracy,
-                                            shake_pairs)
+    from engine.world.motion_reward import (generation_agreement, motion_pairs, pair_accuracy, reference_error,
+                                            shake_accuracy, shake_pairs)
 
     rows, videos = generations
     captions = [c.caption for c, _ in pairs]
@@ -90,7 +90,8 @@ def save_motion_reward(build, reward, pairs: list, generations: tuple[list, list
     validation = [clip for clip, _ in evaluation_set("reward_validation", 2)][:build.count(256)]
     held_out = motion_pairs(random.Random(build.seed + 50), len(validation), validation)
     shaken = shake_pairs(random.Random(build.seed + 51), len(validation), validation)
-    return {"scale": reward.scale, "render_pairs": pair_accuracy(reward, held_out), "shake_pairs": shake_accuracy(reward, shaken),
+    return {"scale": reward.scale, "reference_energy_largest_error": reference_error(reward),
+            "render_pairs": pair_accuracy(reward, held_out), "shake_pairs": shake_accuracy(reward, shaken),
             "base_model_generations": generation_agreement(reward, rows, videos, captions)}
 
 
