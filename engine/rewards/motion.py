@@ -6,8 +6,9 @@ energy E_t = sum_k |X|^2 |k|^2 (the mean over the pair) is a displacement error:
 
     d_t^2 = (2 R_t + eps u.u) / (min(E_t, E_ref) + eps)
 
-which for a small error delta is |delta|^2 whatever the object's size, blur or contrast, and for a clip in which
-nothing visible moves is u.u, as if frozen. score = (b - w mean_t sqrt(d_t^2 + rho^2)) / scale.
+which for a small error delta is |delta|^2 whatever the object's size, blur or contrast as long as E_t stays under
+the cap (a clip with more edge energy than the caption's clean render reads (E_t / E_ref) |delta|^2), and for a clip
+in which nothing visible moves is u.u, as if frozen. score = (b - w mean_t sqrt(d_t^2 + rho^2)) / scale.
 
 It reads where the whole picture moves rather than a feature of it: an object frozen, jittered, drifting the wrong way
 or static clutter leaves a residual, while brightening or darkening the background changes only the mean, and
@@ -125,12 +126,13 @@ class MotionReward(ClipReward):
             for p in parameters:
                 p.copy_(0.1 * torch.randn(p.shape, generator=generator)).requires_grad_(True)
         optimizer = torch.optim.Adam(parameters, lr=0.03)
-        target = energy.detach().float().log()
+        target = energy.detach().float().log().to(parameters[0].device)
         for _ in range(steps):
             loss = (self.predicted_energy(prompts).log() - target).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         for p in parameters:
             p.requires_grad_(False)
         self.has_reference.fill_(True)

@@ -10,6 +10,7 @@ fine-tuning against it produced, ordered against the base model's generations by
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, fields, replace
@@ -91,16 +92,18 @@ def appearance_clip(rng: random.Random, i: int, clips: list[Clip] | None) -> Cli
 
 
 def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path, config: dict,
-                        batch: int = 32, lr: float = 2e-3, generations: list | None = None) -> None:
+                        batch: int = 32, lr: float = 2e-3, generations: list | None = None,
+                        reference_steps: int = 3000) -> None:
     """Each step: ``batch`` fresh fault pairs, the good clip asked for 1, the broken one for 0 and the good one
     above the broken one; and ``batch`` fresh shake pairs, the steadier asked only to score above the shakier
     (logistic, on the logits): no shake is called broken, the reward grades it. With ``generations`` (caption,
-    better video, worse video, why: ``generation_pairs``), also ``batch`` of those, ranked the same way."""
+    better video, worse video, why: ``generation_pairs``), also ``batch`` of those, ranked the same way. First its
+    cap on edge energy is fitted (``fit_reference_energy``, ``reference_steps``) and frozen."""
     from engine.world.stages import StageRun
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    fit_reference_energy(reward, seed)
+    fit_reference_energy(reward, seed, reference_steps)
     # the caption words' velocities (pixels per frame) grow from zero 10x faster than the calibration learns
     words = [reward.velocity.weight]
     others = [p for p in reward.parameters() if p.requires_grad and p is not reward.velocity.weight]
@@ -140,6 +143,7 @@ def caption_energy(clip: Clip) -> torch.Tensor:
     return edge_energy(torch.stack(frames)).mean()
 
 
+@functools.cache  # 9,216 renders; the motion reward's fit and its report both read them
 def clean_energies() -> tuple[list[str], torch.Tensor]:
     """Every caption the world writes and its clean edge energy (``caption_energy``): what the motion reward's cap on
     edge energy predicts."""
@@ -147,9 +151,9 @@ def clean_energies() -> tuple[list[str], torch.Tensor]:
     return list(captions), torch.stack([caption_energy(clip) for clip in captions.values()])
 
 
-def fit_reference_energy(reward: MotionReward, seed: int) -> None:
+def fit_reference_energy(reward: MotionReward, seed: int, steps: int = 3000) -> None:
     """Fit the reward's cap on edge energy (``MotionReward.fit_reference``) to every caption's clean render."""
-    reward.fit_reference(*clean_energies(), seed=seed)
+    reward.fit_reference(*clean_energies(), steps=steps, seed=seed)
 
 
 def reference_error(reward: MotionReward) -> float:

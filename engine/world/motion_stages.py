@@ -37,7 +37,7 @@ def stage_motion_reward(build, steps: int, restart: bool) -> dict:
     torch.manual_seed(build.seed + 5)
     reward = new_motion_reward()
     train_motion_reward(reward, steps, build.seed + 5, build.stage_work("motion-reward", restart),
-                        {"seed": build.seed, "steps": steps})
+                        {"seed": build.seed, "steps": steps}, reference_steps=build.count(3000))
     if (build.work / "motion-onpolicy").exists():  # its rounds refined the reward this stage has just replaced
         shutil.rmtree(build.work / "motion-onpolicy")
     pairs = motion_validation(build)
@@ -144,7 +144,7 @@ def stage_motion_onpolicy(build, steps: int, restart: bool) -> dict:
     torch.manual_seed(build.seed + 5)
     reward = new_motion_reward()
     train_motion_reward(reward, steps, build.seed + 5, work / "reward", {"seed": build.seed, "steps": steps, "round": round_},
-                        generations=earlier + found)
+                        generations=earlier + found, reference_steps=build.count(3000))
     figures = save_motion_reward(build, reward, validation, base_validation)
     figures = {"round": round_, "loras": loras, "new_pairs": len(found), "onpolicy_pairs": len(earlier) + len(found),
                "held_out_fine_tuned_generations": {"before": before, "after": generation_accuracy(
