@@ -98,12 +98,12 @@ def train_motion_reward(reward: MotionReward, steps: int, seed: int, work: Path,
     above the broken one; and ``batch`` fresh shake pairs, the steadier asked only to score above the shakier
     (logistic, on the logits): no shake is called broken, the reward grades it. With ``generations`` (caption,
     better video, worse video, why: ``generation_pairs``), also ``batch`` of those, ranked the same way. First its
-    cap on edge energy is fitted (``fit_reference_energy``, ``reference_steps``) and frozen."""
+    cap on edge energy is fitted to every caption's clean render (``reference_steps``) and frozen."""
     from engine.world.stages import StageRun
 
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    fit_reference_energy(reward, seed, reference_steps)
+    reward.fit_reference(*clean_energies(), steps=reference_steps, seed=seed)
     # the caption words' velocities (pixels per frame) grow from zero 10x faster than the calibration learns
     words = [reward.velocity.weight]
     others = [p for p in reward.parameters() if p.requires_grad and p is not reward.velocity.weight]
@@ -149,11 +149,6 @@ def clean_energies() -> tuple[list[str], torch.Tensor]:
     edge energy predicts."""
     captions = caption_clips()
     return list(captions), torch.stack([caption_energy(clip) for clip in captions.values()])
-
-
-def fit_reference_energy(reward: MotionReward, seed: int, steps: int = 3000) -> None:
-    """Fit the reward's cap on edge energy (``MotionReward.fit_reference``) to every caption's clean render."""
-    reward.fit_reference(*clean_energies(), steps=steps, seed=seed)
 
 
 def reference_error(reward: MotionReward) -> float:
