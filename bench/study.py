@@ -349,7 +349,8 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
     record or by its run again; a function since removed counts where the old record ran it too). A variant with
     such a verified seed already gets the stamping alone. Otherwise its records stay stale, and the first
     difference is said. Records stale for any other reason (options, plan, assets, configuration) are left to
-    ``run_study``. Returns one line per variant."""
+    ``run_study``. The seed run again is claimed (``claim``), so that two workers given the same variants share
+    them. Returns one line per variant."""
     (load, write, measure), lines = _runner(plan, folder), []
     for variant in variants:
         loaded = [(seed, *load(variant, seed)) for seed in range(plan.seeds)]
@@ -365,13 +366,23 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
             others = stale
         else:
             seed, identity, path, record = stale[0]
-            measured, ran = measure(variant, seed)
-            difference = _first_difference(_results(record), _results(_float32_digits(measured)))
-            if difference:
-                lines.append(f"{variant.name}: seed {seed} computes something else now ({difference}); its "
-                             f"{len(stale)} stale record(s) stay stale for --part study to run again")
+            if not claim(path):
+                lines.append(f"{variant.name}: left to the process verifying it")
                 continue
-            write(path, identity, {**measured, "verified_code": record["code"]}, ran)
+            if load(variant, seed)[3] is None:  # verified by another process since it was loaded
+                release(path)
+                lines.append(f"{variant.name}: verified by another process")
+                continue
+            try:
+                measured, ran = measure(variant, seed)
+                difference = _first_difference(_results(record), _results(_float32_digits(measured)))
+                if difference:
+                    lines.append(f"{variant.name}: seed {seed} computes something else now ({difference}); its "
+                                 f"{len(stale)} stale record(s) stay stale for --part study to run again")
+                    continue
+                write(path, identity, {**measured, "verified_code": record["code"]}, ran)
+            finally:
+                release(path)
             reference, others = json.loads(path.read_text()), stale[1:]
         covered = set(reference["verified_code"]) | set(reference["code"])
         stamped = 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
     parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
     parser.add_argument("--grad-steps", help="Table 1: the fine-tunes' --grad-steps (default: the default job's)")
+    parser.add_argument("--reward", help="Table 1: the fine-tunes' --reward (default: the default job's)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="Table 1: score the fine-tunes with their LoRA "
                         "at this strength (as `engine.sample --lora-scale`)")
     parser.add_argument("--work", help="keep the fine-tunes here and reuse the finished ones (default: a temporary folder)")
@@ -163,20 +165,24 @@ def main(argv: list[str] | None = None) -> None:
                              "python -m bench.world_study --report and commit the result")
         print("study report " + ("matches its records" if args.check else f"written: {', '.join(changed)}"))
         return
-    RECIPE[:] = ["--steps", str(args.steps)] * bool(args.steps) + ["--grad-steps", args.grad_steps] * bool(args.grad_steps)
+    RECIPE[:] = (["--steps", str(args.steps)] * bool(args.steps) + ["--grad-steps", args.grad_steps] * bool(args.grad_steps)
+                 + ["--reward", args.reward] * bool(args.reward))
     torch.set_num_threads(torch.get_num_threads())
     command = (f"python -m bench.world_study --part {{}} --seeds {args.seeds} --samples-per-prompt "
                f"{args.samples_per_prompt}" + (f" --steps {args.steps}" if args.steps else "")
                + (f" --grad-steps {args.grad_steps}" if args.grad_steps else "")
-               + (f" --lora-scale {args.lora_scale:g}" if args.lora_scale != 1.0 else ""))
+               + (f" --lora-scale {args.lora_scale:g}" if args.lora_scale != 1.0 else "")
+               + (f" --reward {args.reward}" if args.reward else ""))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         if args.part in ("all", "table1"):
             # a recipe other than the default job's gets a section and figures of its own, beside Table 1
             changed = ([f"K {args.grad_steps}"] * bool(args.grad_steps) + [f"{args.steps} steps"] * bool(args.steps)
-                       + [f"LoRA strength {args.lora_scale:g}"] * (args.lora_scale != 1.0))
+                       + [f"LoRA strength {args.lora_scale:g}"] * (args.lora_scale != 1.0)
+                       + [f"reward {args.reward}"] * bool(args.reward))
             suffix = (f"_K{args.grad_steps}" * bool(args.grad_steps) + f"_steps{args.steps}" * bool(args.steps)
-                      + f"_scale{args.lora_scale:g}" * (args.lora_scale != 1.0))
+                      + f"_scale{args.lora_scale:g}" * (args.lora_scale != 1.0)
+                      + ("_reward-" + re.sub(r"[^A-Za-z0-9.@]+", "-", args.reward).strip("-")) * bool(args.reward))
             body = table1(args.seeds, args.samples_per_prompt, work, args.lora_scale, suffix)
             update_section(RESULTS, "world: Table 1" + (f" ({', '.join(changed)})" if changed else ""),
                            f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import yaml
 
 from engine import assets, world
 from engine.data import Source
@@ -25,14 +26,22 @@ from engine.models import VideoDiffusion, load_model, tiny_model
 from engine.rewards import register_reward
 from engine.world.gold_reward import GoldQualityReward
 
+PRESETS = Path(__file__).parent / "presets"
+
 
 class Builtin:
     """What a built-in name stands for; the subclasses below fill it in."""
 
     name: str
-    reward: str  # the reward spec a run uses when it names none
+    reward: str  # the reward spec a run scores with when it names none (its training options may train with another)
     size = (8, 32, 32)  # frames, height, width of its clips
-    train_options: dict[str, Any]  # its training preset (engine.config)
+
+    @property
+    def train_options(self) -> dict[str, Any]:
+        """Its training preset (between engine.config's defaults and a YAML file), ``engine/presets/NAME.yaml``:
+        data, not code, so that changing the default job changes the configuration a study record is keyed by
+        and none of the code it ran."""
+        return yaml.safe_load((PRESETS / f"{self.name}.yaml").read_text())
 
     def build(self, seed: int, device: str | torch.device) -> VideoDiffusion:
         raise NotImplementedError
@@ -59,15 +68,6 @@ class WorldPreset(Builtin):
     reward = "hpsv2:world"
     size = (world.FRAMES, world.SIZE, world.SIZE)
     prompts_per_set = 12
-    # The method study's best recipe (bench/RESULTS.md, "world: method study", variant tau-1.0-K-1): the whole
-    # chain from noise (D=20, tau=1.0, CFG 3) with gradient through its last step only, 37 steps at lr 1.5e-3: the
-    # compute of the study's base recipe (tau 0.6, 40 steps), which it beat in gold quality from noise, paired over
-    # five seeds, as it beat the whole chain with gradient through 6 steps at the same compute.
-    # No temporal offset noise: generation from noise never has it, and with it in the training chains not even
-    # the gold quality as the reward lifts generation from noise (README, default job).
-    train_options = dict(num_frames=8, height=32, width=32, batch_size=2, steps=37, tau=1.0, grad_steps="1", lr=1.5e-3,
-                         warmup_steps=5, memory_budget="2GiB", lora_rank=4, num_held_out=8, sample_steps=20,
-                         offset_noise=0.0)
     model_dir = assets.MODEL_DIR  # the shipped pipeline; the asset build points it at the one it is building
 
     def build(self, seed, device):
@@ -102,8 +102,6 @@ class WorldPreset(Builtin):
 class TinyPreset(Builtin):
     name = "tiny"
     reward = "colorfulness"
-    train_options = dict(num_frames=8, height=32, width=32, batch_size=2, steps=30, lr=2e-3, warmup_steps=3,
-                         lora_rank=4, num_held_out=2, sample_steps=20)
     prompts = [
         "a red ball bouncing on a lawn", "a blue car driving along a coast road", "a yellow bird flying over a lake",
         "an orange fish swimming in a reef", "a green frog jumping on lily pads", "a purple kite in a windy sky",

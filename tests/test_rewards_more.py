@@ -276,3 +276,11 @@ def test_pickscore_and_aesthetic_preprocess_as_their_authors(h, w, pickscore_dir
     with torch.no_grad():
         expected = head(F.normalize(tiny_l14.encode_image(aesthetic_input), dim=-1)).squeeze(-1)
     assert torch.allclose(aesthetic(images, ["", ""]), expected, rtol=1e-2, atol=1e-3)
+
+
+def test_a_reward_spec_is_labelled_by_its_names_and_weights():
+    """The reward curve's axis names what the run optimised: a mix with its weights, not its first reward."""
+    from engine.rewards.registry import reward_label
+
+    assert reward_label("hpsv2:world,motion:world@0.5") == "hpsv2 + 0.5 motion"
+    assert reward_label("hpsv2:/w/HPS_v2.1.pt@1.0") == "hpsv2" and reward_label("colorfulness@2") == "2 colorfulness"

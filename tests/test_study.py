@@ -2,6 +2,7 @@
 every setting and the assets, and a change to the code it ran makes it stale; the report of a small hand-made cache gives the table worked out by hand."""
 
 import json
+import socket
 
 import pytest
 
@@ -299,6 +300,12 @@ def test_verify_stamps_records_whose_code_changed_but_not_their_numbers(tmp_path
     line, = study.verify_study(plan, [variant], tmp_path)
     assert line.startswith("K-1: seed 0 computes something else now (evals[1].noise[0].quality: ")
     assert all(json.loads(p.read_text())["code"][key] == "0" * 16 for p in paths)
+    # a second worker leaves a variant whose seed another live process is verifying to it, running nothing
+    from engine.train.run_folder import _start_time
+    paths[0].with_suffix(".claim").write_text(json.dumps({"pid": 1, "start_time": _start_time(1),
+                                                          "host": socket.gethostname()}))
+    assert study.verify_study(plan, [variant], tmp_path) == ["K-1: left to the process verifying it"]
+    assert paths[0].with_suffix(".claim").exists()
     assert study.verify_study(plan, [Variant("S-1", "S", "S 1", ("--segments", "1"))], tmp_path) == [
         "S-1: no record stale by code alone"]
 
@@ -348,7 +355,6 @@ def test_workers_share_a_list_through_claims(tmp_path, capsys):
     """A record being run is claimed: another live process on this host leaves it, a claim whose process is gone
     is taken over, and one from another host is respected."""
     import json
-    import socket
     import subprocess
     import sys
 
@@ -368,11 +374,12 @@ def test_workers_share_a_list_through_claims(tmp_path, capsys):
 
 
 def test_the_default_job_is_the_recipe_the_study_chose():
-    """The study chose tau 1.0 with K 1 at its base recipe's compute (37 steps): ``python -m engine.train`` with no
-    options trains exactly that variant, and no other one."""
+    """The study chose tau 1.0 with K 1 and the motion reward mixed in at 0.5, at its base recipe's compute (35
+    steps): ``python -m engine.train`` with no options trains exactly that variant, and no other one."""
     from bench.study_report import default_job_runs
 
-    steps = {"tau-1.0-K-1": {"steps": 37}, "tau-1.0": {"steps": 29}, "default": {"steps": 40}, "K-1": {"steps": 56}}
-    assert default_job_runs("tau-1.0-K-1", steps)
-    assert not default_job_runs("tau-1.0-K-1", {"tau-1.0-K-1": {"steps": 29}})
-    assert not any(default_job_runs(name, steps) for name in ("tau-1.0", "default", "K-1"))
+    steps = {"reward-mixed": {"steps": 35}, "tau-1.0-K-1": {"steps": 37}, "reward-motion": {"steps": 36},
+             "default": {"steps": 40}}
+    assert default_job_runs("reward-mixed", steps)
+    assert not default_job_runs("reward-mixed", {"reward-mixed": {"steps": 37}})
+    assert not any(default_job_runs(name, steps) for name in ("tau-1.0-K-1", "reward-motion", "default"))

@@ -58,6 +58,17 @@ def build_reward(spec: str) -> Reward:
     return WeightedSum(parts)
 
 
+def reward_label(spec: str) -> str:
+    """A spec's rewards by name with their weights, for a plot's axis: ``hpsv2:A,motion:B@0.5`` -> ``hpsv2 + 0.5
+    motion``."""
+    terms = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        item, _, weight = item.partition("@")
+        name = item.partition(":")[0]
+        terms.append(f"{float(weight):g} {name}" if weight and float(weight) != 1.0 else name)
+    return " + ".join(terms)
+
+
 def reward_architecture(spec: str) -> Reward:
     """The reward a spec names, on the meta device, for counting what a run costs (``--dry-run``): HPSv2's
     architecture without reading its checkpoint (ViT-H-14, the spec's ``;ARCH``, or the built-in reward's for

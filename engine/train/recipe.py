@@ -36,6 +36,7 @@ from engine.memory import ChainMemory, checkpoint_blocks, denoiser_blocks
 from engine.models import CausalVideoDiffusion, VideoDiffusion
 from engine.regularize import EarlyStopping, base_model_edit, motion_magnitude, motion_penalty
 from engine.rewards import Reward, build_reward
+from engine.rewards.registry import reward_label
 from engine.runtime import NoGradPath, autocast, autocast_dtype, frozen_dtype, quiet_casts, resolve_device
 from engine.tracking import Tracker, gpu_stats
 from engine.train import checkpoint
@@ -379,7 +380,7 @@ class Trainer:
         after_latents = self.held_out.sample_latents() if self.runs_model else None
         if self.world.is_main:
             with disk_writes(self.output, "the reward curve, the sample videos and pictures"):
-                media.plot_rewards(self.records, self.output / REWARD_CURVE, title=f"reward ({cfg.reward.split(':')[0]})")
+                media.plot_rewards(self.records, self.output / REWARD_CURVE, title=f"reward ({reward_label(cfg.reward)})")
                 edits = [(self.latents.get(self.eval_sources, i), before, after)
                          for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
                 write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],

@@ -103,7 +103,7 @@ def slopes(pairs) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
 # editing (tau 0.6, 40 steps, the preset when the shipped reward was made), the whole chain from noise
 # (DRaFT-style), and both three times longer, where a reward is hacked first; gradient through the last 6 steps,
 # as the preset had then. Spelled out in full, so that the preset's later recipes (tau 1.0 with 29 steps, then with
-# K 1 and 37 steps) leave the build as it was.
+# K 1 and 37 steps, then with the motion reward mixed in) leave the build as it was.
 ONPOLICY_RECIPES = tuple({"tau": tau, "steps": steps, "grad_steps": 6} for tau, steps in
                          ((0.6, 40), (1.0, 40), (0.6, 120), (1.0, 120)))
 ONPOLICY_GAP = 1.0  # dB between a fine-tuned generation and the base model's of the same noise to make a pair
