@@ -88,7 +88,8 @@ setup(
     description="Fast InstructVideo reward fine-tuning of text-to-video diffusion models",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "csrc", "csrc.*"]),
     # the built-in world model and reward (python -m engine.world.build regenerates them)
-    package_data={"engine": ["presets/*.yaml", "assets/*.json", "assets/*.pt", "assets/world-t2v/*.json", "assets/world-t2v/*/*"]},
+    package_data={"engine": ["presets/*.yaml", "assets/*.json", "assets/*.pt", "assets/*.safetensors",
+                             "assets/world-t2v/*.json", "assets/world-t2v/*/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<=2.14.1",

@@ -293,11 +293,15 @@ def claim(path: Path) -> bool:
     holds it (it is said). A claim whose process is gone is taken over; one from another host is respected."""
     from engine.train.run_folder import _owner, _start_time
 
-    marker = path.with_suffix(".claim")
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+    marker, mine = path.with_suffix(".claim"), path.with_suffix(f".claim.{os.getpid()}")
+    mine.write_text(json.dumps(_owner()) + "\n")
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, marker)  # the marker appears whole: no worker ever reads it half written
+                return True
+            except FileExistsError:
+                pass
             try:
                 holder = json.loads(marker.read_text())
             except (OSError, ValueError):
@@ -309,11 +313,9 @@ def claim(path: Path) -> bool:
                       "left to it", flush=True)
                 return False
             marker.unlink(missing_ok=True)  # its process is gone (or the file unreadable): take it over
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(_owner()) + "\n")
-        return True
-    return False
+        return False
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def release(path: Path) -> None:
@@ -349,8 +351,8 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
     record or by its run again; a function since removed counts where the old record ran it too). A variant with
     such a verified seed already gets the stamping alone. Otherwise its records stay stale, and the first
     difference is said. Records stale for any other reason (options, plan, assets, configuration) are left to
-    ``run_study``. The seed run again is claimed (``claim``), so that two workers given the same variants share
-    them. Returns one line per variant."""
+    ``run_study``. Each record is claimed (``claim``) while it is run again or stamped, so that two workers given the
+    same variants share them. Returns one line per variant."""
     (load, write, measure), lines = _runner(plan, folder), []
     for variant in variants:
         loaded = [(seed, *load(variant, seed)) for seed in range(plan.seeds)]
@@ -365,15 +367,15 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
             seed, reference = verified[0]
             others = stale
         else:
-            seed, identity, path, record = stale[0]
+            seed, _, path, _ = stale[0]
             if not claim(path):
-                lines.append(f"{variant.name}: left to the process verifying it")
-                continue
-            if load(variant, seed)[3] is None:  # verified by another process since it was loaded
-                release(path)
-                lines.append(f"{variant.name}: verified by another process")
+                lines.append(f"{variant.name}: left to the process holding its claim")
                 continue
             try:
+                identity, path, record, why = load(variant, seed)  # as it is now that it is claimed
+                if why is None or not why.startswith("code:"):
+                    lines.append(f"{variant.name}: seed {seed} was run by another process meanwhile")
+                    continue
                 measured, ran = measure(variant, seed)
                 difference = _first_difference(_results(record), _results(_float32_digits(measured)))
                 if difference:
@@ -385,18 +387,26 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
                 release(path)
             reference, others = json.loads(path.read_text()), stale[1:]
         covered = set(reference["verified_code"]) | set(reference["code"])
-        stamped = 0
-        for _, _, other_path, other in others:
-            if not set(changed(other["code"])) <= covered:  # it ran changed code the verification did not
+        stamped = uncovered = 0
+        for other_seed, _, other_path, _ in others:
+            if not claim(other_path):
                 continue
-            # what it ran that still exists, and what the seed run again ran (the functions that replace removed ones)
-            own = {(str(ROOT / entry.rsplit(":", 1)[0]), entry.rsplit(":", 1)[1])
-                   for entry in [*other["code"], *reference["code"]] if (ROOT / entry.rsplit(":", 1)[0]).exists()}
-            _write_record(other_path, {**other, "code": current_code(own), "verified": f"by seed {seed} run again, "
-                                       f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"})
-            stamped += 1
-        left = len(others) - stamped
+            try:
+                other, why = load(variant, other_seed)[2:]  # as it is now that it is claimed
+                if why is None or not why.startswith("code:"):
+                    continue
+                if not set(changed(other["code"])) <= covered:  # it ran changed code the verification did not
+                    uncovered += 1
+                    continue
+                # what it ran that still exists, and what the seed run again ran (what replaces removed functions)
+                own = {(str(ROOT / entry.rsplit(":", 1)[0]), entry.rsplit(":", 1)[1])
+                       for entry in [*other["code"], *reference["code"]] if (ROOT / entry.rsplit(":", 1)[0]).exists()}
+                _write_record(other_path, {**other, "code": current_code(own), "verified": f"by seed {seed} run again, "
+                                           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"})
+                stamped += 1
+            finally:
+                release(other_path)
         lines.append(f"{variant.name}: seed {seed} run again gives the same numbers; {stamped} more record(s) now "
-                     "carry the current code" + (f" ({left} ran changed code it did not: --part study runs them "
-                                                  "again)" if left else ""))
+                     "carry the current code" + (f" ({uncovered} ran changed code it did not: --part study runs them "
+                                                  "again)" if uncovered else ""))
     return lines

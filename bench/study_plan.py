@@ -9,7 +9,7 @@ from dataclasses import dataclass
 DEFAULT_STEPS = 40  # the study's base recipe's steps: one budget is its training FLOPs
 # The default job as the study began (the world preset then): every variant is it with its own options changed.
 # Pinned here, so that the recipes the study chose becoming the default job (tau 1.0, then tau 1.0 with K 1, then
-# that with the motion reward mixed in; engine.builtin) leave every record current.
+# that with the motion reward mixed in; engine/presets/world.yaml) leave every record current.
 STUDY_BASE = ("--tau", "0.6", "--grad-steps", "6", "--reward", "hpsv2:world")
 
 
@@ -53,11 +53,11 @@ VARIANTS = (
     # the two single changes that gained most at the base recipe's compute, together: do their gains add up?
     Variant("tau-1.0-K-1", "combined", "tau 1.0 and K 1 (the two best single changes together)",
             ("--tau", "1.0", "--grad-steps", "1")),
-    # that recipe (the default job since) trained longer and dialled down: does it keep more than its one budget?
-    Variant("tau-1.0-K-1-long", "over-optimisation", "tau 1.0 and K 1 (the default job), 4x longer",
+    # that recipe (the default job from then until the motion reward joined it) trained longer and dialled down: does it keep more than its one budget?
+    Variant("tau-1.0-K-1-long", "over-optimisation", "tau 1.0 and K 1 (the default job until 2026-12-07), 4x longer",
             ("--tau", "1.0", "--grad-steps", "1"), budget=4.0, evaluations=4, scales=(0.25, 0.5, 0.75)),
     # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them), on the
-    # default job's recipe: each is judged against tau-1.0-K-1, the same recipe with the image reward alone
+    # recipe the default job had then: each is judged against tau-1.0-K-1, the same recipe with the image reward alone
     Variant("reward-motion", "reward", "the world motion reward alone (tau 1.0, K 1)",
             ("--tau", "1.0", "--grad-steps", "1", "--reward", "motion:world")),
     Variant("reward-mixed", "reward", "image reward + motion reward at 0.5 (tau 1.0, K 1)",
@@ -66,7 +66,7 @@ VARIANTS = (
 
 
 def image_reward_alone(variant: Variant) -> Variant:
-    """The variant that differs from ``variant`` only in fine-tuning with the image reward alone (the default)."""
+    """The variant that differs from ``variant`` only in fine-tuning with the image reward alone (as ``STUDY_BASE`` does)."""
     options = list(variant.options)
     at = options.index("--reward")
     del options[at:at + 2]

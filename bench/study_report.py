@@ -281,7 +281,7 @@ def _render_recommendation(choice: dict, variants: dict) -> str:
         return head + ": the base recipe stays the default job."
     difference = _format(choice["versus_default"], 2)
     if choice["adopt"]:
-        adopted = ("the default job runs it (`engine.builtin`'s world preset)" if default_job_runs(choice["recipe"], variants)
+        adopted = ("the default job runs it (`engine/presets/world.yaml`)" if default_job_runs(choice["recipe"], variants)
                    else "the default job's recipe should become it")
         return head + f", {difference} dB over the base recipe (paired): {adopted}."
     return head + (f", {difference} dB over the base recipe (paired; picked as the best of several, so this "

@@ -36,7 +36,7 @@ PLOTS = Path(__file__).parent / "world"
 METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3),
            "shape_acc": ("shape right", 3), "motion": ("speed (px/frame)", 2), "jitter": ("jitter (px)", 2),
            "direction_acc": ("direction right", 3)}
-RECIPE: list[str] = []  # --steps N / --grad-steps K for every fine-tune, when given
+RECIPE: list[str] = []  # --steps N / --grad-steps K / --reward SPEC for every fine-tune, when given
 
 
 def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
@@ -109,7 +109,7 @@ def table1(seeds: int, samples: int, work: Path, scale: float = 1.0, suffix: str
     recipe = resolve_config(["--model", "world", *RECIPE])
     strength = "" if scale == 1.0 else f", the LoRA applied at strength {scale:g} (`--lora-scale`)"
     job = f"the default job with `{' '.join(RECIPE)}`" if RECIPE else "the default job"
-    return (f"{seeds} fine-tuning seeds ({job}: tau {recipe.tau}, K {recipe.grad_steps}, {recipe.steps} steps{strength}; `--seed "
+    return (f"{seeds} fine-tuning seeds ({job}: tau {recipe.tau}, K {recipe.grad_steps}, {recipe.steps} steps, reward `{recipe.reward}`{strength}; `--seed "
             f"0..{seeds - 1}`), each scored on the same initial "
             "noise as the base model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the "
             "hierarchical bootstrap (seeds, then clips within a seed).\n\n" + "\n\n".join(sections))

@@ -1,7 +1,7 @@
 """The built-in presets, ``--model world`` and ``--model tiny``: the one place that knows them.
 
 Every command asks here what a built-in name means: how to build its model, its default reward, its clip size,
-its training options (the preset between the config's defaults and a YAML file), its fine-tuning sources, its
+its training options (``engine/presets/NAME.yaml``: between the config's defaults and a YAML file), its fine-tuning sources, its
 evaluation prompt sets and, for the world, the clips behind its captions, from which the gold metrics are read.
 
 - ``world``: the project's own text-to-video model and preference reward, trained on the procedural world
@@ -33,7 +33,7 @@ class Builtin:
     """What a built-in name stands for; the subclasses below fill it in."""
 
     name: str
-    reward: str  # the reward spec a run scores with when it names none (its training options may train with another)
+    reward: str  # the reward spec a run scores with when it names none; it trains with it unless its preset names another
     size = (8, 32, 32)  # frames, height, width of its clips
 
     @property

@@ -300,12 +300,22 @@ def test_verify_stamps_records_whose_code_changed_but_not_their_numbers(tmp_path
     line, = study.verify_study(plan, [variant], tmp_path)
     assert line.startswith("K-1: seed 0 computes something else now (evals[1].noise[0].quality: ")
     assert all(json.loads(p.read_text())["code"][key] == "0" * 16 for p in paths)
-    # a second worker leaves a variant whose seed another live process is verifying to it, running nothing
-    from engine.train.run_folder import _start_time
-    paths[0].with_suffix(".claim").write_text(json.dumps({"pid": 1, "start_time": _start_time(1),
-                                                          "host": socket.gethostname()}))
-    assert study.verify_study(plan, [variant], tmp_path) == ["K-1: left to the process verifying it"]
-    assert paths[0].with_suffix(".claim").exists()
+    # a second worker leaves a variant whose seed a live process holds to it, running nothing
+    assert study.claim(paths[0])
+    assert study.verify_study(plan, [variant], tmp_path) == ["K-1: left to the process holding its claim"]
+    study.release(paths[0])
+    # and one whose seed was run again by another worker between loading the list and claiming it, too
+    claim = study.claim
+
+    def finished_meanwhile(path):
+        path.write_text(json.dumps(made[0]))
+        return claim(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study, "claim", finished_meanwhile)
+        assert study.verify_study(plan, [variant], tmp_path) == [
+            "K-1: seed 0 was run by another process meanwhile"]
+    assert not paths[0].with_suffix(".claim").exists()
     assert study.verify_study(plan, [Variant("S-1", "S", "S 1", ("--segments", "1"))], tmp_path) == [
         "S-1: no record stale by code alone"]
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from engine.builtin import BUILTINS
-from engine.config import resolve_config
+from engine.config import TrainConfig, resolve_config
 from engine.errors import UserError
 from engine.train import Trainer, main
 
@@ -79,6 +79,17 @@ def test_default_run_raises_the_gold_quality_and_steadies_the_objects(default_ru
     _, _, _, first, last = default_run
     assert last["gold_quality"] > first["gold_quality"] + QUALITY_GAIN_DB, (first, last)
     assert last["gold_jitter"] < first["gold_jitter"], (first, last)
+
+
+def test_every_preset_option_is_a_training_option():
+    """A preset's recipe is data (engine/presets/NAME.yaml): each of its keys names a TrainConfig field, and it
+    resolves to a configuration."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrainConfig)}
+    for name, preset in BUILTINS.items():
+        assert preset.train_options and set(preset.train_options) <= names, name
+        assert resolve_config(["--model", name]).steps == preset.train_options["steps"]
 
 
 SMALL = ("--num-frames", "4", "--height", "16", "--width", "16")  # the tiny preset's clips are 8 x 32 x 32

@@ -59,7 +59,7 @@ def build_reward(spec: str) -> Reward:
 
 
 def reward_label(spec: str) -> str:
-    """A spec's rewards by name with their weights, for a plot's axis: ``hpsv2:A,motion:B@0.5`` -> ``hpsv2 + 0.5
+    """A spec's rewards by name with their weights, for a plot's title: ``hpsv2:A,motion:B@0.5`` -> ``hpsv2 + 0.5
     motion``."""
     terms = []
     for item in filter(None, (s.strip() for s in spec.split(","))):

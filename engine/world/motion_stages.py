@@ -107,7 +107,7 @@ def pixel_push(score, videos: list, captions: list[str], batch: int = 64) -> tor
 
 
 # The recipes whose fine-tunes against the motion reward alone teach it each round: the method study's base recipe
-# (where the reward alone lost 11 points of direction and 3.6 dB) and the default job's; spelled out in full, so
+# (where the reward alone lost 11 points of direction and 3.6 dB) and the default job's then; spelled out in full, so
 # that later presets leave the build as it was.
 MOTION_ONPOLICY_RECIPES = ({"tau": 0.6, "steps": 40, "grad_steps": 6}, {"tau": 1.0, "steps": 37, "grad_steps": 1})
 
