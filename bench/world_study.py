@@ -36,14 +36,26 @@ PLOTS = Path(__file__).parent / "world"
 METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3),
            "shape_acc": ("shape right", 3), "motion": ("speed (px/frame)", 2), "jitter": ("jitter (px)", 2),
            "direction_acc": ("direction right", 3)}
-RECIPE: list[str] = []  # --steps N / --grad-steps K / --reward SPEC for every fine-tune, when given
+
+
+def recipe_options(args: argparse.Namespace) -> list[tuple[list[str], str, str]]:
+    """The options that set a Table 1 apart from the default job's, each as (its command-line flags, its words in
+    the section's title, its part of the figures' names): one table, so the command, the section and the figures
+    always name the same recipe. The order is the titles' (committed section names depend on it)."""
+    reward_name = re.sub(r"[^A-Za-z0-9.@]+", "-", args.reward or "").strip("-")
+    table = [(args.grad_steps, ["--grad-steps", str(args.grad_steps)], f"K {args.grad_steps}", f"_K{args.grad_steps}"),
+             (args.steps, ["--steps", str(args.steps)], f"{args.steps} steps", f"_steps{args.steps}"),
+             (args.lora_scale != 1.0, ["--lora-scale", f"{args.lora_scale:g}"], f"LoRA strength {args.lora_scale:g}",
+              f"_scale{args.lora_scale:g}"),
+             (args.reward, ["--reward", str(args.reward)], f"reward {args.reward}", f"_reward-{reward_name}")]
+    return [(flags, title, suffix) for given, flags, title, suffix in table if given]
 
 
 def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
     """The default job with ``options``; returns its LoRA folder (a run already finished there is reused)."""
     if not (folder / "lora" / "adapter_config.json").is_file():
         train.main(["--model", "world", "--seed", str(seed), "--output", str(folder), "--overwrite",
-                    "--no-tensorboard", *RECIPE, *options])
+                    "--no-tensorboard", *options])
     return folder / "lora"
 
 
@@ -85,14 +97,15 @@ def paired_table(base: dict, tuned: dict[int, dict]) -> tuple[list[list[str]], d
     return rows, summary
 
 
-def table1(seeds: int, samples: int, work: Path, scale: float = 1.0, suffix: str = "") -> str:
-    """Base and fine-tuned models from the same noise on the effect sets and on the fresh sets (seeds drawn from
-    the final assets); per metric, the paired gain's mean over fine-tuning seeds with its 95% interval from the
-    hierarchical bootstrap (seeds, then clips). ``suffix`` names the figures of a recipe other than the default
-    job's (``table1{suffix}.json``), so that they stand beside its Table 1."""
+def table1(seeds: int, samples: int, work: Path, recipe: list[str], scale: float = 1.0, suffix: str = "") -> str:
+    """Base and fine-tuned models (the default job with the training options ``recipe``) from the same noise on
+    the effect sets and on the fresh sets (seeds drawn from the final assets); per metric, the paired gain's mean
+    over fine-tuning seeds with its 95% interval from the hierarchical bootstrap (seeds, then clips). ``suffix``
+    names the figures of a recipe other than the default job's (``table1{suffix}.json``), so that they stand
+    beside its Table 1."""
     from engine.world.scene import effect_sets
 
-    loras = {s: fine_tune(work / f"table1{suffix}-seed{s}", s, []) for s in range(seeds)}
+    loras = {s: fine_tune(work / f"table1{suffix}-seed{s}", s, recipe) for s in range(seeds)}
     sections, figures = [], {"seeds": seeds, "lora_scale": scale}
     for group, offset in (("effect", 0), ("fresh", assets_offset())):
         sets = effect_sets(samples, group, offset)
@@ -106,10 +119,10 @@ def table1(seeds: int, samples: int, work: Path, scale: float = 1.0, suffix: str
     (PLOTS / f"table1{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
     from engine.config import resolve_config
 
-    recipe = resolve_config(["--model", "world", *RECIPE])
+    config = resolve_config(["--model", "world", *recipe])
     strength = "" if scale == 1.0 else f", the LoRA applied at strength {scale:g} (`--lora-scale`)"
-    job = f"the default job with `{' '.join(RECIPE)}`" if RECIPE else "the default job"
-    return (f"{seeds} fine-tuning seeds ({job}: tau {recipe.tau}, K {recipe.grad_steps}, {recipe.steps} steps, reward `{recipe.reward}`{strength}; `--seed "
+    job = f"the default job with `{' '.join(recipe)}`" if recipe else "the default job"
+    return (f"{seeds} fine-tuning seeds ({job}: tau {config.tau}, K {config.grad_steps}, {config.steps} steps, reward `{config.reward}`{strength}; `--seed "
             f"0..{seeds - 1}`), each scored on the same initial "
             "noise as the base model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the "
             "hierarchical bootstrap (seeds, then clips within a seed).\n\n" + "\n\n".join(sections))
@@ -138,14 +151,14 @@ def plot_table1(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("all", "table1", "study", "verify"), default="all",
                         help="verify: for each variant whose records are stale only by code, run one seed again and, "
                              "where it gives the same numbers, stamp them with the current code (bench.study.verify_study)")
     parser.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per model")
     parser.add_argument("--samples-per-prompt", type=int, default=2, help="sampling seeds per prompt")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps of every run (default: the default job's)")
+    parser.add_argument("--steps", type=int, help="Table 1: the fine-tunes' --steps (default: the default job's)")
     parser.add_argument("--grad-steps", help="Table 1: the fine-tunes' --grad-steps (default: the default job's)")
     parser.add_argument("--reward", help="Table 1: the fine-tunes' --reward (default: the default job's)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="Table 1: score the fine-tunes with their LoRA "
@@ -155,7 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="write the study's sections from its records, running nothing")
     parser.add_argument("--check", action="store_true", help="with --report: exit 1 when the committed files differ from "
                         "what the records give")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.report:
         from bench.study_report import report
 
@@ -165,27 +182,21 @@ def main(argv: list[str] | None = None) -> None:
                              "python -m bench.world_study --report and commit the result")
         print("study report " + ("matches its records" if args.check else f"written: {', '.join(changed)}"))
         return
-    RECIPE[:] = (["--steps", str(args.steps)] * bool(args.steps) + ["--grad-steps", args.grad_steps] * bool(args.grad_steps)
-                 + ["--reward", args.reward] * bool(args.reward))
+    options = recipe_options(args)
     torch.set_num_threads(torch.get_num_threads())
-    command = (f"python -m bench.world_study --part {{}} --seeds {args.seeds} --samples-per-prompt "
-               f"{args.samples_per_prompt}" + (f" --steps {args.steps}" if args.steps else "")
-               + (f" --grad-steps {args.grad_steps}" if args.grad_steps else "")
-               + (f" --lora-scale {args.lora_scale:g}" if args.lora_scale != 1.0 else "")
-               + (f" --reward {args.reward}" if args.reward else ""))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         if args.part in ("all", "table1"):
             # a recipe other than the default job's gets a section and figures of its own, beside Table 1
-            changed = ([f"K {args.grad_steps}"] * bool(args.grad_steps) + [f"{args.steps} steps"] * bool(args.steps)
-                       + [f"LoRA strength {args.lora_scale:g}"] * (args.lora_scale != 1.0)
-                       + [f"reward {args.reward}"] * bool(args.reward))
-            suffix = (f"_K{args.grad_steps}" * bool(args.grad_steps) + f"_steps{args.steps}" * bool(args.steps)
-                      + f"_scale{args.lora_scale:g}" * (args.lora_scale != 1.0)
-                      + ("_reward-" + re.sub(r"[^A-Za-z0-9.@]+", "-", args.reward).strip("-")) * bool(args.reward))
-            body = table1(args.seeds, args.samples_per_prompt, work, args.lora_scale, suffix)
-            update_section(RESULTS, "world: Table 1" + (f" ({', '.join(changed)})" if changed else ""),
-                           f"{measured_line()}\n\n`{command.format('table1')}`\n\n{body}")
+            recipe = [flag for flags, _, _ in options if flags[0] != "--lora-scale" for flag in flags]
+            titles = ", ".join(title for _, title, _ in options)
+            body = table1(args.seeds, args.samples_per_prompt, work, recipe, args.lora_scale,
+                          "".join(suffix for _, _, suffix in options))
+            command = " ".join(["python -m bench.world_study --part table1 --seeds", str(args.seeds),
+                                "--samples-per-prompt", str(args.samples_per_prompt),
+                                *(flag for flags, _, _ in options for flag in flags)])
+            update_section(RESULTS, "world: Table 1" + (f" ({titles})" if titles else ""),
+                           f"{measured_line()}\n\n`{command}`\n\n{body}")
         if args.part in ("all", "study", "verify"):
             from bench.study import run_study, verify_study
             from bench.study_plan import VARIANTS, Plan

@@ -2,6 +2,7 @@
 every setting and the assets, and a change to the code it ran makes it stale; the report of a small hand-made cache gives the table worked out by hand."""
 
 import json
+import re
 import socket
 
 import pytest
@@ -393,3 +394,19 @@ def test_the_default_job_is_the_recipe_the_study_chose():
     assert default_job_runs("reward-mixed", steps)
     assert not default_job_runs("reward-mixed", {"reward-mixed": {"steps": 37}})
     assert not any(default_job_runs(name, steps) for name in ("tau-1.0-K-1", "reward-motion", "default"))
+
+
+def test_table1_sections_are_named_by_their_commands():
+    """Each committed Table 1 section's command, parsed again, gives that section's title and its figures' names."""
+    from bench.world_study import PLOTS, RESULTS, build_parser, recipe_options
+
+    sections = re.findall(r"^## (world: Table 1[^\n]*)\n\n[^\n]*\n\n`python -m bench.world_study ([^`]*)`\n\n(.*?)^<!--",
+                          RESULTS.read_text(), re.M | re.S)
+    assert len(sections) >= 4
+    for heading, command, body in sections:
+        options = recipe_options(build_parser().parse_args(command.split()))
+        titles = ", ".join(title for _, title, _ in options)
+        assert heading == "world: Table 1" + (f" ({titles})" if titles else "")
+        figures = {f"world/table1{''.join(suffix for _, _, suffix in options)}_{group}.png" for group in ("effect", "fresh")}
+        assert figures <= set(re.findall(r"\]\((world/[^)]+)\)", body)), heading
+        assert all((PLOTS.parent / figure).is_file() for figure in figures)
