@@ -68,7 +68,9 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(default
     pair_height = Image.open(out / "samples" / "00_before_after.png").height
     assert Image.open(out / "samples" / "before_after.png").height == 4 * config["num_held_out"] * pair_height // 2
     # the held-out edits the numbers above score: source, base edit, fine-tuned edit for every held-out prompt
-    assert Image.open(out / "samples" / "edits.png").height == 3 * config["num_held_out"] * pair_height // 2
+    edits = Image.open(out / "samples" / "edits.png")
+    assert edits.height == 3 * config["num_held_out"] * pair_height // 2
+    assert edits.width > Image.open(out / "samples" / "00_before_after.png").width  # a band of labels: which row is which
 
 
 @pytest.mark.xdist_group("default_job")

@@ -371,6 +371,14 @@ class Trainer:
         self.signal_received = signum
 
     # ---------------------------------------------------------------------------------- outputs
+    def _edit_quality(self) -> list[tuple[float, float]] | None:
+        """Each held-out edit's gold quality, by the base model (the first evaluation) and fine-tuned (the last),
+        for the world model's clips."""
+        first, last = self.held_out.evaluations[0], self.held_out.evaluations[-1]
+        if "quality" not in first[0]:
+            return None
+        return [(a["quality"], b["quality"]) for a, b in zip(first, last)]
+
     def finish(self) -> dict:
         """The weights, the reward curve, the samples and the printed before -> after summary."""
         cfg = self.config
@@ -385,7 +393,7 @@ class Trainer:
                          for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
                 write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],
                               self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps,
-                              [s.clip for s in self.eval_sources])
+                              [s.clip for s in self.eval_sources], self._edit_quality())
                 self.tracker.reward_curve(self.records, self.step)
                 self.tracker.close()
             evals = [r for r in self.records if r["kind"] == "eval"]
