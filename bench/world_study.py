@@ -117,15 +117,23 @@ def table1(seeds: int, samples: int, work: Path, recipe: list[str], scale: float
                         + markdown_table(["prompt set", "metric", "base", "fine-tuned", "gain [95% CI]"], rows)
                         + f"\n\n![gains, {group} set](world/table1{suffix}_{group}.png)")
     (PLOTS / f"table1{suffix}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return describe_table1(seeds, recipe, scale) + "\n\n" + "\n\n".join(sections)
+
+
+def describe_table1(seeds: int, recipe: list[str], scale: float) -> str:
+    """What a Table 1 measured: the fine-tunes' recipe as it resolved, and how its gains are read."""
+    from engine.builtin import BUILTINS
     from engine.config import resolve_config
 
-    config = resolve_config(["--model", "world", *recipe])
+    config, scoring = resolve_config(["--model", "world", *recipe]), BUILTINS["world"].reward
     strength = "" if scale == 1.0 else f", the LoRA applied at strength {scale:g} (`--lora-scale`)"
     job = f"the default job with `{' '.join(recipe)}`" if recipe else "the default job"
-    return (f"{seeds} fine-tuning seeds ({job}: tau {config.tau}, K {config.grad_steps}, {config.steps} steps, reward `{config.reward}`{strength}; `--seed "
-            f"0..{seeds - 1}`), each scored on the same initial "
-            "noise as the base model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the "
-            "hierarchical bootstrap (seeds, then clips within a seed).\n\n" + "\n\n".join(sections))
+    scored = ("" if config.reward == scoring else f"; the reward rows are the world model's scoring reward `{scoring}`, "
+              "as for every model whatever it trained on (`bench.study.scorer`)")
+    return (f"{seeds} fine-tuning seeds ({job}: tau {config.tau}, K {config.grad_steps}, {config.steps} steps, reward "
+            f"`{config.reward}`{strength}; `--seed 0..{seeds - 1}`), each scored on the same initial noise as the base "
+            "model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the hierarchical bootstrap "
+            f"(seeds, then clips within a seed){scored}.")
 
 
 def plot_table1(summary: dict, path: Path) -> None:
