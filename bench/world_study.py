@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from bench.report import markdown_table, measured_line, update_section
 from engine import train
@@ -109,8 +110,10 @@ def table1(seeds: int, samples: int, work: Path, recipe: list[str], scale: float
     sections, figures = [], {"seeds": seeds, "lora_scale": scale}
     for group, offset in (("effect", 0), ("fresh", assets_offset())):
         sets = effect_sets(samples, group, offset)
-        base = score_model(None, sets)
-        rows, summary = paired_table(base, {s: score_model(lora, sets, scale) for s, lora in loras.items()})
+        models = tqdm([None, *loras.values()], desc=f"Table 1, {group} set: the base model and {seeds} fine-tunes",
+                      unit="model")
+        base, *tuned = [score_model(lora, sets, scale) for lora in models]
+        rows, summary = paired_table(base, dict(zip(loras, tuned)))
         figures[group] = {"clips_per_set": {n: len(p) for n, p in sets.items()}, "seed_offset": offset, "sets": summary}
         plot_table1(summary, PLOTS / f"table1{suffix}_{group}.png")
         sections.append(f"**{group} set** ({len(sets['in_domain'])} clips a prompt set{', noise seeds offset by ' + str(offset) + ' (drawn from the assets)' if offset else ''})\n\n"

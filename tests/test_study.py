@@ -410,3 +410,26 @@ def test_table1_sections_are_named_by_their_commands():
         figures = {f"world/table1{''.join(suffix for _, _, suffix in options)}_{group}.png" for group in ("effect", "fresh")}
         assert figures <= set(re.findall(r"\]\((world/[^)]+)\)", body)), heading
         assert all((PLOTS.parent / figure).is_file() for figure in figures)
+
+
+def test_table1_pairs_every_fine_tune_with_the_base_model_on_both_sets(tmp_path, monkeypatch):
+    """Table 1's assembly with the models stubbed: each fine-tune's clips are paired with the base model's of the
+    same noise on both sets, and the gain it reports is the one the clips give."""
+    import bench.world_study as world_study
+
+    metrics = dict.fromkeys(world_study.METRICS, 0.0)
+    sets = {"in_domain": [0, 1, 2], "new_categories": [0, 1, 2], "unrelated": [0, 1, 2]}
+    monkeypatch.setattr(world_study, "PLOTS", tmp_path)
+    monkeypatch.setattr(world_study, "assets_offset", lambda: 7)
+    monkeypatch.setattr("engine.world.scene.effect_sets", lambda samples, group, offset: sets)
+    monkeypatch.setattr(world_study, "fine_tune", lambda folder, seed, options: seed + 1)  # "LoRA" = seed + 1
+    # a fine-tune gains (seed + 1) dB on every clip; the base model scores clip i at 30 + i dB
+    monkeypatch.setattr(world_study, "score_model", lambda lora, clips, scale=1.0: {
+        name: [metrics | {"quality": 30.0 + i + (lora or 0)} for i in clips[name]] for name in clips})
+    text = world_study.table1(2, 1, tmp_path, ["--steps", "3"])
+    assert text.startswith("2 fine-tuning seeds (the default job with `--steps 3`: tau 1.0, K 1, 3 steps")
+    assert "**effect set**" in text and "noise seeds offset by 7" in text
+    assert "| in domain | quality (dB) | 31.00 | 32.50 | +1.50 [+1.00, +2.00] |" in text
+    figures = json.loads((tmp_path / "table1.json").read_text())
+    assert figures["fresh"]["sets"]["unrelated"]["quality"]["gain"]["mean"] == pytest.approx(1.5)
+    assert (tmp_path / "table1_effect.png").is_file() and (tmp_path / "table1_fresh.png").is_file()
