@@ -48,6 +48,8 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(default
     assert "fine-tuning" in result.stderr and "s_step" in result.stderr  # the progress bar
     assert "held-out gold metrics" in result.stdout and "  edits: quality" in result.stdout
     assert "  from noise: quality" in result.stdout and "; from noise " in result.stdout
+    assert ("fine-tuning world (LoRA rank 4) on hpsv2 + 0.5 motion (hpsv2:world,motion:world@0.5): 35 steps of "
+            "batch 2, tau 1 of 20 DDIM steps, K 1; into ") in result.stdout  # the job, before it starts
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"] == "world" and config["reward"] == "hpsv2:world,motion:world@0.5"
     train = [r for r in records if r["kind"] == "train"]
@@ -271,8 +273,10 @@ def test_xformers_attention_that_cannot_run_here_says_why_and_trains_on_sdpa(tmp
     one line naming why, then the run as with SDPA."""
     args = ["--model", "tiny", "--steps", "1", "--num-held-out", "1", "--sample-steps", "2", "--no-tensorboard"]
     main([*args, "--attention", "xformers", "--output", str(tmp_path / "x")])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--attention xformers")]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("--attention xformers")]
     assert len(lines) == 1 and lines[0].endswith("attention runs on SDPA"), lines
+    assert "fine-tuning tiny (LoRA rank 4) on colorfulness: 1 step of batch" in out  # the job, before it starts
     main([*args, "--output", str(tmp_path / "sdpa")])
     ours, stock = (load_file(str(tmp_path / run / "lora" / "adapter_model.safetensors")) for run in ("x", "sdpa"))
     assert all(torch.equal(ours[k], stock[k]) for k in stock)

@@ -12,6 +12,7 @@ import sys
 from engine import distributed as dist_utils
 from engine.config import resolve_config
 from engine.errors import DiskFull, UserError, cli_entry
+from engine.rewards.registry import reward_label
 from engine.train import checkpoint
 from engine.train.recipe import DESCRIPTION, Stop, Trainer
 from engine.train.run_folder import release_lock
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(predicted.summary()))
         return predicted.summary()
     trainer = Trainer(config).setup()
+    if trainer.world.is_main:
+        print(job_line(config, trainer.output), flush=True)
     try:
         try:
             trainer.train()
@@ -49,6 +52,17 @@ def main(argv: list[str] | None = None) -> dict:
                        else str(full)) from None
     finally:
         release_lock(trainer.output)  # this process's own lock only: other ranks and other runs keep theirs
+
+
+def job_line(config, output) -> str:
+    """The run in one line, printed as it starts: what it trains and on which reward (a preset's default job names
+    neither on the command line)."""
+    trained = f"LoRA rank {config.lora_rank}" if config.finetune == "lora" else "every denoiser weight"
+    label = reward_label(config.reward)
+    reward = label if label == config.reward else f"{label} ({config.reward})"
+    return (f"fine-tuning {config.model} ({trained}) on {reward}: {config.steps} step{'s' * (config.steps != 1)} of "
+            f"batch {config.batch_size}, tau {config.tau:g} of {config.ddim_steps} DDIM steps, K {config.grad_steps}; "
+            f"into {output}")
 
 
 def _dry_run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
