@@ -25,6 +25,7 @@ import re
 import statistics
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -39,17 +40,27 @@ METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc"
            "direction_acc": ("direction right", 3)}
 
 
-def recipe_options(args: argparse.Namespace) -> list[tuple[list[str], str, str]]:
-    """The options that set a Table 1 apart from the default job's, each as (its command-line flags, its words in
-    the section's title, its part of the figures' names): one table, so the command, the section and the figures
-    always name the same recipe. The order is the titles' (committed section names depend on it)."""
+class RecipeOption(NamedTuple):
+    flags: list[str]  # on the command line
+    title: str        # in the section's title
+    suffix: str       # in the figures' names
+    trains: bool      # a training option (else it applies at scoring)
+
+
+def recipe_options(args: argparse.Namespace) -> list[RecipeOption]:
+    """The options that set a Table 1 apart from the default job's: one table, so the command, the section and the
+    figures always name the same recipe. The order is the titles' (committed section names depend on it)."""
     reward_name = re.sub(r"[^A-Za-z0-9.@]+", "-", args.reward or "").strip("-")
-    table = [(args.grad_steps, ["--grad-steps", str(args.grad_steps)], f"K {args.grad_steps}", f"_K{args.grad_steps}"),
-             (args.steps, ["--steps", str(args.steps)], f"{args.steps} steps", f"_steps{args.steps}"),
-             (args.lora_scale != 1.0, ["--lora-scale", f"{args.lora_scale:g}"], f"LoRA strength {args.lora_scale:g}",
-              f"_scale{args.lora_scale:g}"),
-             (args.reward, ["--reward", str(args.reward)], f"reward {args.reward}", f"_reward-{reward_name}")]
-    return [(flags, title, suffix) for given, flags, title, suffix in table if given]
+    scale = f"{args.lora_scale:g}"
+    table = [(args.grad_steps, RecipeOption(["--grad-steps", args.grad_steps], f"K {args.grad_steps}",
+                                            f"_K{args.grad_steps}", True)),
+             (args.steps, RecipeOption(["--steps", str(args.steps)], f"{args.steps} steps", f"_steps{args.steps}",
+                                       True)),
+             (args.lora_scale != 1.0, RecipeOption(["--lora-scale", scale], f"LoRA strength {scale}", f"_scale{scale}",
+                                                   False)),
+             (args.reward, RecipeOption(["--reward", args.reward], f"reward {args.reward}", f"_reward-{reward_name}",
+                                        True))]
+    return [option for given, option in table if given]
 
 
 def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
@@ -110,9 +121,9 @@ def table1(seeds: int, samples: int, work: Path, recipe: list[str], scale: float
     sections, figures = [], {"seeds": seeds, "lora_scale": scale}
     for group, offset in (("effect", 0), ("fresh", assets_offset())):
         sets = effect_sets(samples, group, offset)
-        models = tqdm([None, *loras.values()], desc=f"Table 1, {group} set: the base model and {seeds} fine-tunes",
-                      unit="model")
-        base, *tuned = [score_model(lora, sets, scale) for lora in models]
+        base_and_loras = tqdm([None, *loras.values()], unit="model",
+                              desc=f"Table 1, {group} set: the base model and {seeds} fine-tunes")
+        base, *tuned = [score_model(lora, sets, scale) for lora in base_and_loras]
         rows, summary = paired_table(base, dict(zip(loras, tuned)))
         figures[group] = {"clips_per_set": {n: len(p) for n, p in sets.items()}, "seed_offset": offset, "sets": summary}
         plot_table1(summary, PLOTS / f"table1{suffix}_{group}.png")
@@ -131,8 +142,8 @@ def describe_table1(seeds: int, recipe: list[str], scale: float) -> str:
     config, scoring = resolve_config(["--model", "world", *recipe]), BUILTINS["world"].reward
     strength = "" if scale == 1.0 else f", the LoRA applied at strength {scale:g} (`--lora-scale`)"
     job = f"the default job with `{' '.join(recipe)}`" if recipe else "the default job"
-    scored = ("" if config.reward == scoring else f"; the reward rows are the world model's scoring reward `{scoring}`, "
-              "as for every model whatever it trained on (`bench.study.scorer`)")
+    scored = ("" if config.reward == scoring else f"; the reward rows are the world model's scoring reward "
+              f"`{scoring}`, as for every model whatever it trained on (`bench.study.scorer`)")
     return (f"{seeds} fine-tuning seeds ({job}: tau {config.tau}, K {config.grad_steps}, {config.steps} steps, reward "
             f"`{config.reward}`{strength}; `--seed 0..{seeds - 1}`), each scored on the same initial noise as the base "
             "model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the hierarchical bootstrap "
@@ -199,13 +210,13 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(args.work) if args.work else Path(tmp)
         if args.part in ("all", "table1"):
             # a recipe other than the default job's gets a section and figures of its own, beside Table 1
-            recipe = [flag for flags, _, _ in options if flags[0] != "--lora-scale" for flag in flags]
-            titles = ", ".join(title for _, title, _ in options)
+            recipe = [flag for option in options if option.trains for flag in option.flags]
+            titles = ", ".join(option.title for option in options)
             body = table1(args.seeds, args.samples_per_prompt, work, recipe, args.lora_scale,
-                          "".join(suffix for _, _, suffix in options))
+                          "".join(option.suffix for option in options))
             command = " ".join(["python -m bench.world_study --part table1 --seeds", str(args.seeds),
                                 "--samples-per-prompt", str(args.samples_per_prompt),
-                                *(flag for flags, _, _ in options for flag in flags)])
+                                *(flag for option in options for flag in option.flags)])
             update_section(RESULTS, "world: Table 1" + (f" ({titles})" if titles else ""),
                            f"{measured_line()}\n\n`{command}`\n\n{body}")
         if args.part in ("all", "study", "verify"):

@@ -402,14 +402,16 @@ def test_table1_sections_are_named_by_their_commands():
     """Each committed Table 1 section's command, parsed again, gives that section's title and its figures' names."""
     from bench.world_study import PLOTS, RESULTS, build_parser, recipe_options
 
-    sections = re.findall(r"^## (world: Table 1[^\n]*)\n\n[^\n]*\n\n`python -m bench.world_study ([^`]*)`\n\n(.*?)^<!--",
-                          RESULTS.read_text(), re.M | re.S)
-    assert len(sections) >= 4
+    text = RESULTS.read_text()
+    sections = re.findall(r"^## (world: Table 1[^\n]*)\n\n[^\n]*\n\n`python -m bench.world_study ([^`]*)`\n\n"
+                          r"(.*?)^<!--", text, re.M | re.S)
+    assert len(sections) == len(re.findall(r"^## world: Table 1", text, re.M)) >= 5
     for heading, command, body in sections:
         options = recipe_options(build_parser().parse_args(command.split()))
-        titles = ", ".join(title for _, title, _ in options)
+        titles = ", ".join(option.title for option in options)
         assert heading == "world: Table 1" + (f" ({titles})" if titles else "")
-        figures = {f"world/table1{''.join(suffix for _, _, suffix in options)}_{group}.png" for group in ("effect", "fresh")}
+        suffix = "".join(option.suffix for option in options)
+        figures = {f"world/table1{suffix}_{group}.png" for group in ("effect", "fresh")}
         assert figures <= set(re.findall(r"\]\((world/[^)]+)\)", body)), heading
         assert all((PLOTS.parent / figure).is_file() for figure in figures)
 
@@ -423,15 +425,23 @@ def test_table1_pairs_every_fine_tune_with_the_base_model_on_both_sets(tmp_path,
     sets = {"in_domain": [0, 1, 2], "new_categories": [0, 1, 2], "unrelated": [0, 1, 2]}
     monkeypatch.setattr(world_study, "PLOTS", tmp_path)
     monkeypatch.setattr(world_study, "assets_offset", lambda: 7)
-    monkeypatch.setattr("engine.world.scene.effect_sets", lambda samples, group, offset: sets)
+    # the fresh set's clips are other clips (their noise offset): clip i at 30 + i + offset dB by the base model
+    monkeypatch.setattr("engine.world.scene.effect_sets", lambda samples, group, offset: {
+        name: [offset + i for i in clips] for name, clips in sets.items()})
     monkeypatch.setattr(world_study, "fine_tune", lambda folder, seed, options: seed + 1)  # "LoRA" = seed + 1
-    # a fine-tune gains (seed + 1) dB on every clip; the base model scores clip i at 30 + i dB
+    # fine-tune seed s gains (s + 1) dB on the clips of even index and 3 (s + 1) dB on the others
     monkeypatch.setattr(world_study, "score_model", lambda lora, clips, scale=1.0: {
-        name: [metrics | {"quality": 30.0 + i + (lora or 0)} for i in clips[name]] for name in clips})
-    text = world_study.table1(2, 1, tmp_path, ["--steps", "3"])
-    assert text.startswith("2 fine-tuning seeds (the default job with `--steps 3`: tau 1.0, K 1, 3 steps")
-    assert "**effect set**" in text and "noise seeds offset by 7" in text
-    assert "| in domain | quality (dB) | 31.00 | 32.50 | +1.50 [+1.00, +2.00] |" in text
-    figures = json.loads((tmp_path / "table1.json").read_text())
-    assert figures["fresh"]["sets"]["unrelated"]["quality"]["gain"]["mean"] == pytest.approx(1.5)
+        name: [metrics | {"quality": 30.0 + c + (lora or 0) * (1 + 2 * (c % 2))} for c in clips[name]]
+        for name in clips})
+    text = world_study.table1(2, 1, tmp_path, ["--steps", "3", "--reward", "hpsv2:world"])
+    assert text.startswith("2 fine-tuning seeds (the default job with `--steps 3 --reward hpsv2:world`: tau 1.0, K 1, "
+                           "3 steps, reward `hpsv2:world`; `--seed 0..1`)")
+    assert "scoring reward" not in text  # the fine-tunes trained on the reward that scores them
+    effect, fresh = text.split("**fresh set**")
+    # clips 0, 1, 2 gain 1, 3, 1 dB (seed 0) and 2, 6, 2 dB (seed 1): per-seed means 5/3 and 10/3
+    assert "| in domain | quality (dB) | 31.00 | 33.50 | +2.50 [" in effect
+    # clips 7, 8, 9 gain 3, 1, 3 dB (seed 0) and 6, 2, 6 dB (seed 1), each against the base model's same clip
+    assert "noise seeds offset by 7" in fresh and "| unrelated | quality (dB) | 38.00 | 41.50 | +3.50 [" in fresh
+    gain = json.loads((tmp_path / "table1.json").read_text())["fresh"]["sets"]["unrelated"]["quality"]["gain"]
+    assert gain["mean"] == pytest.approx(3.5) and 1.0 <= gain["ci95"][0] < 3.5 < gain["ci95"][1] <= 6.0
     assert (tmp_path / "table1_effect.png").is_file() and (tmp_path / "table1_fresh.png").is_file()

@@ -49,7 +49,7 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(default
     assert "held-out gold metrics" in result.stdout and "  edits: quality" in result.stdout
     assert "  from noise: quality" in result.stdout and "; from noise " in result.stdout
     assert ("fine-tuning world (LoRA rank 4) on hpsv2 + 0.5 motion (hpsv2:world,motion:world@0.5): 35 steps of "
-            "batch 2, tau 1 of 20 DDIM steps, K 1; into ") in result.stdout  # the job, before it starts
+            "batch 2, tau 1.0 (20 of 20 DDIM steps), K 1; into ") in result.stdout  # the job, before it starts
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"] == "world" and config["reward"] == "hpsv2:world,motion:world@0.5"
     train = [r for r in records if r["kind"] == "train"]
@@ -70,9 +70,10 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(default
     pair_height = Image.open(out / "samples" / "00_before_after.png").height
     assert Image.open(out / "samples" / "before_after.png").height == 4 * config["num_held_out"] * pair_height // 2
     # the held-out edits the numbers above score: source, base edit, fine-tuned edit for every held-out prompt
-    edits = Image.open(out / "samples" / "edits.png")
+    edits, strip = Image.open(out / "samples" / "edits.png"), Image.open(out / "samples" / "00_before_after.png")
     assert edits.height == 3 * config["num_held_out"] * pair_height // 2
-    assert edits.width > Image.open(out / "samples" / "00_before_after.png").width  # a band of labels: which row is which
+    # a band of labels as wide as the longest, "fine-tuned 32.8 dB": which row is which, and its gold quality
+    assert edits.width - strip.width == 8 + 6 * len("fine-tuned 32.8 dB")
 
 
 @pytest.mark.xdist_group("default_job")

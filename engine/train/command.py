@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from engine import distributed as dist_utils
-from engine.config import resolve_config
+from engine.config import TrainConfig, resolve_config
 from engine.errors import DiskFull, UserError, cli_entry
 from engine.rewards.registry import reward_label
 from engine.train import checkpoint
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
         return predicted.summary()
     trainer = Trainer(config).setup()
     if trainer.world.is_main:
-        print(job_line(config, trainer.output), flush=True)
+        print(job_line(config, trainer.output, trainer.step), flush=True)
     try:
         try:
             trainer.train()
@@ -54,15 +55,15 @@ def main(argv: list[str] | None = None) -> dict:
         release_lock(trainer.output)  # this process's own lock only: other ranks and other runs keep theirs
 
 
-def job_line(config, output) -> str:
+def job_line(config: TrainConfig, output: Path, start: int = 0) -> str:
     """The run in one line, printed as it starts: what it trains and on which reward (a preset's default job names
     neither on the command line)."""
     trained = f"LoRA rank {config.lora_rank}" if config.finetune == "lora" else "every denoiser weight"
     label = reward_label(config.reward)
     reward = label if label == config.reward else f"{label} ({config.reward})"
-    return (f"fine-tuning {config.model} ({trained}) on {reward}: {config.steps} step{'s' * (config.steps != 1)} of "
-            f"batch {config.batch_size}, tau {config.tau:g} of {config.ddim_steps} DDIM steps, K {config.grad_steps}; "
-            f"into {output}")
+    return (f"fine-tuning {config.model} ({trained}) on {reward}: {config.steps} step{'s' * (config.steps != 1)}"
+            f"{f' (from step {start})' if start else ''} of batch {config.batch_size}, tau {config.tau} ("
+            f"{config.steps_run} of {config.ddim_steps} DDIM steps), K {config.grad_steps}; into {output}")
 
 
 def _dry_run_options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -372,11 +372,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- outputs
     def _edit_quality(self) -> list[tuple[float, float]] | None:
-        """Each held-out edit's gold quality, by the base model (the first evaluation) and fine-tuned (the last),
-        for the world model's clips."""
-        first, last = self.held_out.evaluations[0], self.held_out.evaluations[-1]
-        if "quality" not in first[0]:
+        """Each held-out edit's gold quality by the base model and fine-tuned, for the edits grid's labels: which
+        edit gained. Only a run that started here has both (its first evaluation is step 0's), and only the world
+        model's clips have a gold quality."""
+        if not self.before_edits or "quality" not in self.held_out.evaluations[0][0]:
             return None
+        first, last = self.held_out.evaluations[0], self.held_out.evaluations[-1]
         return [(a["quality"], b["quality"]) for a, b in zip(first, last)]
 
     def finish(self) -> dict:

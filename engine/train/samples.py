@@ -16,7 +16,8 @@ from engine.world import clean_reference, gold_metrics
 
 def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], before: list[torch.Tensor],
                   after: list[torch.Tensor], edits: list[list[torch.Tensor]], tracker: Tracker, step: int,
-                  fps: float, clips: list | None = None, edit_quality: list[tuple[float, float]] | None = None) -> list[Path]:
+                  fps: float, clips: list | None = None,
+                  edit_quality: list[tuple[float, float]] | None = None) -> list[Path]:
     """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts, and the
     held-out edits: per prompt the (source, base edit, fine-tuned edit) latents in ``edits`` (none for a resumed
     run, whose base-model edits were made by the run it resumes), labelled with the edits' gold quality
@@ -47,9 +48,10 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
     written.append(media.write_grid(rows, folder / "before_after.png", labels))
     if edits:
         rows = [model.decode_video(latent.to(model.device)) for triple in edits for latent in triple]
-        quality = edit_quality or [None] * len(edits)
-        labels = [label for i, q in enumerate(quality) for label in
-                  (f"{i:02d} source", "base edit" + (f" {q[0]:.1f} dB" if q else ""), "fine-tuned" + (f" {q[1]:.1f} dB" if q else ""))]
+        labels = []
+        for i, quality in enumerate(edit_quality or [(None, None)] * len(edits)):
+            labels += [f"{i:02d} source", *(name + ("" if q is None else f" {q:.1f} dB")
+                                            for name, q in zip(("base edit", "fine-tuned"), quality))]
         written.append(media.write_grid(rows, folder / "edits.png", labels))
     (folder / "prompts.txt").write_text("".join(f"{i:02d}: {p}\n" for i, p in enumerate(prompts)))
     return written
