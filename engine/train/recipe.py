@@ -44,7 +44,7 @@ from engine.train.evaluation import HeldOut
 from engine.train.optim import make_optimizer, optimizer_step
 from engine.train.run_folder import (REWARD_CURVE, SAMPLES, TENSORBOARD, append_line, check_output, open_output,
                                      write_config)
-from engine.train.samples import print_summary, write_samples
+from engine.train.samples import edit_quality, print_summary, write_samples
 from engine.train.sources import SourceLatents, setup_draws, setup_sources
 from engine.video_reward import SegmentalReward, reward_loss
 
@@ -371,15 +371,6 @@ class Trainer:
         self.signal_received = signum
 
     # ---------------------------------------------------------------------------------- outputs
-    def _edit_quality(self) -> list[tuple[float, float]] | None:
-        """Each held-out edit's gold quality by the base model and fine-tuned, for the edits grid's labels: which
-        edit gained. Only a run that started here has both (its first evaluation is step 0's), and only the world
-        model's clips have a gold quality."""
-        if not self.before_edits or "quality" not in self.held_out.evaluations[0][0]:
-            return None
-        first, last = self.held_out.evaluations[0], self.held_out.evaluations[-1]
-        return [(a["quality"], b["quality"]) for a, b in zip(first, last)]
-
     def finish(self) -> dict:
         """The weights, the reward curve, the samples and the printed before -> after summary."""
         cfg = self.config
@@ -394,7 +385,7 @@ class Trainer:
                          for i, (before, after) in enumerate(zip(self.before_edits, self.held_out_edits))]
                 write_samples(self.output / SAMPLES, self.model, [s.prompt for s in self.eval_sources],
                               self.before_latents, after_latents, edits, self.tracker, self.step, cfg.fps,
-                              [s.clip for s in self.eval_sources], self._edit_quality())
+                              [s.clip for s in self.eval_sources], edit_quality(self.held_out.evaluations))
                 self.tracker.reward_curve(self.records, self.step)
                 self.tracker.close()
             evals = [r for r in self.records if r["kind"] == "eval"]

@@ -57,6 +57,16 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
     return written
 
 
+def edit_quality(evaluations: list[list[dict[str, float]]]) -> list[tuple[float, float]] | None:
+    """Each held-out edit's gold quality by the base model and fine-tuned (a run's first and last evaluations'
+    per-clip rows), for the edits grid's labels: which edit gained. None for clips without a gold quality (not the
+    world model's). Only a run that started at step 0 draws the grid, so its first evaluation is the base model's."""
+    first, last = evaluations[0], evaluations[-1]
+    if "quality" not in first[0]:
+        return None
+    return [(a["quality"], b["quality"]) for a, b in zip(first, last)]
+
+
 DIFFERENCE_GAIN = 4  # a change of 1/4 of the range shows at full brightness
 
 
