@@ -14,6 +14,16 @@ from engine.errors import UserError
 from engine.models import model_family
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless there is none to show (None, a flag's False) or the help says it
+    in words (a default that depends on the model)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "(default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

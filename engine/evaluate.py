@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from engine.builtin import builtin, build_model
 from engine.chain import generate
-from engine.cli import add_model_arguments, check_common, positive_int
+from engine.cli import HelpFormatter, add_model_arguments, check_common, positive_int
 from engine.data import read_prompts
 from engine.errors import UserError, cli_entry
 from engine.lora import activate_adapter, adapters_disabled, check_lora_folder, load_lora, set_lora_scale
@@ -157,7 +157,7 @@ def bar_chart(results: dict[str, dict[str, dict]], sets: list[str], path: Path, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--lora", action="append",
                         help="[LABEL=]FOLDER of a LoRA checkpoint (repeatable); the base model is always scored")
     parser.add_argument("--reward", help="reward spec NAME[:PATH][@WEIGHT],... (default: hpsv2:world for world, colorfulness for tiny)")

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from engine.builtin import build_model, builtin
-from engine.cli import check_model, check_output_folder
+from engine.cli import HelpFormatter, check_model, check_output_folder
 from engine.errors import UserError, cli_entry, disk_writes
 from engine.lora import CONFIG_NAME, WEIGHTS_NAME, check_lora_folder, load_lora, lora_layers
 from engine.models import VideoDiffusion, WanVideo, model_family
@@ -191,7 +191,7 @@ def export_original(model, lora: Path, scale: float, folder: Path, base: str, na
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", default="world", help="the base model: diffusers text-to-video folder, 'world' or 'tiny'")
     parser.add_argument("--lora", required=True, help="LoRA folder (adapter_model.safetensors + adapter_config.json)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="strength baked into the export")

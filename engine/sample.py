@@ -24,7 +24,7 @@ from tqdm import tqdm
 from engine import media
 from engine.builtin import build_model
 from engine.chain import generate
-from engine.cli import add_model_arguments, check_common, read_prompt_options, slug
+from engine.cli import HelpFormatter, add_model_arguments, check_common, read_prompt_options, slug
 from engine.errors import UserError, cli_entry
 from engine.lora import check_lora_folder, load_lora, set_lora_scale
 from engine.runtime import autocast, resolve_device
@@ -32,7 +32,7 @@ from engine.runtime import autocast, resolve_device
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     parser.add_argument("--prompts", help="text file, one prompt per line (after any --prompt)")
     parser.add_argument("--lora", help="LoRA folder (adapter_model.safetensors + adapter_config.json); none = base model")

@@ -162,3 +162,18 @@ def test_base_model_edit_uses_the_noise_of_the_next_edit(tiny):
         expected_edit = chain.edit(latents, context, uncond, torch.Generator().manual_seed(3))
     assert torch.equal(reference, expected_reference) and torch.equal(edited, expected_edit)
     assert not torch.equal(reference, edited) and not reference.requires_grad
+
+
+@pytest.mark.parametrize("command", ["engine.evaluate", "engine.sample", "engine.export"])
+def test_help_shows_defaults_there_are(command, capsys):
+    """--help gives each option's default after its help, but no "(default: None)" or a flag's "(default: False)",
+    and no second default after one the help says in words; a zero default is still shown."""
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(command).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: world)" in text
+    assert "colorfulness for tiny) (default:" not in text and "both forms) (default:" not in text
+    if command == "engine.evaluate":
+        assert "DDIM eta (0 = deterministic) (default: 0.0)" in text
