@@ -224,6 +224,7 @@ def test_unknown_variant_is_refused(bad):
 
 
 @pytest.mark.heavy(1)
+@pytest.mark.xdist_group("study_runner")  # one worker: the FLOP count of the base recipe is counted once
 def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
     """Two evaluation points of a two-step budget on two clips: the record holds the per-step log and paired
     evaluations, and a second run reuses it; a changed plan makes it stale and runs it again."""
@@ -258,6 +259,7 @@ def test_runner_writes_a_record_and_reuses_it(tmp_path, capsys):
 
 
 @pytest.mark.heavy(2)
+@pytest.mark.xdist_group("study_runner")  # one worker: the FLOP count of the base recipe is counted once
 def test_verify_stamps_records_whose_code_changed_but_not_their_numbers(tmp_path):
     """Records stale because code they ran changed: one seed run again with the current code; the same numbers
     stamp the variant's other such records with the current code where the changed code they ran is code that seed
