@@ -358,6 +358,7 @@ def sharded_full_run(tmp_path_factory):
 
 
 @pytest.mark.heavy(2)
+@pytest.mark.xdist_group("sharded_full_run")  # one worker: its fixture, on a fixed port, runs once
 def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path, sharded_full_run):
     """FSDP baseline: the same global batch in one process gives the same losses, norms and updates."""
     from diffusers import UNet3DConditionModel
@@ -384,6 +385,7 @@ def test_full_finetuning_sharded_over_two_processes_matches_one(tmp_path, sharde
 
 
 @pytest.mark.heavy(2)
+@pytest.mark.xdist_group("sharded_full_run")  # one worker: its fixture, on a fixed port, runs once
 def test_full_finetuning_sharded_resume_is_bitwise_identical(tmp_path, sharded_full_run):
     resumed = tmp_path / "resumed"
     assert torchrun(resumed, *FULL, "--steps", "1", port=29521).returncode == 0
