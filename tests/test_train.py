@@ -67,10 +67,11 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(default
             assert (out / "samples" / f"{i:02d}_{label}.gif").stat().st_size > 0
         assert (out / "samples" / f"{i:02d}_before_after.png").exists()
     # before, after and, for the world model, each one's error against its clean render, per held-out prompt
-    pair_height = Image.open(out / "samples" / "00_before_after.png").height
+    strip = Image.open(out / "samples" / "00_before_after.png")  # one prompt's before and after, unlabelled
+    pair_height = strip.height
     assert Image.open(out / "samples" / "before_after.png").height == 4 * config["num_held_out"] * pair_height // 2
     # the held-out edits the numbers above score: source, base edit, fine-tuned edit for every held-out prompt
-    edits, strip = Image.open(out / "samples" / "edits.png"), Image.open(out / "samples" / "00_before_after.png")
+    edits = Image.open(out / "samples" / "edits.png")
     assert edits.height == 3 * config["num_held_out"] * pair_height // 2
     # a band of labels as wide as the longest, "fine-tuned 32.8 dB": which row is which, and its gold quality
     assert edits.width - strip.width == 8 + 6 * len("fine-tuned 32.8 dB")

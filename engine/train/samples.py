@@ -17,11 +17,11 @@ from engine.world import clean_reference, gold_metrics
 def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], before: list[torch.Tensor],
                   after: list[torch.Tensor], edits: list[list[torch.Tensor]], tracker: Tracker, step: int,
                   fps: float, clips: list | None = None,
-                  edit_quality: list[tuple[float, float]] | None = None) -> list[Path]:
+                  edit_qualities: list[tuple[float, float]] | None = None) -> list[Path]:
     """Before (base model) and after (fine-tuned) videos from the same noise for the held-out prompts, and the
     held-out edits: per prompt the (source, base edit, fine-tuned edit) latents in ``edits`` (none for a resumed
     run, whose base-model edits were made by the run it resumes), labelled with the edits' gold quality
-    (``edit_quality``: base, fine-tuned) for the world model's clips. ``before_after.png`` shows, under each before /
+    (``edit_qualities``: base, fine-tuned) for the world model's clips. ``before_after.png`` shows, under each before /
     after pair, where they differ; or, for the world model's clips (``clips``), each one's error against the clean
     render its gold quality is measured against, labelled with that quality: the changes are too fine to see side
     by side, their effect on the error is not."""
@@ -49,7 +49,7 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
     if edits:
         rows = [model.decode_video(latent.to(model.device)) for triple in edits for latent in triple]
         labels = []
-        for i, quality in enumerate(edit_quality or [(None, None)] * len(edits)):
+        for i, quality in enumerate(edit_qualities or [(None, None)] * len(edits)):
             labels += [f"{i:02d} source", *(name + ("" if q is None else f" {q:.1f} dB")
                                             for name, q in zip(("base edit", "fine-tuned"), quality))]
         written.append(media.write_grid(rows, folder / "edits.png", labels))
