@@ -75,20 +75,29 @@ def budget_point(record: dict, variant) -> int:
     return min(range(1, len(record["evals"])), key=lambda k: abs(record["evals"][k]["tflop"] - one_budget))
 
 
-def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str, metric: str = "quality"):
-    """(seeds, interval) of ``better`` minus ``worse`` in a gold ``metric`` from noise at one base recipe's
-    compute, clip by clip on the seeds both have; None when they share none."""
+def strengths(variant) -> tuple[str, ...]:
+    """The LoRA strengths ``variant`` was also scored at, at one base recipe's compute: those of variants run to
+    one budget (a longer variant's are at its end: the over-optimisation table shows them)."""
+    return tuple(f"{s:g}" for s in variant.scales) if variant.budget == 1.0 else ()
+
+
+def _noise_rows(record: dict, variant, strength: str | None = None) -> list[dict]:
+    """Per clip from noise at one base recipe's compute; with the LoRA at ``strength`` (of ``strengths``) if given."""
+    evaluation = record["evals"][-1 if strength else budget_point(record, variant)]
+    return evaluation["scaled"][strength] if strength else evaluation["noise"]
+
+
+def paired_difference(runs: dict[str, dict[int, dict]], better: str, worse: str, metric: str = "quality",
+                      strength: str | None = None):
+    """(seeds, interval) of ``better`` (its LoRA at ``strength`` if given) minus ``worse`` in a gold ``metric`` from
+    noise at one base recipe's compute, clip by clip on the seeds both have; None when they share none."""
     seeds = sorted(set(runs[better]) & set(runs[worse]))
     if not seeds:
         return None
     variants = {v.name: v for v in VARIANTS}
-
-    def at_budget(name, seed):
-        record = runs[name][seed]
-        return record["evals"][budget_point(record, variants[name])]["noise"]
-
-    return seeds, hierarchical_bootstrap(_differences([at_budget(worse, s) for s in seeds],
-                                                      [at_budget(better, s) for s in seeds], metric))
+    return seeds, hierarchical_bootstrap(_differences(
+        [_noise_rows(runs[worse][s], variants[worse]) for s in seeds],
+        [_noise_rows(runs[better][s], variants[better], strength) for s in seeds], metric))
 
 
 def claim_effect(claim, runs: dict[str, dict[int, dict]]) -> dict | None:
@@ -130,6 +139,9 @@ def motion_gains(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
         if all(c is not None for c in compared.values()):
             gains[variant.name] = {"against": against, "seeds": len(compared["jitter"][0]),
                                    **{m: c[1].as_dict() for m, c in compared.items()}}
+            gains[variant.name]["scaled"] = {  # its LoRA dialled down, against the image reward's at full strength
+                s: {m: paired_difference(runs, variant.name, against, m, s)[1].as_dict() for m in MOTION_METRICS}
+                for s in strengths(variant)}
     return gains
 
 
@@ -204,6 +216,10 @@ def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -
             "at_budget": points[point - 1],
             "edits_at_budget": {m: hierarchical_bootstrap(_edit_gains(records, point, m)).as_dict()
                                 for m in ("reward", "quality")}}
+        if strengths(variant):
+            summary["variants"][variant.name]["scaled"] = {s: {m: hierarchical_bootstrap(_differences(
+                [base["noise"]] * len(records), [_noise_rows(r, variant, s) for r in records.values()], m)).as_dict()
+                for m in METRICS} for s in strengths(variant)}
     summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, runs)) is not None]
     summary["recommendation"] = recommendation(summary, runs, plan)
     summary["motion_reward"] = motion_gains(runs)
@@ -242,21 +258,22 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
         table = []
         for name in shown:
             v = variants[name]
-            at = v["at_budget"]
-            table.append([v["label"], f"{v['tflop_per_step'] * 1e3:.2f}", str(v["steps"]),
-                          f"{len(v['seeds'])}/{plan['seeds']}",
-                          *[_format(at[m], d) for m, (_, d) in METRICS.items()],
-                          _format(v["edits_at_budget"]["quality"], 2)])
+            for strength, at in [(None, v["at_budget"]), *v.get("scaled", {}).items()]:
+                table.append([v["label"] + (f", LoRA strength {strength}" if strength else ""),
+                              f"{v['tflop_per_step'] * 1e3:.2f}", str(v["steps"]), f"{len(v['seeds'])}/{plan['seeds']}",
+                              *[_format(at[m], d) for m, (_, d) in METRICS.items()],
+                              "" if strength else _format(v["edits_at_budget"]["quality"], 2)])
         lines.append(f"**{question}** (gains over the base model at the base recipe's compute)\n\n" + markdown_table(
             ["variant", "GFLOP / step", "steps", "seeds", *[f"Δ {label}" for label, _ in METRICS.values()],
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
     if summary.get("motion_reward"):
-        rows = [[variants[name]["label"], variants[g["against"]]["label"], str(g["seeds"]),
-                 *[_format(g[m], METRICS[m][1]) for m in MOTION_METRICS]] for name, g in summary["motion_reward"].items()]
+        rows = [[variants[name]["label"] + (f", LoRA strength {strength}" if strength else ""),
+                 variants[g["against"]]["label"], str(g["seeds"]), *[_format(at[m], METRICS[m][1]) for m in MOTION_METRICS]]
+                for name, g in summary["motion_reward"].items() for strength, at in [(None, g), *g["scaled"].items()]]
         lines.append("**What the motion reward adds to the image reward** (from noise, at the base recipe's compute, "
-                     "each variant minus the same recipe fine-tuned with the image reward alone; paired on the same "
-                     "seeds and clips; jitter lower is better)\n\n" + markdown_table(
+                     "each variant minus the same recipe fine-tuned with the image reward alone at full LoRA strength; "
+                     "paired on the same seeds and clips; jitter lower is better)\n\n" + markdown_table(
                          ["variant", "against", "seeds", *[f"Δ {METRICS[m][0]}" for m in MOTION_METRICS]], rows))
     if summary.get("recommendation"):
         lines.append(_render_recommendation(summary["recommendation"], variants))

@@ -117,9 +117,9 @@ def _rows(values):
             for q in values]
 
 
-def _write_cache(folder, plan, gains, code=None):
-    """Base clips at 30 dB; each variant's clips at 30 + its gain per seed and clip, at the end of its budget;
-    every record ran ``code``."""
+def _write_cache(folder, plan, gains, code=None, scaled=None):
+    """Base clips at 30 dB; each variant's clips at 30 + its gain per seed and clip, at the end of its budget, and
+    at each LoRA strength of ``scaled[variant]`` 30 + that strength's gain; every record ran ``code``."""
     def write(variant, seed, measured):
         identity = record_identity(variant, seed, plan, ASSETS)
         record_path(folder, variant, seed).write_text(json.dumps({"key": record_key(identity), "identity": identity,
@@ -132,6 +132,8 @@ def _write_cache(folder, plan, gains, code=None):
             evals = [{"step": 0, "tflop": 0.0, "edits": _rows([25.0, 25.0])}]
             evals += [{"step": 10 * k, "tflop": 0.1 * k, "noise": _rows([30.0 + g * k / 4 for g in clip_gains]),
                        "edits": _rows([25.0 + k / 4, 25.0 + k / 4])} for k in range(1, 5)]
+            if name in (scaled or {}):
+                evals[-1]["scaled"] = {s: _rows([30.0 + g for g in by_seed[seed]]) for s, by_seed in scaled[name].items()}
             write(VARIANT[name], seed, {"steps": 40, "tflop_per_step": 0.01, "train": [], "evals": evals})
 
 
@@ -181,12 +183,38 @@ def test_report_says_what_the_motion_reward_adds_to_the_image_reward(tmp_path):
     _write_cache(tmp_path / "results", plan, {"default": [[0.5, 0.5, 0.5]] * 2, "reward-mixed": [[1.5, 1.5, 1.5]] * 2,
                                               "tau-1.0-K-1": [[1.0, 1.0, 1.0]] * 2})
     summary = summarise(*load_records(tmp_path / "results", plan, ASSETS, config=NO_CONFIG)[:2], plan)
-    assert summary["motion_reward"] == {"reward-mixed": {"against": "tau-1.0-K-1", "seeds": 2,
+    assert summary["motion_reward"] == {"reward-mixed": {"against": "tau-1.0-K-1", "seeds": 2, "scaled": {},
                                                          "quality": {"mean": 0.5, "ci95": [0.5, 0.5]},
                                                          "jitter": {"mean": 0.0, "ci95": [0.0, 0.0]},
                                                          "direction_acc": {"mean": 0.0, "ci95": [0.0, 0.0]}}}
     assert ("| image reward + motion reward at 0.5 (tau 1.0, K 1) | tau 1.0 and K 1 (the two best single changes "
             "together) | 2 | +0.00 [+0.00, +0.00] | +0.000 [+0.000, +0.000] | +0.50 [+0.50, +0.50] |") in render(summary, [])[0]
+
+
+def test_report_shows_the_motion_reward_alone_dialled_down_against_base_and_image_reward(tmp_path):
+    """The motion reward alone is also scored with its LoRA at 0.25 and 0.5 (``scales``): by hand, +1.25 and +1.0 dB
+    over the base model in every clip, so +0.25 and 0.0 over the image reward alone at full strength (+1.0); at
+    full strength it is 0.5 below. The scaled rows have no edits column: the edits were scored at full strength."""
+    plan = Plan(seeds=2)
+    assert VARIANT["reward-motion"].scales == (0.25, 0.5)
+    _write_cache(tmp_path / "results", plan, {"reward-motion": [[0.5] * 3] * 2, "tau-1.0-K-1": [[1.0] * 3] * 2},
+                 scaled={"reward-motion": {"0.25": [[1.25] * 3] * 2, "0.5": [[1.0] * 3] * 2}})
+    summary = summarise(*load_records(tmp_path / "results", plan, ASSETS, config=NO_CONFIG)[:2], plan)
+    scaled = summary["variants"]["reward-motion"]["scaled"]
+    assert [scaled[s]["quality"] for s in ("0.25", "0.5")] == [{"mean": 1.25, "ci95": [1.25, 1.25]},
+                                                              {"mean": 1.0, "ci95": [1.0, 1.0]}]
+    assert "scaled" not in summary["variants"]["tau-1.0-K-1"]
+    gains = summary["motion_reward"]["reward-motion"]
+    assert gains["quality"]["mean"] == -0.5
+    assert [gains["scaled"][s]["quality"]["mean"] for s in ("0.25", "0.5")] == [0.25, 0.0]
+    body = render(summary, [])[0]
+    assert ("| the world motion reward alone (tau 1.0, K 1), LoRA strength 0.25 | 10.00 | 40 | 2/2 | "
+            "+1.25 [+1.25, +1.25] |") in body
+    row = next(line for line in body.splitlines() if line.startswith("| the world motion reward alone (tau 1.0, K 1), "
+                                                                      "LoRA strength 0.5 | 10"))
+    assert row.endswith("| +0.00 [+0.00, +0.00] |  |")  # the jitter, and no edits
+    assert ("| the world motion reward alone (tau 1.0, K 1), LoRA strength 0.25 | tau 1.0 and K 1 (the two best single "
+            "changes together) | 2 | +0.00 [+0.00, +0.00] | +0.000 [+0.000, +0.000] | +0.25 [+0.25, +0.25] |") in body
 
 
 def test_report_check_and_stale_records(tmp_path):
