@@ -57,8 +57,8 @@ VARIANTS = (
     Variant("tau-1.0-K-1-long", "over-optimisation", "tau 1.0 and K 1 (the default job until 2026-12-07), 4x longer",
             ("--tau", "1.0", "--grad-steps", "1"), budget=4.0, evaluations=4, scales=(0.25, 0.5, 0.75)),
     # a video reward that sees motion, alone and mixed with the image reward (as T2V-Turbo-v2 mixes them), on the
-    # recipe the default job had then: each is judged against tau-1.0-K-1, the same recipe with the image reward alone
-    # at full strength the motion reward alone breaks some clips: dialled down at inference, does it help?
+    # recipe the default job had then: each is judged against tau-1.0-K-1, the same recipe with the image reward alone.
+    # Alone it breaks some clips at full strength, so it is also scored with its LoRA dialled down at inference.
     Variant("reward-motion", "reward", "the world motion reward alone (tau 1.0, K 1)",
             ("--tau", "1.0", "--grad-steps", "1", "--reward", "motion:world"), scales=(0.25, 0.5)),
     Variant("reward-mixed", "reward", "image reward + motion reward at 0.5 (tau 1.0, K 1)",

@@ -76,8 +76,7 @@ def budget_point(record: dict, variant) -> int:
 
 
 def strengths(variant) -> tuple[str, ...]:
-    """The LoRA strengths ``variant`` was also scored at, at one base recipe's compute: those of variants run to
-    one budget (a longer variant's are at its end: the over-optimisation table shows them)."""
+    """``variant``'s LoRA strengths scored at one budget (a longer variant's are at its end: over-optimisation)."""
     return tuple(f"{s:g}" for s in variant.scales) if variant.budget == 1.0 else ()
 
 
@@ -216,10 +215,10 @@ def summarise(base: dict | None, runs: dict[str, dict[int, dict]], plan: Plan) -
             "at_budget": points[point - 1],
             "edits_at_budget": {m: hierarchical_bootstrap(_edit_gains(records, point, m)).as_dict()
                                 for m in ("reward", "quality")}}
-        if strengths(variant):
-            summary["variants"][variant.name]["scaled"] = {s: {m: hierarchical_bootstrap(_differences(
-                [base["noise"]] * len(records), [_noise_rows(r, variant, s) for r in records.values()], m)).as_dict()
-                for m in METRICS} for s in strengths(variant)}
+        for strength in strengths(variant):  # the same runs with their LoRA dialled down at inference
+            rows = [_noise_rows(r, variant, strength) for r in records.values()]
+            summary["variants"][variant.name].setdefault("scaled", {})[strength] = {
+                m: hierarchical_bootstrap(_differences([base["noise"]] * len(rows), rows, m)).as_dict() for m in METRICS}
     summary["claims"] = [effect for claim in CLAIMS if (effect := claim_effect(claim, runs)) is not None]
     summary["recommendation"] = recommendation(summary, runs, plan)
     summary["motion_reward"] = motion_gains(runs)
@@ -259,7 +258,7 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
         for name in shown:
             v = variants[name]
             for strength, at in [(None, v["at_budget"]), *v.get("scaled", {}).items()]:
-                table.append([v["label"] + (f", LoRA strength {strength}" if strength else ""),
+                table.append([_at_strength(v["label"], strength),
                               f"{v['tflop_per_step'] * 1e3:.2f}", str(v["steps"]), f"{len(v['seeds'])}/{plan['seeds']}",
                               *[_format(at[m], d) for m, (_, d) in METRICS.items()],
                               "" if strength else _format(v["edits_at_budget"]["quality"], 2)])
@@ -268,7 +267,7 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
              "Δ quality of edits (dB)"], table) + f"\n\n![{question}: gains against compute](world/study_{_slug(question)}.png)")
         questions[question] = shown
     if summary.get("motion_reward"):
-        rows = [[variants[name]["label"] + (f", LoRA strength {strength}" if strength else ""),
+        rows = [[_at_strength(variants[name]["label"], strength),
                  variants[g["against"]]["label"], str(g["seeds"]), *[_format(at[m], METRICS[m][1]) for m in MOTION_METRICS]]
                 for name, g in summary["motion_reward"].items() for strength, at in [(None, g), *g["scaled"].items()]]
         lines.append("**What the motion reward adds to the image reward** (from noise, at the base recipe's compute, "
@@ -338,6 +337,10 @@ def _render_overoptimisation(over: dict, variant: dict) -> str:
                               "steps kept"], rows))
 
 
+def _at_strength(label: str, strength: str | None) -> str:
+    return label + (f", LoRA strength {strength}" if strength else "")
+
+
 def _slug(question: str) -> str:
     return question.lower().replace(" ", "-")
 
@@ -352,10 +355,8 @@ def plot(summary: dict, question: str, names: list[str], path: Path) -> None:
     for ax, metric in zip(axes, ("quality", "reward")):
         for i, name in enumerate(names):
             points = summary["variants"][name]["curve"]
-            x = [0.0] + [p["tflop"] for p in points]
-            mean = [0.0] + [p[metric]["mean"] for p in points]
-            low = [0.0] + [p[metric]["ci95"][0] for p in points]
-            high = [0.0] + [p[metric]["ci95"][1] for p in points]
+            x, mean, low, high = ([0.0, *v] for v in zip(*[(p["tflop"], p[metric]["mean"], *p[metric]["ci95"])
+                                                            for p in points]))  # from the base model at 0
             ax.plot(x, mean, "o-", color=f"C{i}", ms=3, label=summary["variants"][name]["label"])
             ax.fill_between(x, low, high, color=f"C{i}", alpha=0.15)
         ax.axhline(0, color="black", lw=0.8)
@@ -382,8 +383,7 @@ def report(plan: Plan = Plan(), folder: Path = RESULTS, results_md: Path = Path(
     base, runs, stale = load_records(folder, plan, assets or assets_digest(), root, config)
     summary = summarise(base, runs, plan)
     body, questions = render(summary, stale)
-    summary_text = json.dumps(summary, indent=1) + "\n"
-    targets = {folder / "summary.json": summary_text}
+    targets = {folder / "summary.json": json.dumps(summary, indent=1) + "\n"}
     if check:
         differ = [str(p) for p, text in targets.items() if not p.exists() or p.read_text() != text]
         current = results_md.read_text() if results_md.exists() else ""

@@ -197,13 +197,17 @@ def test_report_shows_the_motion_reward_alone_dialled_down_against_base_and_imag
     full strength it is 0.5 below. The scaled rows have no edits column: the edits were scored at full strength."""
     plan = Plan(seeds=2)
     assert VARIANT["reward-motion"].scales == (0.25, 0.5)
-    _write_cache(tmp_path / "results", plan, {"reward-motion": [[0.5] * 3] * 2, "tau-1.0-K-1": [[1.0] * 3] * 2},
-                 scaled={"reward-motion": {"0.25": [[1.25] * 3] * 2, "0.5": [[1.0] * 3] * 2}})
+    _write_cache(tmp_path / "results", plan, {"reward-motion": [[0.5] * 3] * 2, "tau-1.0-K-1": [[1.0] * 3] * 2,
+                                              "tau-1.0-K-1-long": [[1.0] * 3] * 2},
+                 scaled={"reward-motion": {"0.25": [[1.25] * 3] * 2, "0.5": [[1.0] * 3] * 2},
+                         "tau-1.0-K-1-long": {"0.25": [[2.0] * 3] * 2}})
     summary = summarise(*load_records(tmp_path / "results", plan, ASSETS, config=NO_CONFIG)[:2], plan)
     scaled = summary["variants"]["reward-motion"]["scaled"]
     assert [scaled[s]["quality"] for s in ("0.25", "0.5")] == [{"mean": 1.25, "ci95": [1.25, 1.25]},
                                                               {"mean": 1.0, "ci95": [1.0, 1.0]}]
-    assert "scaled" not in summary["variants"]["tau-1.0-K-1"]
+    # a longer variant's strengths are scored at the end of its budget, not at the base recipe's: not in its row
+    assert "scaled" not in summary["variants"]["tau-1.0-K-1-long"]
+    assert summary["overoptimisation"]["tau-1.0-K-1-long"]["guards"]["last weights at strength 0.25"]["quality"]["mean"] == 2.0
     gains = summary["motion_reward"]["reward-motion"]
     assert gains["quality"]["mean"] == -0.5
     assert [gains["scaled"][s]["quality"]["mean"] for s in ("0.25", "0.5")] == [0.25, 0.0]
