@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.code_trace import ROOT, CodeTrace, changed, code_digests
-from bench.study_plan import ADDED_OPTIONS, DEFAULT, STUDY_BASE, VARIANTS, Plan, Variant
+from bench.study_plan import ADDED_OPTIONS, CONFIG_RESOLUTION, DEFAULT, STUDY_BASE, VARIANTS, Plan, Variant
 
 
 RESULTS = Path(__file__).parent / "world" / "results"
@@ -82,13 +82,25 @@ def record_path(folder: Path, variant: Variant | None, seed: int | None) -> Path
     return folder / ("base.json" if variant is None else f"{variant.name}-seed{seed}.json")
 
 
+def _configuration_code(entry: str) -> bool:
+    """Whether ``entry`` ("file:function") only defines or resolves the training configuration, which a record's
+    key holds: its changes count through that configuration alone."""
+    return entry == SETTINGS or entry in CONFIG_RESOLUTION
+
+
+def changed_code(code: dict[str, str], root: Path = ROOT) -> list[str]:
+    """The entries of a record's ``code`` whose code has changed, but for the configuration's."""
+    return [entry for entry in changed(code, root) if not _configuration_code(entry)]
+
+
 def staleness(record: dict, identity: dict, root: Path = ROOT) -> str | None:
     """None when ``record`` was made with ``identity`` and the code it ran under ``root`` is unchanged; else what
-    differs (options, seed, plan, assets, or the code: which functions)."""
+    differs (options, seed, plan, assets, or the code: which functions; code that only resolves the configuration
+    is judged by the configuration it resolves to, ``CONFIG_RESOLUTION``)."""
     if record.get("key") != record_key(identity):
         differ = [name for name in identity if record["identity"].get(name) != identity[name]]
         return ", ".join(differ) or "key"
-    code = changed(record["code"], root)
+    code = changed_code(record["code"], root)
     if code:
         return "code: " + ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
     return None
@@ -257,7 +269,7 @@ def _write_record(path: Path, record: dict) -> None:
 
 
 def current_code(ran: set) -> dict[str, str]:
-    return {k: v for k, v in code_digests(ran).items() if k != SETTINGS}
+    return {k: v for k, v in code_digests(ran).items() if not _configuration_code(k)}
 
 
 def run_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> None:
@@ -395,7 +407,7 @@ def verify_study(plan: Plan, variants=VARIANTS, folder: Path = RESULTS) -> list[
                 other, why = load(variant, other_seed)[2:]  # as it is now that it is claimed
                 if why is None or not why.startswith("code:"):
                     continue
-                if not set(changed(other["code"])) <= covered:  # it ran changed code the verification did not
+                if not set(changed_code(other["code"])) <= covered:  # it ran changed code the verification did not
                     uncovered += 1
                     continue
                 # what it ran that still exists, and what the seed run again ran (what replaces removed functions)

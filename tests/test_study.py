@@ -8,8 +8,8 @@ import socket
 import pytest
 
 from bench.code_trace import CodeTrace, changed, code_digests
-from bench.study import record_identity, record_key, record_path, staleness
-from bench.study_plan import VARIANTS, Plan, Variant
+from bench.study import current_code, record_identity, record_key, record_path, staleness
+from bench.study_plan import CONFIG_RESOLUTION, VARIANTS, Plan, Variant
 from bench.study_report import (_render_overoptimisation, early_stop_point, load_records, overoptimisation, render,
                                 report, summarise)
 
@@ -110,6 +110,24 @@ def test_record_key_follows_every_setting_and_the_assets(tmp_path):
     assert staleness(record, identity, tmp_path) is None
     _fixture_code(tmp_path, MODULE_V1.replace("SCALE * x", "SCALE * x * x"))
     assert staleness(record, identity, tmp_path) == "code: engine/fixture.py:used"
+
+
+def test_code_that_only_resolves_the_configuration_counts_through_the_configuration():
+    """A change to the code that turns options into the training configuration (parsing, --help, presets) stales a
+    record only where the configuration it resolves to changes, which the key holds; a change to code the run uses
+    with that configuration stales it as before. Every such entry names a function that exists."""
+    from bench.code_trace import ROOT, code_digests
+
+    plan = Plan(seeds=1)
+    identity = record_identity(VARIANT["tau-1.0"], 0, plan, ASSETS)
+    record = {"key": record_key(identity), "identity": identity,
+              "code": {entry: "an old digest" for entry in sorted(CONFIG_RESOLUTION)}}
+    assert staleness(record, identity) is None
+    record["code"]["engine/config.py:TrainConfig.grad_steps_resolved"] = "an old digest"
+    assert staleness(record, identity) == "code: engine/config.py:TrainConfig.grad_steps_resolved"
+    ran = {(str(ROOT / entry.split(":")[0]), entry.split(":")[1]) for entry in CONFIG_RESOLUTION}
+    assert set(code_digests(ran)) >= CONFIG_RESOLUTION  # each still names a function
+    assert not set(current_code(ran)) & CONFIG_RESOLUTION  # and a new record does not list it
 
 
 def _rows(values):
