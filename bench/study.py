@@ -115,12 +115,13 @@ def evaluation_pairs(plan: Plan):
 
 
 def scorer():
-    """The reward every record is scored with: the built-in reward on the SegVR evaluation frames, whatever the
-    variant trained with."""
+    """The reward every record is scored with: the world preset's scoring reward on the SegVR evaluation frames,
+    whatever the variant trained with."""
+    from engine.builtin import BUILTINS
     from engine.rewards import build_reward
     from engine.video_reward import SegmentalReward
 
-    return SegmentalReward(build_reward("hpsv2:world"))
+    return SegmentalReward(build_reward(BUILTINS["world"].reward))
 
 
 def _config(options: list[str], seed: int, steps: int, folder: Path):

@@ -165,6 +165,20 @@ def test_yaml_config_and_flag_precedence(tmp_path):
     assert (real.num_frames, real.lr, real.batch_size) == (16, 1e-5, 2)
 
 
+def test_help_gives_a_model_folders_defaults_and_each_built_in_models(capsys):
+    """--help says what each option is for a model folder and, where a built-in model's preset sets another value,
+    for that model: the default job's reward is the preset's (a mix), and a folder has none (it must name one)."""
+    with pytest.raises(SystemExit):
+        resolve_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    world, tiny = ({"reward": p.reward, **p.train_options} for p in (BUILTINS["world"], BUILTINS["tiny"]))
+    assert (f"optimizer steps (default: {TrainConfig.steps}; world: {world['steps']}; tiny: {tiny['steps']})") in text
+    assert f"the built-in models bring their own (world: {world['reward']}; tiny: {tiny['reward']})" in text
+    assert f"(default: {TrainConfig.reward})" not in text and "(default: None)" not in text
+    assert f"(default: {TrainConfig.ddim_steps})" in text and "TAR on (off = uniform weights) (default: on)" in text
+    assert "LoRA alpha (default: the rank, i.e. scale 1) --lr" in text  # said in words: no second default
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tau", "1.5"], "--tau"),
     (["--grad-steps", "21"], "--grad-steps"),  # the default job runs 20 steps (tau 1.0 of D = 20)
