@@ -38,10 +38,10 @@ class Builtin:
 
     @property
     def train_options(self) -> dict[str, Any]:
-        """Its training preset (between engine.config's defaults and a YAML file), ``engine/presets/NAME.yaml``:
-        data, not code, so that changing the default job changes the configuration a study record is keyed by
-        and none of the code it ran."""
-        return yaml.safe_load((PRESETS / f"{self.name}.yaml").read_text())
+        """Its training preset (between engine.config's defaults and a YAML file): its scoring reward unless
+        ``engine/presets/NAME.yaml`` names another, and that file's options; data, not code, so that changing the
+        default job changes the configuration a study record is keyed by and none of the code it ran."""
+        return {"reward": self.reward, **yaml.safe_load((PRESETS / f"{self.name}.yaml").read_text())}
 
     def build(self, seed: int, device: str | torch.device) -> VideoDiffusion:
         raise NotImplementedError

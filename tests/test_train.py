@@ -171,10 +171,10 @@ def test_help_gives_a_model_folders_defaults_and_each_built_in_models(capsys):
     with pytest.raises(SystemExit):
         resolve_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
-    world, tiny = ({"reward": p.reward, **p.train_options} for p in (BUILTINS["world"], BUILTINS["tiny"]))
-    assert (f"optimizer steps (default: {TrainConfig.steps}; world: {world['steps']}; tiny: {tiny['steps']})") in text
+    world, tiny = BUILTINS["world"].train_options, BUILTINS["tiny"].train_options
+    assert (f"optimizer steps (world: {world['steps']}; tiny: {tiny['steps']}; a model folder: {TrainConfig.steps})") in text
     assert f"the built-in models bring their own (world: {world['reward']}; tiny: {tiny['reward']})" in text
-    assert f"(default: {TrainConfig.reward})" not in text and "(default: None)" not in text
+    assert "a model folder: None" not in text and "(default: None)" not in text
     assert f"(default: {TrainConfig.ddim_steps})" in text and "TAR on (off = uniform weights) (default: on)" in text
     assert "LoRA alpha (default: the rank, i.e. scale 1) --lr" in text  # said in words: no second default
 
