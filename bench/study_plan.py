@@ -101,7 +101,7 @@ ADDED_OPTIONS = {"decode_recompute": False, "text_encoder": "live", "attention":
 # Code that does nothing but resolve a run's options into its training configuration. A record's key holds that
 # configuration, resolved again by today's code whenever the record is checked, so a change here stales exactly the
 # records whose configuration it changes: how `--help` reads, say, leaves every record current.
-CONFIG_RESOLUTION = frozenset({"engine/config.py:resolve_config", "engine/config.py:build_parser",
+CONFIG_RESOLUTION = frozenset({"engine/config.py:resolve_config", "engine/config.py:build_parser", "engine/config.py:_help",
                                "engine/config.py:_field_type", "engine/builtin.py:Builtin.train_options"})
 
 
