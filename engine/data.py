@@ -108,6 +108,7 @@ def probe_video(path: str | Path) -> float:
             next(container.decode(stream))
             container.seek(0)
             times = sorted((p.pts, p.duration or 0) for p in container.demux(stream) if p.pts is not None)
+            time_base = stream.time_base  # PyAV 18 refuses a stream's attributes once its container is closed
     except (av.error.FFmpegError, IndexError, OSError, StopIteration) as err:
         raise UserError(f"video {path} cannot be decoded ({err or 'no frames'}); re-encode it (e.g. H.264 mp4) or remove it from the captions file") from None
     if not times:
@@ -115,7 +116,7 @@ def probe_video(path: str | Path) -> float:
     last, duration = times[-1]
     if not duration and len(times) > 1:
         duration = (last - times[0][0]) / (len(times) - 1)
-    return float((last + duration) * stream.time_base)
+    return float((last + duration) * time_base)
 
 
 def check_lengths(lengths: dict[Path, float], num_frames: int, fps: float) -> None:
