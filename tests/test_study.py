@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from bench.code_trace import CodeTrace, changed, code_digests
+from bench.code_trace import ROOT, CodeTrace, changed, code_digests
 from bench.study import current_code, record_identity, record_key, record_path, staleness
 from bench.study_plan import CONFIG_RESOLUTION, VARIANTS, Plan, Variant
 from bench.study_report import (_render_overoptimisation, early_stop_point, load_records, overoptimisation, render,
@@ -116,8 +116,6 @@ def test_code_that_only_resolves_the_configuration_counts_through_the_configurat
     """A change to the code that turns options into the training configuration (parsing, --help, presets) stales a
     record only where the configuration it resolves to changes, which the key holds; a change to code the run uses
     with that configuration stales it as before. Every such entry names a function that exists."""
-    from bench.code_trace import ROOT, code_digests
-
     plan = Plan(seeds=1)
     identity = record_identity(VARIANT["tau-1.0"], 0, plan, ASSETS)
     record = {"key": record_key(identity), "identity": identity,
