@@ -131,7 +131,7 @@ def motion_gains(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     the seeds both have, at one base recipe's compute: does the motion reward bring what the image reward does not?"""
     gains = {}
     for variant in VARIANTS:
-        if not any("motion:" in o for o in variant.options) or not runs[variant.name]:
+        if variant.question != "reward" or not any("motion:" in o for o in variant.options) or not runs[variant.name]:
             continue
         against = image_reward_alone(variant).name
         compared = {m: paired_difference(runs, variant.name, against, m) for m in MOTION_METRICS}
