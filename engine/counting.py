@@ -14,6 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatc
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from kernels.dispatch import set_backend
+
 
 def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
     return sdpa_flop_count(query.shape, key.shape, value.shape)
@@ -39,13 +41,27 @@ class FlopCount(TorchDispatchMode):
     layouts and other values alone, and the meta kernels take most of a count's time. So an op seen before with the
     same arguments (a chain repeats every step's) returns fresh empty tensors of the layouts it returned then, and
     adds the FLOPs it counted then, without running again; in every process, for every FlopCount. Ops that mutate or
-    alias their arguments, ops off the meta device and ops with other dispatch modes below this one always run."""
+    alias their arguments, ops off the meta device and ops with other dispatch modes below this one always run.
+
+    While it counts, every kernel op runs its PyTorch reference (``kernels.dispatch``): a Triton kernel does the same
+    arithmetic but is one launch the dispatcher never sees, so with kernels on (CUDA, or the CPU under
+    TRITON_INTERPRET=1) a count would leave out their work, and differently in a gradient step and a no-gradient one."""
 
     _seen: dict = {}  # (op, arguments) -> (FLOPs, outputs' _layouts), or None: always run
 
     def __init__(self, reuse: bool = True):
         super().__init__()
         self.total, self.reuse = 0, reuse
+
+    def __enter__(self) -> "FlopCount":
+        self._backend = set_backend("reference")
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            set_backend(self._backend)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
