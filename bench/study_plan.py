@@ -70,6 +70,8 @@ VARIANTS = (
             ("--tau", "1.0", "--grad-steps", "1", "--reward", "hpsv2:world,motion:world@0.5", "--lr", "3e-3"),
             scales=(0.5,)),
 )
+# What the report shows beside a variant, after the base recipe, in its question's table and plot: the recipe it varies.
+BESIDE = {"lr-3e-3": "reward-mixed"}
 
 
 def image_reward_alone(variant: Variant) -> Variant:

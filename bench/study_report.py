@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.report import markdown_table
 from bench.study import (ROOT, RESULTS, assets_digest, evaluation_pairs, record_identity, record_path, run_config,
                          staleness)
-from bench.study_plan import CLAIMS, DEFAULT, STUDY_BASE, VARIANTS, Plan, image_reward_alone
+from bench.study_plan import BESIDE, CLAIMS, DEFAULT, STUDY_BASE, VARIANTS, Plan, image_reward_alone
 from engine.stats import hierarchical_bootstrap
 
 PLOTS = Path(__file__).parent / "world"
@@ -253,7 +253,8 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
     for name, v in variants.items():
         questions.setdefault(v["question"], []).append(name)
     for question, names in questions.items():
-        shown = names if question == DEFAULT.question else ["default", *names] if "default" in variants else names
+        beside = [BESIDE[name] for name in names if BESIDE.get(name) in variants]
+        shown = names if question == DEFAULT.question else [*(["default"] if "default" in variants else []), *beside, *names]
         table = []
         for name in shown:
             v = variants[name]
@@ -367,8 +368,7 @@ def plot(summary: dict, question: str, names: list[str], path: Path) -> None:
     fig.suptitle(f"{question}: paired gain from noise over the base model, 95% bands", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    fig.savefig(path, metadata={"Software": None}), plt.close(fig)
 
 
 def report(plan: Plan = Plan(), folder: Path = RESULTS, results_md: Path = Path(__file__).parent / "RESULTS.md",

@@ -207,6 +207,19 @@ def test_report_says_what_the_motion_reward_adds_to_the_image_reward(tmp_path):
             "together) | 2 | +0.00 [+0.00, +0.00] | +0.000 [+0.000, +0.000] | +0.50 [+0.50, +0.50] |") in render(summary, [])[0]
 
 
+def test_a_variant_of_the_default_jobs_recipe_is_shown_beside_that_recipe(tmp_path):
+    """lr-3e-3 is the default job's recipe (reward-mixed) at twice its learning rate: its question's table and plot
+    show reward-mixed after the base recipe. It trains on the motion reward too, but it is no reward variant: the
+    motion reward's comparison with the image reward alone leaves it out."""
+    plan = Plan(seeds=2)
+    _write_cache(tmp_path / "results", plan, {"default": [[0.5] * 3] * 2, "reward-mixed": [[1.5] * 3] * 2,
+                                              "tau-1.0-K-1": [[1.0] * 3] * 2, "lr-3e-3": [[1.0] * 3] * 2},
+                 scaled={"lr-3e-3": {"0.5": [[1.25] * 3] * 2}})
+    summary = summarise(*load_records(tmp_path / "results", plan, ASSETS, config=NO_CONFIG)[:2], plan)
+    assert set(summary["motion_reward"]) == {"reward-mixed"}
+    assert render(summary, [])[1]["learning rate"] == ["default", "reward-mixed", "lr-3e-3"]
+
+
 def test_report_shows_the_motion_reward_alone_dialled_down_against_base_and_image_reward(tmp_path):
     """The motion reward alone is also scored with its LoRA at 0.25 and 0.5 (``scales``): by hand, +1.25 and +1.0 dB
     over the base model in every clip, so +0.25 and 0.0 over the image reward alone at full strength (+1.0); at
