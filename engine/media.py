@@ -46,22 +46,48 @@ def write_gif(frames: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
     return Path(path)
 
 
+def _labelled(image: np.ndarray, row_height: int, labels: list[str] | None, column_width: int = 0,
+              column_labels: list[str] | None = None):
+    """``image`` (uint8 [H, W, 3]) on white, with ``labels`` in a band to the left of its rows and
+    ``column_labels`` in a band above its columns, when given."""
+    from PIL import Image, ImageDraw
+
+    band = 8 + 6 * max(map(len, labels)) if labels else 0
+    top = 16 if column_labels else 0
+    canvas = Image.new("RGB", (image.shape[1] + band, image.shape[0] + top), "white")
+    canvas.paste(Image.fromarray(image), (band, top))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(labels or []):
+        draw.text((4, top + i * row_height + row_height // 2 - 5), label, fill="black")
+    for j, label in enumerate(column_labels or []):
+        draw.text((band + j * column_width + 4, 2), label, fill="black")
+    return canvas
+
+
 def write_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | None = None) -> Path:
     """One PNG: each row a video's frames side by side (e.g. before above after), with ``labels`` written in a
     band to the left of the rows when given."""
-    from PIL import Image, ImageDraw
-
     strips = [np.concatenate(list(to_uint8(r, min_size=64)), axis=1) for r in rows]
-    grid = Image.fromarray(np.concatenate(strips, axis=0))
-    if labels:
-        band, height = 8 + 6 * max(len(label) for label in labels), strips[0].shape[0]
-        labelled = Image.new("RGB", (grid.width + band, grid.height), "white")
-        labelled.paste(grid, (band, 0))
-        draw = ImageDraw.Draw(labelled)
-        for i, label in enumerate(labels):
-            draw.text((4, i * height + height // 2 - 5), label, fill="black")
-        grid = labelled
-    grid.save(str(path))
+    _labelled(np.concatenate(strips, axis=0), strips[0].shape[0], labels).save(str(path))
+    return Path(path)
+
+
+GUTTER = 4  # white pixels between the videos of an animated grid
+
+
+def write_grid_gif(rows: list[list[torch.Tensor]], path: str | Path, labels: list[str], column_labels: list[str],
+                   fps: float = 8.0) -> Path:
+    """An animated GIF of videos side by side, playing together: each row a list of videos of one length (e.g. a
+    prompt's before and after), ``labels`` to the left of the rows, ``column_labels`` above the columns. What
+    changes from frame to frame (an object's wobble, an outline that boils) shows in a loop, not in a frame grid."""
+    def side_by_side(row):  # [F, H, columns * (W + GUTTER), 3], a white gutter right of each video
+        return np.concatenate([np.pad(to_uint8(v), ((0, 0), (0, 0), (0, GUTTER), (0, 0)), constant_values=255)
+                               for v in row], axis=2)
+
+    cells = [side_by_side(row) for row in rows]
+    height, width = cells[0].shape[1], cells[0].shape[2] // len(rows[0])
+    images = [_labelled(frame, height, labels, width, column_labels) for frame in np.concatenate(cells, axis=1)]
+    images[0].save(str(path), save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     return Path(path)
 
 
