@@ -458,8 +458,8 @@ def test_cli_fine_tunes_resumes_and_exports_for_the_stock_pipeline(saved, tmp_pa
     assert any(v.abs().sum() > 0 for k, v in lora["run"].items() if "lora_B" in k)
     assert (tmp_path / "run" / "samples" / "before_after.png").stat().st_size > 0
     held_out = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["num_held_out"]
-    played = Image.open(tmp_path / "run" / "samples" / "before_after.gif")  # a row per prompt: before, after, |diff|
-    assert played.n_frames == SIZE["num_frames"] and played.size == (8 + 6 * len("00") + 3 * (128 + 4), 16 + held_out * 128)
+    played = Image.open(tmp_path / "run" / "samples" / "before_after.gif")  # a row per prompt: before, after
+    assert played.n_frames == SIZE["num_frames"] and played.size == (8 + 6 * len("00") + 2 * (128 + 4), 16 + held_out * 128)
 
     export(["--model", str(folder), "--lora", str(tmp_path / "run" / "lora"), "--output", str(tmp_path / "export")])
     tuned = load_model(folder)

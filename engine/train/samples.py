@@ -24,8 +24,8 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
     (``edit_qualities``: base, fine-tuned) for the world model's clips. ``before_after.png`` shows, under each before /
     after pair, where they differ; or, for the world model's clips (``clips``), each one's error against the clean
     render its gold quality is measured against, labelled with that quality: the changes are too fine to see side
-    by side, their effect on the error is not. ``before_after.gif`` plays the same videos side by side, a row per
-    prompt, where what changes from frame to frame (a wobble, an outline that boils) shows."""
+    by side, their effect on the error is not. ``before_after.gif`` plays each before / after pair side by side, a
+    row per prompt, where what changes from frame to frame (a wobble, an outline that boils) shows."""
     folder.mkdir(exist_ok=True)
     written, rows, labels, played, played_labels = [], [], [], [], []
     for i, pair in enumerate(zip(before, after)):
@@ -38,22 +38,19 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
         written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
         clip = clips[i] if clips else None
         if clip is None:
-            shown = [videos["before"], videos["after"], difference(videos["before"], videos["after"])]
+            rows += [videos["before"], videos["after"], difference(videos["before"], videos["after"])]
             labels += [f"{i:02d} before", "after", f"|diff| x{DIFFERENCE_GAIN}"]
-            columns = ["before", "after", f"|diff| x{DIFFERENCE_GAIN}"]
             played_labels.append(f"{i:02d}")
         else:
             quality = {label: gold_metrics(video, clip)["quality"] for label, video in videos.items()}
-            shown = [videos["before"], videos["after"], *(difference(clean_reference(v.float().cpu().clamp(0, 1), clip),
-                                                                     v) for v in videos.values())]
+            rows += [videos["before"], videos["after"],
+                     *(difference(clean_reference(v.float().cpu().clamp(0, 1), clip), v) for v in videos.values())]
             labels += [f"{i:02d} before {quality['before']:.1f} dB", f"after {quality['after']:.1f} dB",
                        f"|before - clean| x{DIFFERENCE_GAIN}", f"|after - clean| x{DIFFERENCE_GAIN}"]
-            columns = ["before", "after", f"|before-clean| x{DIFFERENCE_GAIN}", f"|after-clean| x{DIFFERENCE_GAIN}"]
             played_labels.append(f"{i:02d} {quality['before']:.1f} -> {quality['after']:.1f} dB")
-        rows += shown
-        played.append(shown)
+        played.append([videos["before"], videos["after"]])
     written.append(media.write_grid(rows, folder / "before_after.png", labels))
-    written.append(media.write_grid_gif(played, folder / "before_after.gif", played_labels, columns, fps))
+    written.append(media.write_grid_gif(played, folder / "before_after.gif", played_labels, ["before", "after"], fps))
     if edits:
         rows = [model.decode_video(latent.to(model.device)) for triple in edits for latent in triple]
         labels = []
