@@ -37,18 +37,18 @@ def write_samples(folder: Path, model: VideoDiffusion, prompts: list[str], befor
             tracker.video(f"samples/{i:02d}_{label}", videos[label], step, fps)
         written.append(media.write_grid([videos["before"], videos["after"]], folder / f"{i:02d}_before_after.png"))
         clip = clips[i] if clips else None
+        played.append([videos["before"], videos["after"]])
         if clip is None:
             rows += [videos["before"], videos["after"], difference(videos["before"], videos["after"])]
             labels += [f"{i:02d} before", "after", f"|diff| x{DIFFERENCE_GAIN}"]
             played_labels.append(f"{i:02d}")
-        else:
-            quality = {label: gold_metrics(video, clip)["quality"] for label, video in videos.items()}
-            rows += [videos["before"], videos["after"],
-                     *(difference(clean_reference(v.float().cpu().clamp(0, 1), clip), v) for v in videos.values())]
-            labels += [f"{i:02d} before {quality['before']:.1f} dB", f"after {quality['after']:.1f} dB",
-                       f"|before - clean| x{DIFFERENCE_GAIN}", f"|after - clean| x{DIFFERENCE_GAIN}"]
-            played_labels.append(f"{i:02d} {quality['before']:.1f} -> {quality['after']:.1f} dB")
-        played.append([videos["before"], videos["after"]])
+            continue
+        quality = {label: gold_metrics(video, clip)["quality"] for label, video in videos.items()}
+        rows += [videos["before"], videos["after"], *(difference(clean_reference(v.float().cpu().clamp(0, 1), clip), v)
+                                                      for v in videos.values())]
+        labels += [f"{i:02d} before {quality['before']:.1f} dB", f"after {quality['after']:.1f} dB",
+                   f"|before - clean| x{DIFFERENCE_GAIN}", f"|after - clean| x{DIFFERENCE_GAIN}"]
+        played_labels.append(f"{i:02d} {quality['before']:.1f} -> {quality['after']:.1f} dB")
     written.append(media.write_grid(rows, folder / "before_after.png", labels))
     written.append(media.write_grid_gif(played, folder / "before_after.gif", played_labels, ["before", "after"], fps))
     if edits:
