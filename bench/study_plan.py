@@ -74,12 +74,13 @@ VARIANTS = (
 BESIDE = {"lr-3e-3": "reward-mixed"}
 
 
-def image_reward_alone(variant: Variant) -> Variant:
-    """The variant that differs from ``variant`` only in fine-tuning with the image reward alone (as ``STUDY_BASE`` does)."""
+def image_reward_alone(variant: Variant) -> Variant | None:
+    """The variant that differs from ``variant`` only in fine-tuning with the image reward alone (as ``STUDY_BASE``
+    does), if the study has one."""
     options = list(variant.options)
     at = options.index("--reward")
     del options[at:at + 2]
-    return next(v for v in VARIANTS if v.options == tuple(options))
+    return next((v for v in VARIANTS if v.options == tuple(options)), None)
 
 
 @dataclass(frozen=True)

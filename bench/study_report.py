@@ -127,13 +127,15 @@ MOTION_METRICS = ("jitter", "direction_acc", "quality")  # what a motion reward 
 
 
 def motion_gains(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
-    """Each variant fine-tuned with the motion reward minus the same recipe with the image reward alone, paired on
-    the seeds both have, at one base recipe's compute: does the motion reward bring what the image reward does not?"""
+    """Each variant fine-tuned with the motion reward minus the same recipe with the image reward alone (if the
+    study has it), paired on the seeds both have, at one base recipe's compute: does the motion reward bring what
+    the image reward does not?"""
     gains = {}
     for variant in VARIANTS:
-        if variant.question != "reward" or not any("motion:" in o for o in variant.options) or not runs[variant.name]:
+        motion = any("motion:" in o for o in variant.options) and runs[variant.name]
+        if not motion or (twin := image_reward_alone(variant)) is None:
             continue
-        against = image_reward_alone(variant).name
+        against = twin.name
         compared = {m: paired_difference(runs, variant.name, against, m) for m in MOTION_METRICS}
         if all(c is not None for c in compared.values()):
             gains[variant.name] = {"against": against, "seeds": len(compared["jitter"][0]),
@@ -253,8 +255,9 @@ def render(summary: dict, stale: list[str]) -> tuple[str, dict[str, list[str]]]:
     for name, v in variants.items():
         questions.setdefault(v["question"], []).append(name)
     for question, names in questions.items():
-        beside = [BESIDE[name] for name in names if BESIDE.get(name) in variants]
-        shown = names if question == DEFAULT.question else [*(["default"] if "default" in variants else []), *beside, *names]
+        beside = [BESIDE[name] for name in names if BESIDE.get(name) in variants]  # none in the base recipe's question
+        first = ["default"] if "default" in variants else []
+        shown = names if question == DEFAULT.question else list(dict.fromkeys([*first, *beside, *names]))
         table = []
         for name in shown:
             v = variants[name]
@@ -368,7 +371,8 @@ def plot(summary: dict, question: str, names: list[str], path: Path) -> None:
     fig.suptitle(f"{question}: paired gain from noise over the base model, 95% bands", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None}), plt.close(fig)
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
 
 
 def report(plan: Plan = Plan(), folder: Path = RESULTS, results_md: Path = Path(__file__).parent / "RESULTS.md",

@@ -43,25 +43,31 @@ class FlopCount(TorchDispatchMode):
     adds the FLOPs it counted then, without running again; in every process, for every FlopCount. Ops that mutate or
     alias their arguments, ops off the meta device and ops with other dispatch modes below this one always run.
 
-    While it counts, every kernel op runs its PyTorch reference (``kernels.dispatch``): a Triton kernel does the same
-    arithmetic but is one launch the dispatcher never sees, so with kernels on (CUDA, or the CPU under
-    TRITON_INTERPRET=1) a count would leave out their work, and differently in a gradient step and a no-gradient one."""
+    Everything inside the block runs the kernels' PyTorch reference (``kernels.dispatch``; saved bytes and a planner's
+    measurements made there too): a Triton kernel does the same arithmetic but is one launch the dispatcher never
+    sees, and the fused CFG+DDIM step saves no tensors, so with kernels on (CUDA, or the CPU under TRITON_INTERPRET=1)
+    a count would leave out their work and a checkpointed step's recomputation would stop one convolution early. The
+    backend found on entry comes back on exit (last in, first out), whatever was set inside."""
 
     _seen: dict = {}  # (op, arguments) -> (FLOPs, outputs' _layouts), or None: always run
 
     def __init__(self, reuse: bool = True):
         super().__init__()
-        self.total, self.reuse = 0, reuse
+        self.total, self.reuse, self._backends = 0, reuse, []
 
     def __enter__(self) -> "FlopCount":
-        self._backend = set_backend("reference")
-        return super().__enter__()
+        self._backends.append(set_backend("reference"))
+        try:
+            return super().__enter__()
+        except BaseException:
+            set_backend(self._backends.pop())
+            raise
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            set_backend(self._backend)
+            set_backend(self._backends.pop())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

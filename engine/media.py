@@ -48,8 +48,8 @@ def write_gif(frames: torch.Tensor, path: str | Path, fps: float = 8.0) -> Path:
 
 def _labelled(image: np.ndarray, row_height: int, labels: list[str] | None, column_width: int = 0,
               column_labels: list[str] | None = None):
-    """``image`` (uint8 [H, W, 3]) on white, with ``labels`` in a band to the left of its rows and
-    ``column_labels`` in a band above its columns, when given."""
+    """A PIL image: ``image`` (uint8 [H, W, 3]) on white, with ``labels`` in a band to the left of its rows and
+    ``column_labels`` (each ``column_width`` apart) in a band above its columns, when given."""
     from PIL import Image, ImageDraw
 
     band = 8 + 6 * max(map(len, labels)) if labels else 0

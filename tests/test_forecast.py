@@ -184,15 +184,26 @@ def test_frozen_weights_are_counted_in_the_dtype_the_run_holds_them(tmp_path):
         forecast(resolve_config(["--model", str(folder), *SMALL, "--frozen-dtype", "bf16"]))
 
 
-
-def test_a_flop_count_runs_the_kernels_references_and_gives_the_backend_back():
-    """A Triton launch is invisible to the dispatcher, and a fused op's autograd saves other tensors than its
-    reference (the fused CFG+DDIM step saves none, so a checkpointed step's recomputation stops before its last
-    convolution): counted with the kernels on, here under the interpreter as on CUDA, bench/test_costs.py's
-    official-step count came out 2.4 MFLOP short. So FlopCount counts the reference path whatever the backend."""
+def test_a_flop_count_is_the_same_with_the_kernels_on_or_off_and_gives_the_backend_back():
+    """Here the kernels run (the interpreter), as on CUDA. A Triton launch is invisible to the dispatcher and the
+    fused CFG+DDIM step saves no tensors, so the official recipe's checkpointed step counted with them on came out
+    one convolution (2.4 MFLOP) short: FlopCount runs the reference path whatever the backend, and restores it."""
+    from bench.recipes import BY_KEY, Step
+    from engine.rewards import ColorfulnessReward
     from kernels.dispatch import Backend, get_backend, use_backend
 
-    with use_backend("fused"):
+    def count(backend: str) -> int:
+        torch.manual_seed(0)
+        step = Step(tiny_model(), ColorfulnessReward(), BY_KEY["official"], (4, 4, 8, 8), (77, 32), batch=2)
+        with use_backend(backend):
+            with FlopCount() as counter:
+                step("cpu")
+            assert get_backend() is Backend(backend)
+        return counter.total
+
+    assert count("fused") == count("reference") > 0
+    with use_backend("fused"), pytest.raises(RuntimeError):
         with FlopCount():
-            inside = get_backend()
-        assert inside is Backend.REFERENCE and get_backend() is Backend.FUSED
+            assert get_backend() is Backend.REFERENCE
+            raise RuntimeError
+    assert get_backend() is Backend.AUTO
