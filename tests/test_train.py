@@ -73,7 +73,7 @@ def test_default_cli_run_fine_tunes_the_world_model_and_shows_the_effect(default
     # each before / after pair side by side, playing, a row per prompt labelled with its gold quality before -> after
     played = Image.open(out / "samples" / "before_after.gif")
     assert played.n_frames == config["num_frames"]
-    label = f"00 {first['noise_gold_quality']:.1f} -> {last['noise_gold_quality']:.1f} dB"  # each "NN dd.d -> dd.d dB"
+    label = f"00 {30.0:.1f} -> {30.0:.1f} dB"  # "NN before -> after dB": the world's qualities are 10-99 dB
     assert played.size == (8 + 6 * len(label) + 2 * (128 + 4), 16 + config["num_held_out"] * 128)
     # the held-out edits the numbers above score: source, base edit, fine-tuned edit for every held-out prompt
     edits = Image.open(out / "samples" / "edits.png")
