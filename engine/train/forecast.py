@@ -33,7 +33,6 @@ from contextlib import contextmanager, nullcontext, redirect_stdout
 import torch
 import torch.distributed as dist
 
-import kernels
 from csrc import STAT_NAMES
 from engine.builtin import build_model, builtin
 from engine.config import TrainConfig
@@ -227,23 +226,18 @@ def _counted_step(config: TrainConfig, world_size: int, shares: int, target: str
         phase[0] = "backward"
         loss.backward()
 
-    previous = kernels.get_backend()
-    kernels.set_backend("reference")
-    try:
-        with fused_attention_on_meta(), NoGradReuse(model.denoiser):
-            if trainer.memory is not None and not flops_only:
-                with FlopCount():  # the planner measures its units on the first step, as it would on the device
-                    step()
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.memory.store.reset_peaks()
-            saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
-            modules = ModulePath(denoiser=model.denoiser, vae=model.vae, reward=reward)
-            where = lambda: (f"{modules.current()} ({phase[0]})" if modules.current() else  # noqa: E731
-                             "autograd's backward" if phase[0] == "backward" else "the forward, between modules")
-            with modules, FlopCount() as flops, LiveBytes("meta", where=where) as live:
-                step(saved if not flops_only else nullcontext())
-    finally:
-        kernels.set_backend(previous)
+    with fused_attention_on_meta(), NoGradReuse(model.denoiser):  # each step in a FlopCount: the kernels' reference
+        if trainer.memory is not None and not flops_only:
+            with FlopCount():  # the planner measures its units on the first step, as it would on the device
+                step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.memory.store.reset_peaks()
+        saved = SavedTensorMeter(model.denoiser, model.vae, model.text_encoder, reward)
+        modules = ModulePath(denoiser=model.denoiser, vae=model.vae, reward=reward)
+        where = lambda: (f"{modules.current()} ({phase[0]})" if modules.current() else  # noqa: E731
+                         "autograd's backward" if phase[0] == "backward" else "the forward, between modules")
+        with modules, FlopCount() as flops, LiveBytes("meta", where=where) as live:
+            step(saved if not flops_only else nullcontext())
     # gradients of trainable weights held in ``compute`` during the counted step are fp32 in the run
     grad_correction = trainable * (4 - torch.tensor([], dtype=compute).element_size()) if cfg.finetune == "full" else 0
     shards = world_size if cfg.finetune == "full" else 1
