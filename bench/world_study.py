@@ -35,9 +35,12 @@ from engine import train
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 PLOTS = Path(__file__).parent / "world"
-METRICS = {"reward": ("reward", 4), "quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3),
-           "shape_acc": ("shape right", 3), "motion": ("speed (px/frame)", 2), "jitter": ("jitter (px)", 2),
-           "direction_acc": ("direction right", 3)}
+METRICS = {"reward": ("reward", 4), "motion_reward": ("motion reward", 4), "quality": ("quality (dB)", 2),
+           "colour_acc": ("colour right", 3), "shape_acc": ("shape right", 3), "motion": ("speed (px/frame)", 2),
+           "jitter": ("jitter (px)", 2), "direction_acc": ("direction right", 3)}
+# The built-in video reward, which the default job mixes into what it trains on: Table 1 scores every clip with it
+# too, beside the image reward that scores every model (``bench.study.scorer``).
+MOTION_REWARD = "motion:world"
 
 
 class RecipeOption(NamedTuple):
@@ -72,19 +75,29 @@ def fine_tune(folder: Path, seed: int, options: list[str]) -> Path:
 
 
 def score_model(lora: Path | None, sets: dict[str, list], scale: float = 1.0) -> dict[str, list[dict[str, float]]]:
-    """Per set, every clip's reward and gold metrics, generated from the set's noise seeds by the world model
-    (with ``lora`` loaded at strength ``scale``): the same noise for every model, so clip i of two models forms a
-    pair."""
+    """Per set, every clip's reward, motion reward and gold metrics, generated from the set's noise seeds by the
+    world model (with ``lora`` loaded at strength ``scale``): the same noise for every model, so clip i of two models
+    forms a pair. The motion reward sees the frames it declares, at the clips' frame rate, as in training."""
     from bench.study import scorer
     from engine.builtin import build_model
     from engine.lora import load_lora, set_lora_scale
+    from engine.rewards import build_reward
+    from engine.video_reward import SegmentalReward
     from engine.world.figures import from_noise
 
-    model = build_model("world")
+    model, motion = build_model("world"), build_reward(MOTION_REWARD)
     if lora is not None:
         load_lora(model.denoiser, lora)
         set_lora_scale(model.denoiser, scale)
-    return {name: from_noise(model, pairs, scorer=scorer())[0] for name, pairs in sets.items()}
+    scores = {}
+    for name, pairs in sets.items():
+        rows, videos = from_noise(model, pairs, scorer=scorer())
+        clips = torch.stack(videos)
+        with torch.no_grad():
+            motions = motion(clips[:, motion.frame_indices(clips.shape[1], SegmentalReward.fps)],
+                             [clip.caption for clip, _ in pairs])
+        scores[name] = [row | {"motion_reward": score} for row, score in zip(rows, motions.tolist())]
+    return scores
 
 
 def assets_offset() -> int:
@@ -147,7 +160,8 @@ def describe_table1(seeds: int, recipe: list[str], scale: float) -> str:
     return (f"{seeds} fine-tuning seeds ({job}: tau {config.tau}, K {config.grad_steps}, {config.steps} steps, reward "
             f"`{config.reward}`{strength}; `--seed 0..{seeds - 1}`), each scored on the same initial noise as the base "
             "model; gain = mean over seeds of the per-clip paired gain, [95% interval] from the hierarchical bootstrap "
-            f"(seeds, then clips within a seed){scored}.")
+            f"(seeds, then clips within a seed){scored}; the motion reward rows score every clip with the built-in "
+            f"video reward `{MOTION_REWARD}` alone.")
 
 
 def plot_table1(summary: dict, path: Path) -> None:
@@ -156,8 +170,8 @@ def plot_table1(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("reward", "quality", "colour_acc", "shape_acc", "direction_acc")
-    fig, axes = plt.subplots(1, len(shown), figsize=(14, 3.2), dpi=120)
+    shown = ("reward", "motion_reward", "quality", "colour_acc", "shape_acc", "jitter", "direction_acc")
+    fig, axes = plt.subplots(1, len(shown), figsize=(19, 3.2), dpi=120)
     for ax, metric in zip(axes, shown):
         for i, (name, metrics) in enumerate(summary.items()):
             gain = metrics[metric]["gain"]
