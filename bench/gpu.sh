@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of under 10 minutes (the device tool's machine: Python 3.12,
-# torch 2.11, Triton 3.6, peft, transformers, timm; no diffusers or open_clip, so they travel as wheels in .whl/).
-# Prepare the wheels once on the development machine (see bench/RESULTS.md, "How the GPU figures are made"), then:
+# torch 2.11, Triton 3.6, peft, transformers, timm; no diffusers, open_clip or xformers, so they travel as wheels
+# in .whl/, about 11 MB). Make the wheels once on the development machine, where pip reaches the registries:
+#     bash bench/gpu.sh wheels                                      # the versions installed here, for Python 3.12
+# then on the GPU:
 #     run(command="bash bench/gpu.sh", carry=[".whl"])            # every part: about 11 minutes, too long for one call
 #     run(command="bash bench/gpu.sh kernels costs", carry=[".whl"]), then the same with "phases fit"
+# xformers 0.0.35 (built for torch 2.10) imports beside a newer torch without its C++ extension; its memory-efficient
+# attention then runs on the kernels PyTorch bundles (`python -m xformers.info`: cutlassF-pt, fa2F-pt), and
+# bench_kernels' temporal-attention rows include it. PyAV stays behind (36 MB): nothing here decodes or writes video.
+if [ "${1:-}" = wheels ]; then
+  pins=$(python3 -m pip list --format=freeze | grep -i -E '^(diffusers|open.clip.torch|ftfy|wcwidth)==')
+  exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $pins xformers==0.0.35
+fi
 PARTS=${*:-kernels costs phases fit}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 set -uo pipefail
@@ -15,6 +25,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -m engine.doctor > "$OUT/doctor.txt" 2>&1; grep -E "^(  (torch|triton|xformers) |attention|--attention)" "$OUT/doctor.txt"
 if want kernels; then
   # 1. kernels on CUDA against their references (the same tests the CPU runs through the interpreter)
   TRITON_INTERPRET=0 timeout 150 python3 -m pytest -q -x tests/test_kernels_cfg_ddim.py tests/test_kernels_lora_linear.py \

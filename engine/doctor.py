@@ -1,6 +1,6 @@
 """``python -m engine.doctor``: one screen about this machine and install to paste into a bug report (versions,
 the device and its bf16 support, free memory, the C++ extension, which fused kernels run and why any does not,
-the attention backend). Exit 0 whenever it could look; it changes nothing."""
+the attention backend, and what ``--attention xformers`` would run). Exit 0 whenever it could look; it changes nothing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from unittest import mock
 import torch
 
 PACKAGES = ("torch", "torchvision", "triton", "diffusers", "transformers", "peft", "open_clip_torch", "safetensors",
-            "av", "tensorboard", "nvidia-ml-py")
+            "av", "tensorboard", "nvidia-ml-py", "xformers")
 KERNELS = ("lora_linear", "temporal_attention", "cfg_ddim_step", "cfg_flow_step")
 
 
@@ -74,6 +74,23 @@ def _attention(device: torch.device) -> str:
             "(above), else the same SDPA")
 
 
+def _xformers(device: torch.device) -> str:
+    """What ``--attention xformers`` runs here: xformers' memory-efficient attention where it imports and runs once
+    at a small shape on ``device`` (diffusers switches a model to it on CUDA only), else SDPA, and why."""
+    try:
+        import xformers.ops as xops
+    except Exception as err:  # not installed, or built for another torch
+        return f"SDPA: xformers does not import ({type(err).__name__}: {err})"
+    if device.type != "cuda":
+        return "SDPA: xformers' memory-efficient attention runs on CUDA only"
+    try:
+        q = torch.randn(1, 16, 2, 32, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+    except Exception as err:  # its ops not loading beside this torch
+        return f"SDPA: xformers' attention fails here ({(str(err).strip().splitlines() or [type(err).__name__])[0]})"
+    return f"xformers' memory-efficient attention (xformers {_version('xformers')})"
+
+
 def _self_checks(device: torch.device) -> dict[str, str | None]:
     """Each kernel run once at a small shape, so that its self-check (kernels.dispatch) runs: kernel -> None
     (passed) or why it fell back to its reference."""
@@ -110,7 +127,8 @@ def report() -> str:
     fused, why = dispatch.device_status(device)
     checks = _self_checks(device) if fused else {}
     lines += [f"  {k:<19} {_kernel_state(k, fused, why, checks)}" for k in KERNELS]
-    lines += ["", f"attention: {_attention(device)}", f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"]
+    lines += ["", f"attention: {_attention(device)}", f"--attention xformers: {_xformers(device)}",
+              f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"]
     return "\n".join(lines)
 
 
