@@ -4,17 +4,18 @@
 # in .whl/, about 11 MB). Make the wheels once on the development machine, where pip reaches the registries:
 #     bash bench/gpu.sh wheels                                      # the versions installed here, for Python 3.12
 # then on the GPU:
-#     run(command="bash bench/gpu.sh", carry=[".whl"])            # every part: about 11 minutes, too long for one call
-#     run(command="bash bench/gpu.sh kernels costs", carry=[".whl"]), then the same with "phases fit"
-# xformers 0.0.35 (built for torch 2.10) imports beside a newer torch without its C++ extension; its memory-efficient
-# attention then runs on the kernels PyTorch bundles (`python -m xformers.info`: cutlassF-pt, fa2F-pt), and
-# bench_kernels' temporal-attention rows include it. PyAV stays behind (36 MB): nothing here decodes or writes video.
+#     run(command="bash bench/gpu.sh", carry=[".whl"])            # every part: about 12 minutes, too long for one call
+#     run(command="bash bench/gpu.sh kernels costs", carry=[".whl"]), then the same with "phases fit xformers"
+# xformers 0.0.35 (built for torch 2.10) imports beside a newer torch without its C++ extension, and lists its
+# memory-efficient attention on the kernels PyTorch bundles as available (`python -m xformers.info`: cutlassF-pt,
+# fa2F-pt); bench_kernels' temporal-attention rows and bench.attention_cuda include it. PyAV stays behind (36 MB):
+# nothing here decodes or writes video.
 if [ "${1:-}" = wheels ]; then
   pins=$(python3 -m pip list --format=freeze | grep -i -E '^(diffusers|open.clip.torch|ftfy|wcwidth)==')
   exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $pins xformers==0.0.35
 fi
-PARTS=${*:-kernels costs phases fit}
+PARTS=${*:-kernels costs phases fit xformers}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
@@ -46,5 +47,10 @@ if want fit; then
   # 5. --dry-run's device peak beside torch.cuda.max_memory_allocated of the same step run for real (tiny models of
   #    each family at 33x128x128; about a minute)
   timeout 150 python3 -m bench.fit_cuda --out "$OUT/fit_cuda.json" 2>&1 | tee "$OUT/fit_cuda.log" | tail -8
+fi
+if want xformers; then
+  # 6. the mid-size UNet's step with SDPA, --attention xformers and the fused temporal attention side by side
+  #    (which backend each ran, predictions against SDPA's, time, peak memory; under a minute)
+  timeout 120 python3 -m bench.attention_cuda --out "$OUT/attention_cuda.json" 2>&1 | tee "$OUT/attention_cuda.log" | tail -8
 fi
 cp bench/RESULTS.md bench/results_costs.json bench/results_phases_cuda.json "$OUT"/ 2>/dev/null || true

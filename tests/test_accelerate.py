@@ -173,3 +173,26 @@ def test_set_default_attn_processor_works_on_an_accelerated_unet(model):
     handle.revert()
     assert "set_default_attn_processor" not in unet.__dict__
     assert all("forward" not in layer.__dict__ for layer in lora_layers(unet))
+
+
+def test_attention_backends_are_compared_side_by_side_on_copies(tiny, monkeypatch, capsys):
+    """bench.attention_cuda (the GPU's xformers / SDPA / fused temporal attention table), run here on the tiny model:
+    a row per backend, each on a copy (the model given keeps its processors), xformers falling back to SDPA with
+    its one line where it does not import, and the fused temporal attention predicting as SDPA does."""
+    import sys
+
+    from bench.attention_cuda import compare, render
+    from engine.acceleration import _temporal_attentions
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # not installed, whatever this machine has
+    model = tiny
+    processors = dict(model.denoiser.attn_processors)
+    latents = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    rows = compare(model, (latents, torch.tensor([500]), model.encode_prompts(["a red ball"])), rounds=1)
+    assert [r["asked"] for r in rows] == ["sdpa", "xformers", "fused temporal attention"]
+    assert rows[0]["ran"] == rows[1]["ran"] == "sdpa"
+    assert "--attention xformers: not used: xformers does not import" in capsys.readouterr().out
+    assert rows[0]["max_diff"] == rows[1]["max_diff"] == 0.0 and rows[2]["max_diff"] < 1e-5
+    assert rows[2]["ran"] == f"{len(_temporal_attentions(model.denoiser))} temporal attentions on the Triton kernel"
+    assert dict(model.denoiser.attn_processors) == processors
+    assert "| fused temporal attention |" in render(rows, latents.device)
