@@ -95,6 +95,31 @@ def test_dry_run_prints_the_forecast_and_writes_nothing(tmp_path, capsys):
     json.dumps(summary)
 
 
+def test_the_default_jobs_forecast_with_its_video_level_reward_matches_a_real_step(tmp_path):
+    """The default job (the world preset: the image reward mixed with the motion reward, a video-level reward whose
+    forward reads its fitted flag) is forecast on the meta device, and its bytes saved for backward and FLOPs are
+    the real step's."""
+    config = resolve_config(["--output", str(tmp_path / "f"), "--device", "cpu"])
+    assert "motion:world" in config.reward
+    predicted = forecast(config)
+    saved, flops = real_step(dataclasses.replace(config, output=str(tmp_path / "run")))
+    assert abs(predicted.saved_bytes - saved) <= 0.05 * saved, (predicted.saved_bytes, saved)
+    assert predicted.tflop * 1e12 == pytest.approx(flops, rel=1e-6)
+
+
+def test_a_dry_run_that_cannot_count_videoalign_says_so_in_one_line(tmp_path, capsys):
+    """Qwen2-VL cannot run on the meta device: the dry run names that and where VideoAlign's cost is, before it
+    reads any weights, and writes nothing."""
+    from engine.train.command import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dry-run", "--reward", f"hpsv2:world,videoalign:{tmp_path / 'absent'}@0.5",
+              "--output", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert "--dry-run cannot count the videoalign reward" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_world_size_must_divide_the_batch(capsys):
     from engine.train.command import main
 
