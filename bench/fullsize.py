@@ -85,6 +85,7 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
 TRANSFORMER_CLIPS = {"wan2.1-1.3b": (81, 480, 832), "cogvideox-2b": (49, 480, 720)}
+TRANSFORMER_FPS = {"wan2.1-1.3b": 16.0, "cogvideox-2b": 8.0}  # their pipelines' export frame rates
 
 
 def video_transformer(name: str, device: str | torch.device = "meta",

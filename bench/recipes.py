@@ -30,7 +30,8 @@ from engine.chain import EditChain
 from engine.memory import checkpoint_blocks
 from engine.lora import add_lora
 from engine.models import VideoDiffusion, gather_frames
-from engine.rewards import Reward
+from engine.rewards import ClipReward, Reward, WeightedSum
+from engine.rewards.videoalign import sampled_frame_indices
 from engine.runtime import NoGradPath
 from engine.video_reward import SegmentalReward, reward_loss, segment_frame_indices
 
@@ -120,6 +121,7 @@ class Recipe:
     first_frame: bool = False      # score only pixel frame 0 (decode the first latent frame; no SegVR)
     decode_recompute: bool = False  # causal VAEs: the graded chunks' decoder activations recomputed in backward
     lora_rank: int = 4
+    video_reward: bool = False     # a video-level reward in the mix too, asking for VideoAlign's frames
 
 
 RECIPES = [
@@ -132,6 +134,7 @@ RECIPES = [
     Recipe("engine_kall", "5. this engine, K = all (12)", grad_steps=None, memory="plan"),
 ]
 BY_KEY = {r.key: r for r in RECIPES}
+VIDEOALIGN_FPS = 2.0  # VideoReward's released data config
 
 # The video transformers (Wan 2.1, CogVideoX): the public reward-backpropagation way (VideoX-Fun: the whole chain
 # from noise, gradient through the last step, every transformer block checkpointed, only the first latent frame
@@ -143,7 +146,23 @@ TRANSFORMER_RECIPES = [
     Recipe("edit_kall", "editing recipe, K = all (12)", grad_steps=None, memory="plan"),
     Recipe("edit_recompute", "editing recipe, K = 1, the decoder recomputed in backward", memory="plan",
            decode_recompute=True),
+    Recipe("edit_video_reward", "editing recipe, K = 1, SegVR 4 frames + a video-level reward's frames (VideoAlign's "
+           "sampling)", memory="plan", video_reward=True),
 ]
+
+
+class VideoAlignFrames(ClipReward):
+    """In a cost count, the video-level part of a mix: it asks for the frames VideoAlign's VideoReward samples (its
+    released 2 fps) and scores their mean, so what is counted is decoding those frames with gradient; the reward
+    model's own cost is counted apart (bench/test_reward_costs.py)."""
+
+    name = "VideoAlign's frames"
+
+    def frame_indices(self, num_frames: int, fps: float) -> torch.Tensor:
+        return sampled_frame_indices(num_frames, fps, VIDEOALIGN_FPS)
+
+    def forward(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return clips.float().mean((1, 2, 3, 4))
 
 
 class StepCheckpointedChain(EditChain):
@@ -176,7 +195,7 @@ class Step:
 
     def __init__(self, model: VideoDiffusion, reward: Reward, recipe: Recipe, latent_shape, context_shape,
                  batch: int = 1, guidance: float = 3.0, memory_budget: int | str = "auto", optimizer: bool = False,
-                 no_grad_path: str = "off"):
+                 no_grad_path: str = "off", fps: float = 8.0):
         self.model, self.recipe, self.batch = model, recipe, batch
         self.latent_shape, self.context_shape = latent_shape, context_shape
         self.params = make_trainable(model, recipe)
@@ -186,7 +205,9 @@ class Step:
         chain = (StepCheckpointedChain if recipe.step_checkpoint else EditChain)(model, recipe.ddim_steps, recipe.tau,
                                                                                  1, guidance)
         grad_steps = recipe.grad_steps or chain.steps_run
-        self.scorer = SegmentalReward(reward, recipe.segments, tar=recipe.tar)
+        if recipe.video_reward:
+            reward = WeightedSum([(reward, 1.0), (VideoAlignFrames(), 1.0)])
+        self.scorer = SegmentalReward(reward, recipe.segments, tar=recipe.tar, fps=fps)
         self.memory = self._memory_policy(memory_budget, grad_steps)
         self.chain = chain.replace(grad_steps=grad_steps, memory=self.memory,
                                    no_grad_path=NoGradPath.resolve(no_grad_path, next(model.denoiser.parameters()).device))

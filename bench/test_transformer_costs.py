@@ -6,7 +6,9 @@ projections, on the meta device (exact, machine-independent): FLOPs per step (Fl
 bytes autograd saves for backward, what the planner spills to host memory, and how many latent frames are
 decoded with gradient. Three recipes per model (bench.recipes.TRANSFORMER_RECIPES): the public way (whole chain
 from noise, K = 1, first latent frame), the editing recipe at K = 1 and at K = all under the same budget.
-A fourth recipe recomputes the decoder's activations in backward (causal VAEs' ``decode_recompute``).
+A fourth recipe recomputes the decoder's activations in backward (causal VAEs' ``decode_recompute``); a fifth mixes
+in a video-level reward that asks for the frames VideoAlign samples (``bench.recipes.VideoAlignFrames``: the
+decoding of those frames with gradient is counted here, the reward model's own cost in test_reward_costs.py).
 The report goes to stdout, bench/RESULTS.md ("video transformers at real size") and
 bench/results_transformers.json. Only exact relations are asserted.
 """
@@ -21,7 +23,7 @@ import torch
 
 from bench import fullsize
 from bench.counters import count_step
-from bench.recipes import TRANSFORMER_RECIPES, Step, trainable_bytes
+from bench.recipes import TRANSFORMER_RECIPES, Step, VideoAlignFrames, trainable_bytes
 from bench.report import markdown_table, measured_line, update_section
 from csrc import STAT_NAMES
 
@@ -35,7 +37,8 @@ def count(name: str, recipe) -> dict:
     torch.manual_seed(0)  # the same SegVR draw for every recipe: their figures compare the same frames
     model, latent_shape, context_shape = fullsize.video_transformer(name, "meta", torch.bfloat16)
     reward = fullsize.hpsv2("meta", torch.bfloat16)
-    step = Step(model, reward, recipe, latent_shape, context_shape, batch=1, memory_budget=BUDGET)
+    step = Step(model, reward, recipe, latent_shape, context_shape, batch=1, memory_budget=BUDGET,
+                fps=fullsize.TRANSFORMER_FPS[name])
     decoded = []
     decode_prefix = model.decode_prefix
 
@@ -101,6 +104,15 @@ def render(figures: dict, measured: str) -> str:
                          f"with gradient keeps its input and the causal cache it read), {recomputed['saved_gb_bf16']:.1f} GB "
                          f"+ {recomputed['host_gb_bf16']:.1f} GB in host memory instead of {edit['saved_gb_bf16']:.1f} GB + "
                          f"{edit['host_gb_bf16']:.1f} GB, for {recomputed['tflops'] / edit['tflops']:.3f}x the FLOPs.")
+        if {"edit", "edit_video_reward"} <= set(f):
+            edit, video = f["edit"], f["edit_video_reward"]
+            frames = len(VideoAlignFrames().frame_indices(fullsize.TRANSFORMER_CLIPS[name][0], fullsize.TRANSFORMER_FPS[name]))
+            lines.append(f"- {name}: with a video-level reward that also asks for the {frames} frames VideoAlign samples "
+                         f"(2 fps), {video['latent_frames_with_gradient']} latent frames decode with gradient instead of "
+                         f"{edit['latent_frames_with_gradient']}: {video['saved_gb_bf16']:.1f} GB on the device + "
+                         f"{video['host_gb_bf16']:.1f} GB in host memory instead of {edit['saved_gb_bf16']:.1f} GB + "
+                         f"{edit['host_gb_bf16']:.1f} GB, for {video['tflops'] / edit['tflops']:.3f}x the FLOPs (the reward "
+                         "model's own cost: \"video-level rewards at real size\").")
         lines.append("")
     lines += ["The decoder is what costs memory: the SegVR frames' latent frames decode with gradient at full "
                   "resolution (the causal context before them without, `--decode-context no-grad`), and the planner "

@@ -109,7 +109,7 @@ def markdown_table(results: dict[str, dict[str, dict]], sets: list[str], reward:
 
 GOLD_COLUMNS = {"quality": ("quality (dB)", 2), "colour_acc": ("colour right", 3), "shape_acc": ("shape right", 3),
                 "sharpness": ("sharpness", 3), "bg_noise": ("bg noise", 4), "direction_acc": ("direction right", 3),
-                "motion": ("motion (px/frame)", 2)}
+                "motion": ("motion (px/frame)", 2), "jitter": ("jitter (px)", 2)}
 
 
 def gold_tables(gold: dict[str, dict[str, dict[str, dict]]], sets: list[str]) -> str:

@@ -65,6 +65,31 @@ def test_several_lora_strengths_are_scored_as_rows(tmp_path, lora_folder):
     assert report["settings"]["lora_scale"] == [0.0, 1.0]
 
 
+def test_the_world_models_gold_metrics_are_reported_per_lora_strength(tmp_path):
+    """On the world model each strength of a checkpoint gets its row of gold metrics (jitter among them), from the
+    same noise as the base model's: strength 0 is the base model, metric for metric."""
+    from engine.builtin import build_model
+    from engine.lora import save_lora
+
+    unet = build_model("world").denoiser
+    add_lora(unet, rank=4)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    folder = save_lora(unet, tmp_path / "run" / "lora", rank=4, alpha=None)
+    captions = list(BUILTINS["world"].clips())[:2]
+    (tmp_path / "set.txt").write_text("\n".join(captions) + "\n")
+    report = main(["--model", "world", "--lora", f"tuned={folder}", "--lora-scale", "0,1", "--ddim-steps", "4",
+                   "--prompt-set", f"two={tmp_path / 'set.txt'}", "--output", str(tmp_path / "eval")])
+    gold = report["gold"]
+    assert list(gold) == ["base", "tuned @0", "tuned @1"]
+    assert gold["tuned @0"] == gold["base"] != gold["tuned @1"]
+    assert {"quality", "jitter", "direction_acc"} <= set(gold["base"]["two"])
+    text = (tmp_path / "eval" / "results.md").read_text()
+    assert "jitter (px)" in text and "| tuned @1 |" in text
+
+
 def test_segmental_reward_eval_mode_with_tar_matches_training_weights(tiny):
     """--tar uses exactly the trainer's SegmentalReward (TAR weights) in evaluation mode."""
     latents = torch.randn(1, 4, 4, 8, 8)

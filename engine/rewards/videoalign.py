@@ -56,6 +56,11 @@ def sampled_frame_count(total: int, video_fps: float, fps: float | None, num_fra
     return count
 
 
+def sampled_frame_indices(total: int, video_fps: float, fps: float | None, num_frames: int | None = None) -> torch.Tensor:
+    """The frames the authors' reader samples (``sampled_frame_count`` of them), spread evenly over the clip."""
+    return torch.linspace(0, total - 1, sampled_frame_count(total, video_fps, fps, num_frames)).round().long()
+
+
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's frame size: sides multiples of 28, the area within the bounds, the aspect kept as nearly as may."""
     h, w = max(PATCH_FACTOR, round(height / PATCH_FACTOR) * PATCH_FACTOR), max(PATCH_FACTOR, round(width / PATCH_FACTOR) * PATCH_FACTOR)
@@ -238,8 +243,7 @@ class VideoAlignReward(ClipReward):
         return cls.from_folder(path, score)
 
     def frame_indices(self, num_frames: int, fps: float) -> torch.Tensor:
-        count = sampled_frame_count(num_frames, fps, self.fps, self.num_frames)
-        return torch.linspace(0, num_frames - 1, count).round().long()
+        return sampled_frame_indices(num_frames, fps, self.fps, self.num_frames)
 
     def pixels(self, clip: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One clip's frames [T, 3, H, W] in [0, 1] to patch rows and grid, as the authors' reader and the
