@@ -125,8 +125,8 @@ def release(tmp_path, full: bool = False):
 
 
 def stock_scores(model, head, processor, clips_uint8, prompts) -> torch.Tensor:
-    """The authors' path: chat data with the video, the stock processor on 8-bit frames already at the sampled
-    size (their reader's resize is then the identity), the model, the head at the special tokens, the norm."""
+    """The authors' path: chat data with the video, the stock processor on 8-bit frames their reader resized to the
+    sampled size, the model, the head at the special tokens, the norm."""
     chats = [[{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": TEMPLATE.replace(
         "{text_prompt}", p)}]}] for p in prompts]
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
@@ -141,18 +141,28 @@ def stock_scores(model, head, processor, clips_uint8, prompts) -> torch.Tensor:
     return (scores - mean) / std
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["lora", "whole"])
-def test_scores_match_the_stock_processor_path_and_reach_the_frames(tmp_path, full):
+@pytest.mark.parametrize("full, size", [(False, (280, 392)), (True, (280, 392)), (False, (120, 200))],
+                         ids=["lora", "whole", "lora-resized"])
+def test_scores_match_the_stock_processor_path_and_reach_the_frames(tmp_path, full, size):
+    """At a size the authors' reader keeps (sides multiples of 28, area within [128, 256] x 28 x 28) and at one it
+    resizes (120 x 200 grows to 252 x 420): there the reference resizes the 8-bit frames as qwen-vl-utils'
+    ``fetch_video`` does (torchvision, bicubic, antialiased), and the engine's resize of float frames must agree."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import resize
+
     folder, model, head, processor = release(tmp_path, full)
     reward = VideoAlignReward.from_spec(f"{folder}:overall")
     torch.manual_seed(1)
     frames = 16  # at 8 fps and the config's 2 fps: 4 frames sampled
     indices = reward.frame_indices(frames, fps=8.0)
     assert indices.tolist() == [0, 5, 10, 15]
-    # frames at a size the authors' reader keeps (sides multiples of 28, area within [128, 256] x 28 x 28)
-    clips_uint8 = torch.randint(0, 256, (2, len(indices), 3, 280, 392), dtype=torch.uint8)
+    clips_uint8 = torch.randint(0, 256, (2, len(indices), 3, *size), dtype=torch.uint8)
+    read = smart_resize(*size, 128 * 28 * 28, reward.max_pixels)
+    assert (read == size) == (size == (280, 392))
+    resized = torch.stack([resize(clip, list(read), interpolation=InterpolationMode.BICUBIC, antialias=True)
+                           for clip in clips_uint8])
     prompts = ["a red ball moving left", "a blue square moving up"]
-    expected = stock_scores(model, head, processor, clips_uint8, prompts)
+    expected = stock_scores(model, head, processor, resized, prompts)
     clips = (clips_uint8.float() / 255).requires_grad_()
     got = reward(clips, prompts)
     torch.testing.assert_close(got, expected.sum(1), rtol=1e-3, atol=1e-4)
@@ -206,3 +216,15 @@ def test_missing_pieces_of_a_release_are_named_with_where_to_put_them(tmp_path):
     (folder / "Qwen2-VL-tiny" / "config.json").rename(folder / "Qwen2-VL-tiny" / "moved.json")
     with pytest.raises(UserError, match="base model Qwen/Qwen2-VL-tiny is not on this machine: put a copy"):
         VideoAlignReward.from_folder(folder)
+
+
+def test_the_command_lines_spec_builds_it_alone_and_in_a_mix(tmp_path):
+    """``--reward videoalign:PATH:mq`` and ``hpsv2:world,videoalign:PATH@0.5`` (its video-level part, weighted)."""
+    from engine.rewards import build_reward
+    from engine.video_reward import split_reward
+
+    folder = release(tmp_path)[0]
+    alone = build_reward(f"videoalign:{folder}:mq")
+    assert isinstance(alone, VideoAlignReward) and alone.score == "mq"
+    image, clips = split_reward(build_reward(f"hpsv2:world,videoalign:{folder}@0.5"))
+    assert image.name == "hpsv2" and [(type(r), w, r.score) for r, w in clips] == [(VideoAlignReward, 0.5, "overall")]

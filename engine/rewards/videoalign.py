@@ -250,7 +250,7 @@ class VideoAlignReward(ClipReward):
         processor make them from 8-bit frames (here without rounding to 8 bits, so gradients pass)."""
         height, width = smart_resize(clip.shape[-2], clip.shape[-1], VIDEO_MIN_PIXELS, self.max_pixels)
         frames = F.interpolate(clip.float() * 255, size=(height, width), mode="bicubic", antialias=True,
-                               align_corners=False)
+                               align_corners=False).clamp(0, 255)  # bicubic overshoots; their 8-bit frames cannot
         frames = (frames / 255 - self.mean) / self.std
         return patchify(frames, self.temporal, self.patch, self.merge)
 
