@@ -155,6 +155,22 @@ def test_a_motion_reward_saves_its_scale_and_one_without_is_refused(tmp_path):
         MotionReward.from_file(tmp_path / "old.safetensors")
 
 
+def test_training_a_motion_reward_from_zero_learns_to_rank_clips_that_move_as_captioned(tmp_path):
+    """The motion reward's training stage (``train_motion_reward``), short: its cap fitted, then 150 steps of 8
+    fault and 8 shake pairs lift the ranking of held-out fault pairs well above the untrained reward's, and the
+    stage leaves its checkpoint for a resume."""
+    from engine.world.motion_reward import train_motion_reward
+    from engine.world.scene import world_words
+
+    reward, pairs = MotionReward(world_words()), motion_pairs(random.Random(12345), 8 * len(MOTION_FAULTS))
+    before = pair_accuracy(reward, pairs)
+    train_motion_reward(reward, steps=150, seed=0, work=tmp_path, config={}, batch=8, reference_steps=200)
+    after = pair_accuracy(reward, pairs)
+    assert bool(reward.has_reference) and not reward.training
+    assert after["all"] >= before["all"] + 0.2 and after["reversed"] == 1.0, (before, after)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 150
+
+
 def _moving_clips(count: int = 16) -> tuple[list, torch.Tensor]:
     """In-domain clips and the velocity [count, 2] (pixels per frame) each caption asks for."""
     clips = [world.random_clip(random.Random(i), world.FINETUNE_SHAPES, world.FINETUNE_COLOURS) for i in range(count)]
