@@ -97,9 +97,9 @@ def test_dry_run_prints_the_forecast_and_writes_nothing(tmp_path, capsys):
 
 def test_the_default_jobs_forecast_with_its_video_level_reward_matches_a_real_step(tmp_path):
     """The default job (the world preset: the image reward mixed with the motion reward, a video-level reward whose
-    forward reads its fitted flag) is forecast on the meta device, and its bytes saved for backward and FLOPs are
-    the real step's."""
-    config = resolve_config(["--output", str(tmp_path / "f"), "--device", "cpu"])
+    forward reads its fitted flag; a 4-step chain here) is forecast on the meta device, and its bytes saved for
+    backward and FLOPs are the real step's."""
+    config = resolve_config(["--output", str(tmp_path / "f"), "--device", "cpu", "--ddim-steps", "4"])
     assert "motion:world" in config.reward
     predicted = forecast(config)
     saved, flops = real_step(dataclasses.replace(config, output=str(tmp_path / "run")))
