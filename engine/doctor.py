@@ -4,9 +4,11 @@ the attention backend, and what ``--attention xformers`` would run). Exit 0 when
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 import sys
+from contextlib import redirect_stdout
 from importlib import metadata
 from unittest import mock
 
@@ -75,20 +77,18 @@ def _attention(device: torch.device) -> str:
 
 
 def _xformers(device: torch.device) -> str:
-    """What ``--attention xformers`` runs here: xformers' memory-efficient attention where it imports and runs once
-    at a small shape on ``device`` (diffusers switches a model to it on CUDA only), else SDPA, and why."""
-    try:
-        import xformers.ops as xops
-    except Exception as err:  # not installed, or built for another torch
-        return f"SDPA: xformers does not import ({type(err).__name__}: {err})"
-    if device.type != "cuda":
-        return "SDPA: xformers' memory-efficient attention runs on CUDA only"
-    try:
-        q = torch.randn(1, 16, 2, 32, device=device, dtype=torch.float16)
-        xops.memory_efficient_attention(q, q, q)
-    except Exception as err:  # its ops not loading beside this torch
-        return f"SDPA: xformers' attention fails here ({(str(err).strip().splitlines() or [type(err).__name__])[0]})"
-    return f"xformers' memory-efficient attention (xformers {_version('xformers')})"
+    """What ``--attention xformers`` gives a UNet3D here: the engine's own switch (``use_attention``) run on the tiny
+    UNet3D on ``device``, with diffusers' check that xformers' attention runs there. (Wan and CogVideoX take
+    diffusers' attention dispatcher, which checks nothing: README, ``--attention``.)"""
+    from engine.acceleration import use_attention
+    from engine.models import tiny_model
+
+    said = io.StringIO()
+    with redirect_stdout(said):
+        ran = use_attention(tiny_model(seed=0, device=device), "xformers")
+    if ran == "xformers":
+        return f"xformers' memory-efficient attention (xformers {_version('xformers')})"
+    return said.getvalue().strip().removeprefix("--attention xformers: ")
 
 
 def _self_checks(device: torch.device) -> dict[str, str | None]:
@@ -127,7 +127,7 @@ def report() -> str:
     fused, why = dispatch.device_status(device)
     checks = _self_checks(device) if fused else {}
     lines += [f"  {k:<19} {_kernel_state(k, fused, why, checks)}" for k in KERNELS]
-    lines += ["", f"attention: {_attention(device)}", f"--attention xformers: {_xformers(device)}",
+    lines += ["", f"attention: {_attention(device)}", f"--attention xformers (a UNet3D): {_xformers(device)}",
               f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}"]
     return "\n".join(lines)
 

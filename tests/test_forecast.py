@@ -99,8 +99,13 @@ def test_the_default_jobs_forecast_with_its_video_level_reward_matches_a_real_st
     """The default job (the world preset: the image reward mixed with the motion reward, a video-level reward whose
     forward reads its fitted flag; a 4-step chain here) is forecast on the meta device, and its bytes saved for
     backward and FLOPs are the real step's."""
+    from engine.rewards.motion import MotionReward
+    from engine.rewards.registry import reward_architecture
+
     config = resolve_config(["--output", str(tmp_path / "f"), "--device", "cpu", "--ddim-steps", "4"])
     assert "motion:world" in config.reward
+    motion = [m for m in reward_architecture(config.reward).modules() if isinstance(m, MotionReward)]
+    assert len(motion) == 1 and motion[0].velocity.weight.is_meta and bool(motion[0].has_reference)  # its cap kept
     predicted = forecast(config)
     saved, flops = real_step(dataclasses.replace(config, output=str(tmp_path / "run")))
     assert abs(predicted.saved_bytes - saved) <= 0.05 * saved, (predicted.saved_bytes, saved)

@@ -72,8 +72,8 @@ def reward_label(spec: str) -> str:
 def reward_architecture(spec: str) -> Reward:
     """The reward a spec names, on the meta device, for counting what a run costs (``--dry-run``): HPSv2's
     architecture without reading its checkpoint (ViT-H-14, the spec's ``;ARCH``, or the built-in reward's for
-    ``world``); any other reward is loaded as usual and moved there, but for its 0-dim buffers (videoalign cannot be:
-    a one-line error says so)."""
+    ``world``); any other reward is loaded as usual and moved there, but for its 0-dim flags and counts (videoalign
+    cannot be: a one-line error says so)."""
     from engine.assets import REWARD_ARCH
     from engine.rewards.clip import split_paths
 
@@ -85,8 +85,9 @@ def reward_architecture(spec: str) -> Reward:
 
     def videoalign(path: str) -> Reward:
         raise UserError("--dry-run cannot count the videoalign reward: Qwen2-VL reads its token positions and video "
-                        "grid from tensor values, which the meta device does not hold; its cost at 2B is in "
-                        "bench/RESULTS.md, 'video-level rewards at real size'; forecast the rest with --reward hpsv2")
+                        "grid from tensor values, which the meta device does not hold; its cost at 2B (and that of "
+                        "decoding its frames with gradient) is in bench/RESULTS.md; leave it out of --reward to "
+                        "forecast the rest")
 
     registered = dict(REWARDS)
     REWARDS["hpsv2"], REWARDS["videoalign"] = (hpsv2, True), (videoalign, True)
@@ -95,10 +96,11 @@ def reward_architecture(spec: str) -> Reward:
     finally:
         REWARDS.clear()
         REWARDS.update(registered)
-    # a 0-dim buffer is a flag or a count the forward may branch on (the motion reward's fitted cap): it keeps its
-    # value on the CPU, where a 0-dim tensor mixes with tensors of any device
+    # a 0-dim bool or integer buffer is a flag or a count the forward may branch on (the motion reward's fitted
+    # cap): it keeps its value on the CPU, as a Python bool or int would; float scalars, which enter arithmetic with
+    # the frames, go to the meta device with the weights
     flags = [(module, name, buffer) for module in reward.modules() for name, buffer in module._buffers.items()
-             if buffer is not None and buffer.dim() == 0]
+             if buffer is not None and buffer.dim() == 0 and not buffer.is_floating_point()]
     reward = reward.to("meta")
     for module, name, buffer in flags:
         module._buffers[name] = buffer
