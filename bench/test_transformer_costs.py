@@ -131,11 +131,14 @@ def test_transformer_counts(name, recipe, report):
 
 def test_transformer_relations(report):
     """What the counts make exact: editing runs fewer denoiser calls than the chain from noise; K = all costs
-    more FLOPs than K = 1; scoring frame 0 decodes no more latent frames than scoring the SegVR frames."""
+    more FLOPs than K = 1; scoring frame 0 decodes no more latent frames than scoring the SegVR frames, and these
+    no more with gradient than the SegVR frames and a video-level reward's."""
     for name in MODELS:
         f = report[name]
-        if not {"noise_k1", "edit", "edit_kall"} <= set(f):
+        if not {"noise_k1", "edit", "edit_kall", "edit_video_reward"} <= set(f):
             pytest.skip("run the whole module for the relations")
         assert f["noise_k1"]["latent_frames_decoded"] <= f["edit"]["latent_frames_decoded"]
         assert f["edit"]["steps_run"] < f["noise_k1"]["steps_run"]
         assert f["edit"]["tflops"] < f["edit_kall"]["tflops"]
+        # the video-level reward's frames are decoded beside the SegVR frames, from the same SegVR draw
+        assert f["edit_video_reward"]["latent_frames_with_gradient"] >= f["edit"]["latent_frames_with_gradient"]
