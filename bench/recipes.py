@@ -148,6 +148,8 @@ TRANSFORMER_RECIPES = [
            decode_recompute=True),
     Recipe("edit_video_reward", "editing recipe, K = 1, SegVR 4 frames + a video-level reward's frames (VideoAlign's "
            "sampling)", memory="plan", video_reward=True),
+    Recipe("edit_video_reward_recompute", "the same, the decoder recomputed in backward", memory="plan",
+           video_reward=True, decode_recompute=True),
 ]
 
 

@@ -8,7 +8,8 @@ decoded with gradient. Three recipes per model (bench.recipes.TRANSFORMER_RECIPE
 from noise, K = 1, first latent frame), the editing recipe at K = 1 and at K = all under the same budget.
 A fourth recipe recomputes the decoder's activations in backward (causal VAEs' ``decode_recompute``); a fifth mixes
 in a video-level reward that asks for the frames VideoAlign samples (``bench.recipes.VideoAlignFrames``: the
-decoding of those frames with gradient is counted here, the reward model's own cost in test_reward_costs.py).
+decoding of those frames with gradient is counted here, the reward model's own cost in test_reward_costs.py), and
+a sixth does both.
 The report goes to stdout, bench/RESULTS.md ("video transformers at real size") and
 bench/results_transformers.json. Only exact relations are asserted.
 """
@@ -99,20 +100,19 @@ def render(figures: dict, measured: str) -> str:
                          f"{edit['host_gb_bf16']:.1f} GB in host memory against {noise['saved_gb_bf16']:.1f} GB + "
                          f"{noise['host_gb_bf16']:.1f} GB.")
         if {"edit", "edit_recompute"} <= set(f):
-            edit, recomputed = f["edit"], f["edit_recompute"]
             lines.append(f"- {name}: with the decoder recomputed in backward (`decode_recompute`: each chunk decoded "
-                         f"with gradient keeps its input and the causal cache it read), {recomputed['saved_gb_bf16']:.1f} GB "
-                         f"+ {recomputed['host_gb_bf16']:.1f} GB in host memory instead of {edit['saved_gb_bf16']:.1f} GB + "
-                         f"{edit['host_gb_bf16']:.1f} GB, for {recomputed['tflops'] / edit['tflops']:.3f}x the FLOPs.")
+                         f"with gradient keeps its input and the causal cache it read), "
+                         f"{_instead(f['edit_recompute'], f['edit'])}.")
         if {"edit", "edit_video_reward"} <= set(f):
-            edit, video = f["edit"], f["edit_video_reward"]
+            video = f["edit_video_reward"]
             frames = len(VideoAlignFrames().frame_indices(fullsize.TRANSFORMER_CLIPS[name][0], fullsize.TRANSFORMER_FPS[name]))
             lines.append(f"- {name}: with a video-level reward that also asks for the {frames} frames VideoAlign samples "
                          f"(2 fps), {video['latent_frames_with_gradient']} latent frames decode with gradient instead of "
-                         f"{edit['latent_frames_with_gradient']}: {video['saved_gb_bf16']:.1f} GB on the device + "
-                         f"{video['host_gb_bf16']:.1f} GB in host memory instead of {edit['saved_gb_bf16']:.1f} GB + "
-                         f"{edit['host_gb_bf16']:.1f} GB, for {video['tflops'] / edit['tflops']:.3f}x the FLOPs (the reward "
-                         "model's own cost: \"video-level rewards at real size\").")
+                         f"{f['edit']['latent_frames_with_gradient']}: {_instead(video, f['edit'])} (the reward model's own "
+                         "cost: \"video-level rewards at real size\").")
+        if {"edit_video_reward", "edit_video_reward_recompute"} <= set(f):
+            lines.append(f"- {name}: the same with the decoder recomputed in backward, "
+                         f"{_instead(f['edit_video_reward_recompute'], f['edit_video_reward'])}.")
         lines.append("")
     lines += ["The decoder is what costs memory: the SegVR frames' latent frames decode with gradient at full "
                   "resolution (the causal context before them without, `--decode-context no-grad`), and the planner "
@@ -120,6 +120,12 @@ def render(figures: dict, measured: str) -> str:
                   "random draw per step (here from seed 0, the same for every recipe), so how many latent frames decode "
                   "varies from step to step."]
     return "\n".join(lines)
+
+
+def _instead(new: dict, old: dict) -> str:
+    """What backward needs under one recipe against another, and the FLOPs it costs."""
+    return (f"{new['saved_gb_bf16']:.1f} GB on the device + {new['host_gb_bf16']:.1f} GB in host memory instead of "
+            f"{old['saved_gb_bf16']:.1f} GB + {old['host_gb_bf16']:.1f} GB, for {new['tflops'] / old['tflops']:.3f}x the FLOPs")
 
 
 @pytest.mark.parametrize("recipe", TRANSFORMER_RECIPES, ids=lambda r: r.key)
