@@ -178,7 +178,7 @@ def plot_table1(summary: dict, path: Path) -> None:
             low, high = gain["ci95"]
             ax.bar(i, gain["mean"], 0.6, color=f"C{i}", yerr=[[gain["mean"] - low], [high - gain["mean"]]], capsize=4)
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(summary)), [n.replace("_", " ") for n in summary], fontsize=8)
+        ax.set_xticks(range(len(summary)), [n.replace("_", "\n") for n in summary], fontsize=8)
         ax.set_title(f"gain in {METRICS[metric][0]}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
