@@ -86,6 +86,7 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
                 qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
 TRANSFORMER_CLIPS = {"wan2.1-1.3b": (81, 480, 832), "cogvideox-2b": (49, 480, 720)}
 TRANSFORMER_FPS = {"wan2.1-1.3b": 16.0, "cogvideox-2b": 8.0}  # their pipelines' export frame rates
+VIDEOALIGN_DATA = {"fps": 2.0, "num_frames": None, "max_frame_pixels": 200_704}  # VideoReward's released data config
 
 
 def video_transformer(name: str, device: str | torch.device = "meta",

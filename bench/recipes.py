@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from bench.fullsize import VIDEOALIGN_DATA
 from engine.chain import EditChain
 from engine.memory import checkpoint_blocks
 from engine.lora import add_lora
@@ -134,7 +135,6 @@ RECIPES = [
     Recipe("engine_kall", "5. this engine, K = all (12)", grad_steps=None, memory="plan"),
 ]
 BY_KEY = {r.key: r for r in RECIPES}
-VIDEOALIGN_FPS = 2.0  # VideoReward's released data config
 
 # The video transformers (Wan 2.1, CogVideoX): the public reward-backpropagation way (VideoX-Fun: the whole chain
 # from noise, gradient through the last step, every transformer block checkpointed, only the first latent frame
@@ -161,7 +161,7 @@ class VideoAlignFrames(ClipReward):
     name = "VideoAlign's frames"
 
     def frame_indices(self, num_frames: int, fps: float) -> torch.Tensor:
-        return sampled_frame_indices(num_frames, fps, VIDEOALIGN_FPS)
+        return sampled_frame_indices(num_frames, fps, VIDEOALIGN_DATA["fps"], VIDEOALIGN_DATA["num_frames"])
 
     def forward(self, clips: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return clips.float().mean((1, 2, 3, 4))

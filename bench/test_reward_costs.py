@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bench import fullsize
 from bench.counters import FlopCount
 from bench.report import markdown_table, measured_line, update_section
 from engine.memory import SavedTensorMeter
@@ -38,8 +39,8 @@ VISION = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_rati
 TOKENS = dict(image_token_id=151_655, video_token_id=151_656, vision_start_token_id=151_652)
 SPECIAL_IDS = (151_657, 151_658, 151_659)  # the three reward tokens, added after the base vocabulary
 PROMPT_TOKENS = 1_000
-DATA = {"fps": 2.0, "num_frames": None, "max_frame_pixels": 200_704}  # the released data config
-CLIPS = {"modelscope": (16, 256, 256, 8.0), "wan2.1-1.3b": (81, 480, 832, 16.0), "cogvideox-2b": (49, 480, 720, 8.0)}
+CLIPS = {"modelscope": (16, 256, 256, 8.0), **{name: (*clip, fullsize.TRANSFORMER_FPS[name])
+                                                for name, clip in fullsize.TRANSFORMER_CLIPS.items()}}
 
 
 def reward(layers: int, blocks: int, device="cpu"):
@@ -56,7 +57,7 @@ def reward(layers: int, blocks: int, device="cpu"):
     vision = SimpleNamespace(image_mean=CLIP_MEAN, image_std=CLIP_STD, temporal_patch_size=2, patch_size=14, merge_size=2)
     processor = SimpleNamespace(tokenizer=SimpleNamespace(convert_tokens_to_ids=lambda tokens: list(SPECIAL_IDS)),
                                 video_processor=vision)
-    return VideoAlignReward(model, head, processor, "{text_prompt}", DATA, None)
+    return VideoAlignReward(model, head, processor, "{text_prompt}", fullsize.VIDEOALIGN_DATA, None)
 
 
 def token_inputs(video_tokens: int) -> dict[str, torch.Tensor]:

@@ -107,7 +107,7 @@ def render(figures: dict, measured: str) -> str:
             video = f["edit_video_reward"]
             frames = len(VideoAlignFrames().frame_indices(fullsize.TRANSFORMER_CLIPS[name][0], fullsize.TRANSFORMER_FPS[name]))
             lines.append(f"- {name}: with a video-level reward that also asks for the {frames} frames VideoAlign samples "
-                         f"(2 fps), {video['latent_frames_with_gradient']} latent frames decode with gradient instead of "
+                         f"({fullsize.VIDEOALIGN_DATA['fps']:g} fps), {video['latent_frames_with_gradient']} latent frames decode with gradient instead of "
                          f"{f['edit']['latent_frames_with_gradient']}: {_instead(video, f['edit'])} (the reward model's own "
                          "cost: \"video-level rewards at real size\").")
         if {"edit_video_reward", "edit_video_reward_recompute"} <= set(f):
